@@ -1,0 +1,5 @@
+"""``python -m aioqueue`` is the ``aioqueue`` command."""
+
+from aioqueue.cli import main
+
+main()

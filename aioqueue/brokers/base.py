@@ -1,0 +1,154 @@
+"""The storage boundary: what the queue and the worker ask of a broker.
+
+The worker never builds a storage command; it asks for "fetch n", "settle these jobs",
+"renew these leases", "promote due jobs". Each call is one atomic step on the broker's side,
+so a job is never half-settled. :mod:`aioqueue.brokers.redis` implements it on Redis Streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job about to be written: its id, encoded envelope and when it may run (ms, 0 = now)."""
+
+    job_id: str
+    envelope: bytes
+    run_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A job handed to this worker and marked running; it now owns the job's lease."""
+
+    job_id: str
+    entry_id: str
+    envelope: bytes
+    attempt: int
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Settle as complete with an encoded result."""
+
+    delivery: Delivery
+    result: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Again:
+    """Settle as retrying: run again at ``run_at_ms`` (attempt + 1)."""
+
+    delivery: Delivery
+    run_at_ms: int
+    error: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Settle in a final state other than complete: ``failed``, ``dead`` or ``aborted``."""
+
+    delivery: Delivery
+    status: str
+    error: bytes
+    reason: str
+
+
+Settlement = Done | Again | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """Everything the broker stores about one job."""
+
+    job_id: str
+    status: str
+    envelope: bytes | None
+    attempt: int
+    deliveries: int
+    enqueued_ms: int | None
+    started_ms: int | None
+    finished_ms: int | None
+    run_at_ms: int | None
+    result: bytes | None
+    error: bytes | None
+    reason: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """Sizes of one queue at one instant."""
+
+    ready: int
+    pending: int
+    delayed: int
+    dead: int
+
+
+class Broker(Protocol):
+    """What aioqueue needs from storage. Every method is one atomic step per job."""
+
+    async def connect(self) -> None:
+        """Open connections and check the server; idempotent."""
+
+    async def close(self) -> None:
+        """Close every connection."""
+
+    async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
+        """Write jobs; True per job that is new, False if one with that id already exists.
+
+        Raises QueueFull, writing nothing of the batch, if it would exceed ``max_size`` (0 =
+        unlimited).
+        """
+
+    async def ensure_group(self) -> None:
+        """Create the stream and consumer group if they are missing."""
+
+    async def fetch(
+        self, consumer: str, count: int, block: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Wait up to ``block`` seconds for up to ``count`` new jobs and mark them running."""
+
+    async def reclaim(
+        self, consumer: str, count: int, min_idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Take over up to ``count`` jobs whose lease expired and mark them running."""
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
+        """Record outcomes and remove the jobs from the ready stream, in one round trip."""
+
+    async def renew(self, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
+        """Renew leases; returns the job ids this consumer no longer owns."""
+
+    async def release(self, consumer: str) -> int:
+        """Hand every job this consumer still holds back at once; returns how many."""
+
+    async def heartbeat(
+        self, worker_id: str, info: dict[str, str | int | float], ttl: float
+    ) -> None:
+        """Record that a worker is alive; the record expires after ``ttl`` seconds."""
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a stopping worker's record."""
+
+    async def promote_due(self, now_ms: int, limit: int) -> int | None:
+        """Move due delayed jobs to the ready stream; returns the next due time (ms) or None."""
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """One job's stored state, or None."""
+
+    async def wait_final(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait without polling until the job is in a final state (or the timeout passes)."""
+
+    async def abort(self, job_id: str) -> str:
+        """Abort a job; returns the status it had (``not_found`` if none)."""
+
+    async def counts(self) -> QueueCounts:
+        """Sizes of the queue."""

@@ -1,0 +1,515 @@
+"""The Redis Streams implementation of the broker protocol.
+
+Every state change is one Lua script (see ``lua/``), batched over many jobs, so a job is
+never half-settled and many jobs cost one round trip. Redis errors are turned into aioqueue
+errors here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.commands.core import AsyncScript
+
+from aioqueue.brokers.base import (
+    Again,
+    Delivery,
+    Done,
+    Finished,
+    JobRecord,
+    NewJob,
+    QueueCounts,
+    Settlement,
+)
+from aioqueue.brokers.redis import scripts
+from aioqueue.brokers.redis.keys import GROUP, Keys
+from aioqueue.brokers.redis.waiter import DoneWaiter
+from aioqueue.errors import QueueFull, RedisUnavailable, UnsupportedRedis
+from aioqueue.serialization import ErrorInfo, encode
+
+__all__ = ["RedisBroker"]
+
+logger = logging.getLogger(__name__)
+
+MIN_REDIS = (7, 0)
+# Jobs per script call: large enough to amortise the round trip, small enough that one
+# script never blocks Redis for long.
+CHUNK = 500
+FINAL = frozenset({"complete", "failed", "dead", "aborted"})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@asynccontextmanager
+async def redis_errors(what: str) -> AsyncIterator[None]:
+    """Map redis-py's connection failures to :class:`RedisUnavailable`, chained."""
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"Redis unavailable while {what}: {exc}") from exc
+    except rexc.BusyLoadingError as exc:
+        raise RedisUnavailable(f"Redis is loading its dataset while {what}: {exc}") from exc
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """True for the error Redis returns when the stream or consumer group is missing."""
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+class RedisBroker:
+    """A queue's storage on Redis >= 7.0: a stream with a consumer group, a delayed zset,
+    a dead-letter zset and one hash per job. See ``docs/architecture.md``."""
+
+    def __init__(self, url: str, queue: str, *, result_ttl: float, block: float = 5.0) -> None:
+        self.url = url
+        self.keys = Keys(queue)
+        self.result_ttl_ms = int(result_ttl * 1000)
+        # A blocking read must never look like a dead connection: the socket timeout is
+        # well above the longest BLOCK the worker issues.
+        self._socket_timeout = block + 10.0
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._waiter: DoneWaiter | None = None
+        self._connect_lock = asyncio.Lock()
+        self._reclaim_cursor = "0-0"
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connected redis-py client (connect() first)."""
+        if self._client is None:
+            raise RuntimeError("broker is not connected")
+        return self._client
+
+    async def connect(self) -> None:
+        """Open the connection pool and check the server version; idempotent."""
+        async with self._connect_lock:
+            if self._client is not None:
+                return
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=5.0,
+                socket_timeout=self._socket_timeout,
+                socket_keepalive=True,
+                health_check_interval=30,
+            )
+            try:
+                async with redis_errors("connecting"):
+                    info = await client.info("server")
+            except BaseException:
+                await client.aclose()
+                raise
+            version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
+            if version < MIN_REDIS:
+                await client.aclose()
+                raise UnsupportedRedis(
+                    f"aioqueue needs Redis >= 7.0, the server at {self.url} runs "
+                    f"{info.get('redis_version')}: upgrade Redis"
+                )
+            self._scripts = {
+                name: client.register_script(scripts.source(name)) for name in scripts.NAMES
+            }
+            self._waiter = DoneWaiter(client)
+            self._client = client
+
+    async def close(self) -> None:
+        """Close the pub/sub listener and the connection pool."""
+        if self._waiter is not None:
+            await self._waiter.close()
+            self._waiter = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._client is None:
+            await self.connect()
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def _eval_many(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run several scripts in one round trip (a pipeline of EVALSHA)."""
+        if len(calls) == 1:
+            name, keys, args = calls[0]
+            return [await self._eval(name, keys, args)]
+        pipe = self.client.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if isinstance(result, rexc.NoScriptError):
+                # Redis restarted and lost its script cache: load and run just that call.
+                name, keys, args = calls[i]
+                results[i] = await self._eval(name, keys, args)
+            elif isinstance(result, Exception):
+                raise result
+        return results
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
+        """Write jobs in chunks of one script call each, pipelined; see ``enqueue.lua``."""
+        now = _now_ms()
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        for start in range(0, len(jobs), CHUNK):
+            chunk = jobs[start : start + CHUNK]
+            keys = [self.keys.stream, self.keys.delayed]
+            args: list[Any] = [max_size, now]
+            for job in chunk:
+                keys.append(self.keys.job(job.job_id))
+                args += [job.job_id, job.envelope, job.run_at_ms]
+            calls.append(("enqueue", keys, args))
+        async with redis_errors("enqueuing"):
+            results = await self._eval_many(calls)
+        created: list[bool] = []
+        for result in results:
+            if result == -1:
+                raise QueueFull(self.keys.queue, max_size)
+            created += [flag == 1 for flag in result]
+        return created
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (after a FLUSHALL too)."""
+        async with redis_errors("creating the consumer group"):
+            try:
+                await self.client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def fetch(
+        self, consumer: str, count: int, block: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Blocking XREADGROUP of up to ``count`` new entries, then ``begin.lua`` on them."""
+        async with redis_errors("reading the stream"):
+            try:
+                response = await self.client.xreadgroup(
+                    GROUP, consumer, {self.keys.stream: ">"}, count=count, block=int(block * 1000)
+                )
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                logger.warning("consumer group of %s is missing; recreating it", self.keys.stream)
+                await self.ensure_group()
+                return []
+            if not response:
+                return []
+            entries = cast(Any, response)[0][1]
+            return await self._begin(consumer, entries, max_deliveries)
+
+    async def reclaim(
+        self, consumer: str, count: int, min_idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """XAUTOCLAIM entries idle longer than ``min_idle`` (their lease expired)."""
+        async with redis_errors("reclaiming expired leases"):
+            try:
+                response = await self.client.xautoclaim(
+                    self.keys.stream,
+                    GROUP,
+                    consumer,
+                    min_idle_time=int(min_idle * 1000),
+                    start_id=self._reclaim_cursor,
+                    count=count,
+                )
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                await self.ensure_group()
+                return []
+            self._reclaim_cursor = _text(response[0])
+            entries = [entry for entry in response[1] if entry and entry[1] is not None]
+            if not entries:
+                return []
+            return await self._begin(consumer, entries, max_deliveries)
+
+    async def _begin(
+        self, consumer: str, entries: Sequence[Any], max_deliveries: int
+    ) -> list[Delivery]:
+        now = _now_ms()
+        known: list[tuple[str, str]] = []
+        foreign: list[Finished] = []
+        for entry_id, fields in entries:
+            entry = _text(entry_id)
+            job_id = fields.get(b"j") if fields else None
+            if job_id is None:
+                # Not written by aioqueue: keep what arrived as a dead letter and move on.
+                synthetic = Delivery(f"foreign-{entry}", entry, b"", 1, 1)
+                error = ErrorInfo("ForeignEntry", f"stream entry {entry} has no job id: {fields!r}")
+                foreign.append(Finished(synthetic, "dead", encode(error), "foreign stream entry"))
+            else:
+                known.append((_text(job_id), entry))
+        if foreign:
+            await self.settle(consumer, foreign)
+        if not known:
+            return []
+        keys = [self.keys.stream, self.keys.dead]
+        args: list[Any] = [GROUP, consumer, max_deliveries, now, self.keys.done_channel_prefix]
+        for job_id, entry in known:
+            keys.append(self.keys.job(job_id))
+            args += [job_id, entry]
+        results = await self._eval("begin", keys, args)
+        deliveries: list[Delivery] = []
+        for (job_id, entry), result in zip(known, results, strict=True):
+            verdict = _text(result[0])
+            if verdict == "run":
+                envelope = result[1] if isinstance(result[1], bytes) else b""
+                deliveries.append(Delivery(job_id, entry, envelope, int(result[2]), int(result[3])))
+            elif verdict == "dead":
+                logger.error(
+                    "job %s dead-lettered: its worker was lost %d times",
+                    job_id,
+                    int(result[1]) - 1,
+                    extra={"job_id": job_id},
+                )
+        return deliveries
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
+        """Record every outcome and ack the entries: one script per kind, one round trip."""
+        now = _now_ms()
+        done: list[Done] = []
+        again: list[Again] = []
+        finished: list[Finished] = []
+        for settlement in settlements:
+            if isinstance(settlement, Done):
+                done.append(settlement)
+            elif isinstance(settlement, Again):
+                again.append(settlement)
+            else:
+                finished.append(settlement)
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        prefix = self.keys.done_channel_prefix
+        for start in range(0, len(done), CHUNK):
+            keys = [self.keys.stream]
+            args: list[Any] = [GROUP, consumer, now, self.result_ttl_ms, prefix]
+            for item in done[start : start + CHUNK]:
+                keys.append(self.keys.job(item.delivery.job_id))
+                args += [item.delivery.job_id, item.delivery.entry_id, item.result]
+            calls.append(("settle_done", keys, args))
+        for start in range(0, len(again), CHUNK):
+            keys = [self.keys.stream, self.keys.delayed]
+            args = [GROUP, consumer, now]
+            for retry in again[start : start + CHUNK]:
+                keys.append(self.keys.job(retry.delivery.job_id))
+                args += [
+                    retry.delivery.job_id,
+                    retry.delivery.entry_id,
+                    retry.run_at_ms,
+                    retry.error,
+                    retry.reason,
+                ]
+            calls.append(("settle_retry", keys, args))
+        for start in range(0, len(finished), CHUNK):
+            keys = [self.keys.stream, self.keys.dead]
+            args = [GROUP, consumer, now, self.result_ttl_ms, prefix]
+            for end in finished[start : start + CHUNK]:
+                keys.append(self.keys.job(end.delivery.job_id))
+                args += [
+                    end.delivery.job_id,
+                    end.delivery.entry_id,
+                    end.status,
+                    end.error,
+                    end.reason,
+                ]
+            calls.append(("settle_fail", keys, args))
+        if not calls:
+            return
+        async with redis_errors("settling jobs"):
+            try:
+                await self._eval_many(calls)
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                # The stream was flushed under us; the jobs went with it.
+                logger.warning("stream %s vanished while settling; recreating it", self.keys.stream)
+                await self.ensure_group()
+
+    async def renew(self, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
+        """Reset the idle time of every entry this consumer still owns; return lost job ids."""
+        by_entry = {d.entry_id: d.job_id for d in deliveries}
+        lost: list[str] = []
+        entries = list(by_entry)
+        async with redis_errors("renewing leases"):
+            for start in range(0, len(entries), CHUNK):
+                chunk = entries[start : start + CHUNK]
+                try:
+                    result = await self._eval(
+                        "renew", [self.keys.stream], [GROUP, consumer, *chunk]
+                    )
+                except rexc.ResponseError as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    await self.ensure_group()
+                    result = chunk
+                lost += [by_entry[_text(entry)] for entry in result]
+        return lost
+
+    async def release(self, consumer: str) -> int:
+        """Give back every entry this consumer still holds, as fresh stream entries.
+
+        Sweeps the consumer's whole pending list, so entries delivered by a read that was cut
+        short at shutdown are handed back too (see ``release.lua``).
+        """
+        released = 0
+        async with redis_errors("releasing jobs"):
+            while True:
+                try:
+                    pending = await self.client.xpending_range(
+                        self.keys.stream, GROUP, "-", "+", CHUNK, consumer
+                    )
+                except rexc.ResponseError as exc:
+                    if is_nogroup(exc):
+                        return released
+                    raise
+                if not pending:
+                    return released
+                pipe = self.client.pipeline(transaction=False)
+                for row in pending:
+                    entry = _text(row["message_id"])
+                    pipe.xrange(self.keys.stream, entry, entry)
+                ranges = await pipe.execute()
+                keys = [self.keys.stream]
+                args: list[Any] = [GROUP, consumer]
+                orphans: list[str] = []
+                for row, found in zip(pending, ranges, strict=True):
+                    entry = _text(row["message_id"])
+                    job_id = found[0][1].get(b"j") if found and found[0][1] else None
+                    if job_id is None:
+                        orphans.append(entry)
+                        continue
+                    keys.append(self.keys.job(_text(job_id)))
+                    args += [_text(job_id), entry]
+                if orphans:
+                    # Entries already deleted from the stream: just drop them from the PEL.
+                    await self.client.xack(self.keys.stream, GROUP, *orphans)
+                if len(keys) > 1:
+                    released += int(await self._eval("release", keys, args))
+                if len(pending) < CHUNK:
+                    return released
+
+    async def heartbeat(
+        self, worker_id: str, info: dict[str, str | int | float], ttl: float
+    ) -> None:
+        """Record that a worker is alive, with its description; expires after ``ttl``."""
+        key = self.keys.worker(worker_id)
+        async with redis_errors("sending a heartbeat"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(key, mapping=cast(Any, info))
+            pipe.pexpire(key, int(ttl * 1000))
+            pipe.zadd(self.keys.workers, {worker_id: _now_ms()})
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a stopping worker's heartbeat."""
+        async with redis_errors("removing a heartbeat"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.zrem(self.keys.workers, worker_id)
+            await pipe.execute()
+
+    async def promote_due(self, now_ms: int, limit: int) -> int | None:
+        """Promote up to ``limit`` due delayed jobs; return the next due time in ms."""
+        async with redis_errors("promoting delayed jobs"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrangebyscore(self.keys.delayed, "-inf", now_ms, start=0, num=limit)
+            pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
+            due, head = await pipe.execute()
+            if not due:
+                return int(head[0][1]) if head else None
+            ids = [_text(job_id) for job_id in due]
+            keys = [self.keys.stream, self.keys.delayed, *(self.keys.job(i) for i in ids)]
+            nxt = await self._eval("promote", keys, [now_ms, *ids])
+            return int(float(nxt)) if nxt else None
+
+    # -- looking at jobs -------------------------------------------------------------------
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """Everything stored about one job, or None."""
+        async with redis_errors("reading a job"):
+            fields = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.job(job_id)))
+        if not fields:
+            return None
+        return _record(job_id, fields)
+
+    async def wait_final(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Subscribe, then check, then wait for the done notification; never a poll loop."""
+        if self._client is None:
+            await self.connect()
+        assert self._waiter is not None
+        key = self.keys.job(job_id)
+
+        async def check() -> bool:
+            status = await self._eval("watch", [key], [])
+            return status is None or _text(status) in FINAL
+
+        async with redis_errors("waiting for a job"):
+            await self._waiter.wait(self.keys.done_channel(job_id), check, timeout)
+        return await self.record(job_id)
+
+    async def abort(self, job_id: str) -> str:
+        """Abort one job; see ``abort.lua``."""
+        keys = [self.keys.stream, self.keys.delayed, self.keys.job(job_id)]
+        args = [
+            job_id,
+            GROUP,
+            _now_ms(),
+            self.result_ttl_ms,
+            self.keys.abort_channel,
+            self.keys.done_channel_prefix,
+        ]
+        async with redis_errors("aborting a job"):
+            return _text(await self._eval("abort", keys, args))
+
+    async def counts(self) -> QueueCounts:
+        """Ready, pending (delivered, unsettled), delayed and dead job counts."""
+        async with redis_errors("counting jobs"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xlen(self.keys.stream)
+            pipe.zcard(self.keys.delayed)
+            pipe.zcard(self.keys.dead)
+            pipe.xpending(self.keys.stream, GROUP)
+            length, delayed, dead, pending = await pipe.execute(raise_on_error=False)
+        pending_count = 0 if isinstance(pending, Exception) else int(pending["pending"])
+        return QueueCounts(
+            ready=int(length) - pending_count,
+            pending=pending_count,
+            delayed=int(delayed),
+            dead=int(dead),
+        )
+
+
+def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:
+    value = fields.get(name)
+    return int(value) if value is not None else None
+
+
+def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        status=_text(fields.get(b"status", b"unknown")),
+        envelope=fields.get(b"env"),
+        attempt=_int(fields, b"attempt") or 1,
+        deliveries=_int(fields, b"deliveries") or 0,
+        enqueued_ms=_int(fields, b"enqueued"),
+        started_ms=_int(fields, b"started"),
+        finished_ms=_int(fields, b"finished"),
+        run_at_ms=_int(fields, b"run_at"),
+        result=fields.get(b"result"),
+        error=fields.get(b"error"),
+        reason=_text(fields.get(b"reason", b"")),
+        worker=_text(fields.get(b"worker", b"")),
+    )

@@ -1,0 +1,80 @@
+"""Every Redis key and channel name aioqueue uses, built in one place.
+
+All of a queue's keys share the hash tag ``{name}`` so a queue lives in one Redis Cluster slot
+and every Lua script can touch all of them atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GROUP = "aioqueue"
+"""The consumer group every worker of a queue reads the stream through."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key names of one queue."""
+
+    queue: str
+    prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"aioqueue:{{{self.queue}}}")
+
+    @property
+    def stream(self) -> str:
+        """Stream of ready jobs, read through the consumer group; entry = ``{"j": job_id}``."""
+        return f"{self.prefix}:stream"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of delayed jobs and retry backoffs, scored by run-at time in ms."""
+        return f"{self.prefix}:delayed"
+
+    @property
+    def dead(self) -> str:
+        """Sorted set of dead-lettered job ids, scored by the time they died in ms."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def cron(self) -> str:
+        """Sorted set: cron job name -> last claimed fire time in ms."""
+        return f"{self.prefix}:cron"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> last heartbeat in ms."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash describing one live worker (host, pid, concurrency, counters); expires."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def stats(self) -> str:
+        """Hash of per-second completed/failed counters for throughput figures."""
+        return f"{self.prefix}:stats"
+
+    def job(self, job_id: str) -> str:
+        """Hash holding one job's envelope, status, counters and outcome."""
+        return f"{self.prefix}:job:{job_id}"
+
+    @property
+    def job_prefix(self) -> str:
+        """Common prefix of job keys, for scans."""
+        return f"{self.prefix}:job:"
+
+    def done_channel(self, job_id: str) -> str:
+        """Pub/sub channel announcing that a job reached a final state."""
+        return f"{self.prefix}:done:{job_id}"
+
+    @property
+    def done_channel_prefix(self) -> str:
+        """Prefix of done channels, handed to Lua so it never builds a name itself."""
+        return f"{self.prefix}:done:"
+
+    @property
+    def abort_channel(self) -> str:
+        """Pub/sub channel telling workers to cancel a running job."""
+        return f"{self.prefix}:abort"

@@ -1,0 +1,51 @@
+-- begin.lua: turn delivered stream entries into running jobs, counting every delivery.
+-- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries, ARGV[4] now (ms),
+--   ARGV[5] done-channel prefix, then per job i: job id, stream entry id
+-- Returns per job one of:
+--   {'run', envelope or false, attempt, deliveries}  the caller owns the job and runs it
+--   {'skip'}   the job is gone, aborted or already final: its entry was acked and deleted
+--   {'lost'}   another consumer owns the entry now: leave it alone
+--   {'dead', deliveries}  delivered more than max_deliveries times: dead-lettered
+-- Invariant: deliveries counts every hand-over of the current attempt, crash redeliveries
+-- included, so a job that kills its worker cannot loop forever.
+local group, consumer = ARGV[1], ARGV[2]
+local max_deliveries = tonumber(ARGV[3])
+local now = ARGV[4]
+local final = {complete = true, failed = true, dead = true, aborted = true}
+local out = {}
+for i = 1, #KEYS - 2 do
+  local key = KEYS[2 + i]
+  local id, entry = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
+  if #owner == 0 then
+    out[i] = {'lost'}
+  else
+    local status = redis.call('HGET', key, 'status')
+    if not status or final[status] then
+      redis.call('XACK', KEYS[1], group, entry)
+      redis.call('XDEL', KEYS[1], entry)
+      out[i] = {'skip'}
+    else
+      local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
+      if deliveries > max_deliveries then
+        redis.call('HSET', key, 'status', 'dead', 'finished', now,
+          'reason', 'worker lost ' .. (deliveries - 1) .. ' times')
+        redis.call('PERSIST', key)
+        redis.call('ZADD', KEYS[2], now, id)
+        redis.call('XACK', KEYS[1], group, entry)
+        redis.call('XDEL', KEYS[1], entry)
+        if redis.call('HEXISTS', key, 'watch') == 1 then
+          redis.call('PUBLISH', ARGV[5] .. id, 'dead')
+        end
+        out[i] = {'dead', deliveries}
+      else
+        redis.call('HSET', key, 'status', 'running', 'started', now, 'worker', consumer,
+          'entry', entry)
+        local fields = redis.call('HMGET', key, 'env', 'attempt')
+        out[i] = {'run', fields[1], tonumber(fields[2]) or 1, deliveries}
+      end
+    end
+  end
+end
+return out

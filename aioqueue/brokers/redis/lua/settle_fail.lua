@@ -1,0 +1,40 @@
+-- settle_fail.lua: end jobs as 'failed', 'dead' or 'aborted', recording error and reason.
+-- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] now (ms), ARGV[4] result TTL (ms),
+--   ARGV[5] done-channel prefix,
+--   then per job i: job id, stream entry id, status, encoded error, reason
+-- Returns per job 1 if settled, 0 if this consumer no longer owned the entry.
+-- Invariant: dead jobs are listed in the dead zset and kept (no TTL) until requeued or
+-- purged; failed and aborted jobs expire like results. The entry leaves the stream in the
+-- same step. A hash that does not exist yet (a foreign stream entry) is created so the
+-- dead letter records what arrived.
+local group, consumer, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 1, #KEYS - 2 do
+  local key = KEYS[2 + i]
+  local at = 5 + (i - 1) * 5
+  local id, entry, status = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
+  if #owner == 0 then
+    out[i] = 0
+  else
+    local current = redis.call('HGET', key, 'status')
+    if current ~= 'aborted' or status == 'aborted' then
+      redis.call('HSET', key, 'status', status, 'error', ARGV[at + 4], 'reason', ARGV[at + 5],
+        'finished', now)
+      if status == 'dead' then
+        redis.call('PERSIST', key)
+        redis.call('ZADD', KEYS[2], now, id)
+      else
+        redis.call('PEXPIRE', key, ttl)
+      end
+      if redis.call('HEXISTS', key, 'watch') == 1 then
+        redis.call('PUBLISH', ARGV[5] .. id, status)
+      end
+    end
+    redis.call('XACK', KEYS[1], group, entry)
+    redis.call('XDEL', KEYS[1], entry)
+    out[i] = 1
+  end
+end
+return out

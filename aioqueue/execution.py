@@ -1,0 +1,163 @@
+"""What happens to one job: decode it, run it under its timeout, decide how to settle it.
+
+Kept apart from :mod:`aioqueue.worker`, which decides *when* jobs run; this module decides
+*what* their outcome is. Nothing here talks to Redis: the outcome is a
+:data:`~aioqueue.brokers.base.Settlement` the worker hands to the broker in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from aioqueue.brokers.base import Again, Delivery, Done, Finished, Settlement
+from aioqueue.context import Context
+from aioqueue.errors import (
+    Fail,
+    InvalidArguments,
+    JobTimeout,
+    Retry,
+    SerializationError,
+)
+from aioqueue.serialization import ErrorInfo, decode_envelope, encode
+
+if TYPE_CHECKING:
+    from aioqueue.queue import Queue
+    from aioqueue.task import Task
+
+logger = logging.getLogger("aioqueue.jobs")
+
+# Tracebacks are for humans; keep the tail, where the error is, if one is enormous.
+MAX_TRACEBACK = 16_384
+
+
+@dataclass(slots=True, eq=False)
+class Running:
+    """A job in flight on this worker."""
+
+    delivery: Delivery
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    cancel_reason: str | None = None
+    """Why this worker cancelled the job: 'timeout', 'abort', 'shutdown' or 'lost'."""
+    task_name: str = "?"
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the running task, remembering why (the first reason wins)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def error_info(exc: BaseException) -> bytes:
+    """Encode an exception with its traceback for the job record."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(text) > MAX_TRACEBACK:
+        text = "...\n" + text[-MAX_TRACEBACK:]
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return encode(ErrorInfo(name, str(exc), text))
+
+
+def _dead(delivery: Delivery, kind: str, message: str, reason: str) -> Finished:
+    return Finished(delivery, "dead", encode(ErrorInfo(kind, message)), reason)
+
+
+async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Settlement | None:
+    """Run one delivered job and return how to settle it.
+
+    Returns None when the worker itself cancelled the run for shutdown or because the lease
+    was lost: the job is then handed back (or already belongs to another worker).
+    """
+    delivery = running.delivery
+    try:
+        envelope = decode_envelope(delivery.envelope)
+    except SerializationError as exc:
+        return _dead(delivery, "SerializationError", str(exc), "undecodable job")
+    running.task_name = envelope.task
+    task = queue.tasks.get(envelope.task)
+    if task is None:
+        message = f"no task named {envelope.task!r} is registered on this worker"
+        return _dead(delivery, "UnknownTask", message, "unknown task")
+    try:
+        bound = task.signature.bind(envelope.args, envelope.kwargs)
+    except InvalidArguments as exc:
+        return _dead(delivery, "InvalidArguments", str(exc), "invalid arguments")
+    ctx = Context(
+        job_id=delivery.job_id,
+        task_name=task.name,
+        attempt=delivery.attempt,
+        deliveries=delivery.deliveries,
+        queue=queue,
+        state=state,
+        enqueued_at=datetime.fromtimestamp(envelope.enqueued_ms / 1000, tz=timezone.utc),
+    )
+    timeout = envelope.timeout if envelope.timeout is not None else task.timeout
+    if timeout is not None:
+        running.timer = asyncio.get_running_loop().call_later(timeout, running.cancel, "timeout")
+    retries = envelope.retries if envelope.retries is not None else task.retries
+    try:
+        result = await task.func(ctx, *bound.args, **bound.kwargs)
+    except asyncio.CancelledError:
+        reason = running.cancel_reason
+        if reason is None:
+            raise
+        current = asyncio.current_task()
+        if current is not None and hasattr(current, "uncancel"):
+            current.uncancel()
+        if reason == "timeout":
+            return _failure(
+                running, task, JobTimeout(_timeout_message(task.name, timeout)), retries
+            )
+        if reason == "abort":
+            return Finished(delivery, "aborted", encode(ErrorInfo("JobAborted", "aborted")), "")
+        return None
+    except Retry as exc:
+        return _failure(running, task, exc, retries)
+    except Fail as exc:
+        return Finished(delivery, "failed", error_info(exc), "Fail raised")
+    except Exception as exc:
+        if task.non_retryable and isinstance(exc, task.non_retryable):
+            return Finished(delivery, "failed", error_info(exc), "non-retryable error")
+        return _failure(running, task, exc, retries)
+    finally:
+        if running.timer is not None:
+            running.timer.cancel()
+    if running.cancel_reason == "timeout":
+        # The task swallowed the cancellation and returned anyway: still a timeout.
+        return _failure(running, task, JobTimeout(_timeout_message(task.name, timeout)), retries)
+    try:
+        return Done(delivery, encode(result))
+    except SerializationError as exc:
+        return Finished(delivery, "failed", error_info(exc), "unencodable result")
+
+
+def _timeout_message(task: str, timeout: float | None) -> str:
+    return f"task {task!r} ran longer than its timeout of {timeout:g}s"
+
+
+def _failure(
+    running: Running, task: Task[Any, Any], exc: BaseException, retries: int
+) -> Settlement:
+    delay = exc.delay if isinstance(exc, Retry) else None
+    delivery = running.delivery
+    if delivery.attempt > retries:
+        plural = "s" if delivery.attempt > 1 else ""
+        reason = f"retries exhausted after {delivery.attempt} attempt{plural}"
+        return Finished(delivery, "dead", error_info(exc), reason)
+    if delay is None:
+        delay = task.backoff.delay(delivery.attempt)
+    run_at = int((time.time() + delay) * 1000)
+    reason = exc.reason if isinstance(exc, Retry) and exc.reason else type(exc).__name__
+    return Again(delivery, run_at, error_info(exc), reason)

@@ -1,0 +1,288 @@
+"""The queue: where tasks are registered and jobs are enqueued and looked up."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+
+from aioqueue.brokers.base import Broker, NewJob, QueueCounts
+from aioqueue.context import Context
+from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
+from aioqueue.job import Job
+from aioqueue.retry import Backoff
+from aioqueue.serialization import Envelope, encode
+from aioqueue.settings import Settings, resolve_settings
+from aioqueue.task import JobOptions, JobRequest, Task
+
+if TYPE_CHECKING:
+    from aioqueue.worker import Hook, Worker
+
+__all__ = ["Queue"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_RETRIES = 3
+
+
+class TaskDecorator(Protocol):
+    """What ``@queue.task(...)`` returns: turns an async function into a typed Task."""
+
+    def __call__(self, func: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Task[P, R]:
+        """Register ``func``."""
+        ...
+
+
+class Queue:
+    """A named queue on Redis, its registered tasks, and the ways to enqueue them.
+
+    ``Queue()`` connects lazily: creating one at import time opens nothing. Settings come from
+    the arguments, overridden by ``AIOQUEUE_*`` environment variables (see
+    :mod:`aioqueue.settings`). Use ``async with queue:`` or ``await queue.close()`` to release
+    connections.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        name: str | None = None,
+        max_size: int | None = None,
+        max_payload_bytes: int | None = None,
+        result_ttl: float | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self._code: dict[str, Any] = {
+            "redis_url": url,
+            "queue": name,
+            "max_size": max_size,
+            "max_payload_bytes": max_payload_bytes,
+            "result_ttl": result_ttl,
+        }
+        self.settings: Settings = resolve_settings(self._code)
+        self.name = self.settings.queue
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._broker = broker
+        self._connected = False
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connected_broker(self) -> Broker:
+        """The broker, connected on first use."""
+        if self._broker is None:
+            from aioqueue.brokers.redis import RedisBroker
+
+            self._broker = RedisBroker(
+                self.settings.redis_url,
+                self.name,
+                result_ttl=self.settings.result_ttl,
+                block=self.settings.block,
+            )
+        if not self._connected:
+            await self._broker.connect()
+            self._connected = True
+        return self._broker
+
+    async def close(self) -> None:
+        """Close every connection; the queue reconnects if used again."""
+        if self._broker is not None and self._connected:
+            await self._broker.close()
+        self._connected = False
+
+    async def __aenter__(self) -> Queue:
+        await self.connected_broker()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        non_retryable: Sequence[type[BaseException]] = (),
+    ) -> TaskDecorator: ...
+
+    def task(
+        self,
+        func: Callable[..., Awaitable[Any]] | None = None,
+        *,
+        name: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        non_retryable: Sequence[type[BaseException]] = (),
+    ) -> Any:
+        """Register an async function as a task: ``@queue.task()`` or ``@queue.task``.
+
+        ``retries`` is how many times a failed run is retried (so ``retries + 1`` attempts);
+        ``timeout`` (seconds) fails an attempt that runs longer; ``backoff`` spaces retries;
+        exceptions in ``non_retryable`` (and :class:`~aioqueue.Fail`) end the job at once.
+        """
+
+        def register(fn: Callable[..., Awaitable[Any]]) -> Task[Any, Any]:
+            task_name = name or fn.__name__
+            if task_name in self.tasks:
+                raise ConfigurationError(
+                    f"a task named {task_name!r} is already registered on queue {self.name!r}"
+                )
+            task: Task[Any, Any] = Task(
+                self,
+                fn,
+                name=task_name,
+                retries=retries,
+                timeout=timeout,
+                backoff=backoff or Backoff(),
+                non_retryable=tuple(non_retryable),
+            )
+            self.tasks[task_name] = task
+            return task
+
+        return register if func is None else register(func)
+
+    # -- enqueueing ------------------------------------------------------------------------
+
+    async def enqueue(self, task: str, /, *args: Any, **kwargs: Any) -> Job[Any]:
+        """Enqueue a task by name (for producers that do not import the task's code)."""
+        (job,) = await self.enqueue_many([JobRequest(task, args, kwargs)])
+        return job
+
+    def options(
+        self,
+        *,
+        job_id: str | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> QueueOptions:
+        """Per-job options for enqueue by name: ``queue.options(delay=5).enqueue("t", 1)``."""
+        options = JobOptions(job_id=job_id, delay=delay, at=at, retries=retries, timeout=timeout)
+        return QueueOptions(self, options)
+
+    async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job[Any]]:
+        """Enqueue many jobs in pipelined round trips (a few hundred jobs per script call).
+
+        Jobs whose ``job_id`` already exists are not enqueued again; their existing handle is
+        returned. Raises :class:`QueueFull` if the queue's ``max_size`` would be exceeded: each
+        chunk of 500 jobs is written entirely or not at all.
+        """
+        now = time.time()
+        now_ms = int(now * 1000)
+        limit = self.settings.max_payload_bytes
+        new_jobs: list[NewJob] = []
+        jobs: list[Job[Any]] = []
+        for request in requests:
+            task = self.tasks.get(request.task)
+            args, kwargs = request.args, request.kwargs
+            if task is None:
+                if self.tasks:
+                    raise UnknownTask(request.task, list(self.tasks))
+            elif not request.checked:
+                bound = task.signature.bind(args, kwargs)
+                args, kwargs = bound.args, bound.kwargs
+            options = request.options
+            envelope = encode(
+                Envelope(
+                    request.task,
+                    args,
+                    kwargs,
+                    now_ms,
+                    options.retries,
+                    options.timeout,
+                )
+            )
+            if len(envelope) > limit:
+                raise PayloadTooLarge(request.task, len(envelope), limit)
+            job_id = options.job_id or uuid.uuid4().hex
+            new_jobs.append(NewJob(job_id, envelope, options.run_at_ms(now)))
+            jobs.append(self.job(job_id, task))
+        if new_jobs:
+            broker = await self.connected_broker()
+            await broker.enqueue(new_jobs, self.settings.max_size)
+        return jobs
+
+    # -- looking at jobs and the queue -----------------------------------------------------
+
+    def job(self, job_id: str, task: Task[Any, R] | None = None) -> Job[R]:
+        """A handle on the job with this id (it may or may not exist)."""
+        result_type = task.signature.return_type if task is not None else Any
+        return Job(self, job_id, result_type)
+
+    async def counts(self) -> QueueCounts:
+        """How many jobs are ready, pending (running), delayed and dead."""
+        return await (await self.connected_broker()).counts()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        shutdown_grace: float | None = None,
+        burst: bool | None = None,
+        on_startup: Sequence[Hook] = (),
+        on_shutdown: Sequence[Hook] = (),
+        **settings: Any,
+    ) -> Worker:
+        """A worker consuming this queue; ``await worker.run()`` or ``aioqueue run app:worker``.
+
+        ``on_startup`` / ``on_shutdown`` are ``async def hook(state: dict)`` functions that put
+        shared resources into (and take them out of) the ``state`` every task's
+        :class:`Context` sees. Other keyword arguments are :class:`Settings` fields.
+        """
+        from aioqueue.worker import Worker
+
+        code = {
+            **self._code,
+            "concurrency": concurrency,
+            "lease": lease,
+            "max_deliveries": max_deliveries,
+            "shutdown_grace": shutdown_grace,
+            "burst": burst,
+            **settings,
+        }
+        return Worker(
+            self,
+            code=code,
+            on_startup=on_startup,
+            on_shutdown=on_shutdown,
+        )
+
+
+class QueueOptions:
+    """A queue bound to per-job options; made by :meth:`Queue.options`."""
+
+    __slots__ = ("options", "queue")
+
+    def __init__(self, queue: Queue, options: JobOptions) -> None:
+        self.queue = queue
+        self.options = options
+
+    async def enqueue(self, task: str, /, *args: Any, **kwargs: Any) -> Job[Any]:
+        """Enqueue a task by name with these options."""
+        (job,) = await self.queue.enqueue_many([JobRequest(task, args, kwargs, self.options)])
+        return job

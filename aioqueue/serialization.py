@@ -1,0 +1,139 @@
+"""msgspec codecs for everything that crosses the wire, and typed argument decoding.
+
+Jobs are msgpack. The envelope is an array-like Struct (compact, no field names on the wire);
+arguments and results are encoded once and decoded against the task's own type annotations,
+so a worker never calls a task with a value of the wrong type. Nothing here uses pickle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from aioqueue.errors import InvalidArguments, SerializationError
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+    """What a producer writes for one job. Field names never reach the wire (array-like)."""
+
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    enqueued_ms: int = 0
+    # Per-job overrides of the task's options; None means "use the task's".
+    retries: int | None = None
+    timeout: float | None = None
+    # Opaque tracing context (W3C traceparent and friends) propagated to the worker.
+    trace: dict[str, str] | None = None
+
+
+class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):
+    """A task's failure as recorded in Redis."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
+_any_decoder = msgspec.msgpack.Decoder()
+
+
+def encode(value: Any) -> bytes:
+    """Encode any msgspec-supported value as msgpack, or raise :class:`SerializationError`."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode {type(value).__name__}: {exc}") from exc
+
+
+def decode(data: bytes, type_: Any = Any) -> Any:
+    """Decode msgpack, checking the result against ``type_``."""
+    try:
+        if type_ is Any:
+            return _any_decoder.decode(data)
+        return msgspec.msgpack.decode(data, type=type_)
+    except msgspec.DecodeError as exc:
+        raise SerializationError(f"cannot decode {type_!r}: {exc}") from exc
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode a job envelope, raising :class:`SerializationError` for anything else."""
+    try:
+        return _envelope_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SerializationError(f"undecodable job envelope: {exc}") from exc
+
+
+def decode_error(data: bytes) -> ErrorInfo:
+    """Decode a recorded error; unreadable records become a descriptive ErrorInfo."""
+    try:
+        return _error_decoder.decode(data)
+    except msgspec.DecodeError:
+        return ErrorInfo("UnreadableError", repr(data[:200]))
+
+
+class Signature:
+    """A task function's signature, used to bind and type-check arguments.
+
+    The first parameter (the :class:`~aioqueue.Context`) is left out. Arguments are converted
+    with msgspec against the annotations, so an ``int`` parameter refuses ``"x"`` both when a
+    producer that knows the task enqueues it and when the worker decodes it.
+    """
+
+    def __init__(self, func: Callable[..., Any], task_name: str) -> None:
+        self.task_name = task_name
+        full = inspect.signature(func)
+        params = list(full.parameters.values())[1:]
+        self.signature = full.replace(parameters=params)
+        try:
+            hints = typing.get_type_hints(func)
+        except Exception:
+            hints = {}
+        self.return_type: Any = hints.get("return", Any)
+        if self.return_type is None or self.return_type is type(None):
+            self.return_type = Any
+        self._types: dict[str, Any] = {}
+        for param in params:
+            annotation = hints.get(param.name, Any)
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                annotation = tuple[annotation, ...]  # type: ignore[valid-type]
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                annotation = dict[str, annotation]  # type: ignore[valid-type]
+            self._types[param.name] = annotation if _msgspec_supports(annotation) else Any
+        self._typed = any(t is not Any for t in self._types.values())
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+        """Bind and convert arguments, raising :class:`InvalidArguments` when they do not fit."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(f"task {self.task_name!r}: {exc}") from exc
+        if self._typed:
+            for name, value in bound.arguments.items():
+                type_ = self._types[name]
+                if type_ is Any:
+                    continue
+                try:
+                    bound.arguments[name] = msgspec.convert(value, type_, strict=True)
+                except msgspec.ValidationError as exc:
+                    raise InvalidArguments(
+                        f"task {self.task_name!r}: argument {name!r}: {exc}"
+                    ) from exc
+        return bound
+
+
+def _msgspec_supports(annotation: Any) -> bool:
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return False
+    try:
+        msgspec.inspect.type_info(annotation)
+    except (TypeError, ValueError):
+        return False
+    return True

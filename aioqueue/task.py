@@ -1,0 +1,163 @@
+"""A task: an async function registered on a queue, and the typed ways to enqueue it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from aioqueue.errors import ConfigurationError
+from aioqueue.retry import Backoff
+from aioqueue.serialization import Signature
+
+if TYPE_CHECKING:
+    from aioqueue.context import Context
+    from aioqueue.job import Job
+    from aioqueue.queue import Queue
+
+__all__ = ["JobOptions", "JobRequest", "Task", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobOptions:
+    """Per-job options, kept apart from the task's arguments so they can never collide.
+
+    ``job_id`` makes enqueue idempotent: while a job with that id exists, enqueueing it again
+    returns the existing job. ``delay`` (seconds or timedelta) or ``at`` (an aware datetime)
+    schedule it for later. ``retries`` and ``timeout`` override the task's own.
+    """
+
+    job_id: str | None = None
+    delay: float | timedelta | None = None
+    at: datetime | None = None
+    retries: int | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay is not None and self.at is not None:
+            raise ConfigurationError("give either delay or at, not both")
+        if self.at is not None and self.at.tzinfo is None:
+            raise ConfigurationError("at must be a timezone-aware datetime")
+        if self.retries is not None and self.retries < 0:
+            raise ConfigurationError("retries must be >= 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigurationError("timeout must be > 0")
+        if self.job_id is not None and not self.job_id:
+            raise ConfigurationError("job_id must not be empty")
+
+    def run_at_ms(self, now: float) -> int:
+        """When the job may run, in Unix ms (0 = now)."""
+        if self.at is not None:
+            return int(self.at.timestamp() * 1000)
+        if self.delay is None:
+            return 0
+        seconds = self.delay.total_seconds() if isinstance(self.delay, timedelta) else self.delay
+        return int((now + seconds) * 1000) if seconds > 0 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One prepared job for :meth:`Queue.enqueue_many`: task name, arguments, options."""
+
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: JobOptions = field(default_factory=JobOptions)
+    checked: bool = False
+    """True once the arguments were bound against the task's signature."""
+
+
+class Task(Generic[P, R]):
+    """An async function registered on a queue with ``@queue.task()``.
+
+    Calling the task runs the function directly (handy in tests); ``enqueue`` runs it on a
+    worker. Both are typed from the function's signature, minus the context.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        func: Callable[..., Awaitable[R]],
+        *,
+        name: str,
+        retries: int,
+        timeout: float | None,
+        backoff: Backoff,
+        non_retryable: tuple[type[BaseException], ...],
+    ) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise ConfigurationError(f"task {name!r} must be an async function (async def)")
+        if retries < 0:
+            raise ConfigurationError(f"task {name!r}: retries must be >= 0")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"task {name!r}: timeout must be > 0")
+        self.queue = queue
+        self.func = func
+        self.name = name
+        self.retries = retries
+        self.timeout = timeout
+        self.backoff = backoff
+        self.non_retryable = non_retryable
+        self.signature = Signature(func, name)
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, queue={self.queue.name!r})"
+
+    def __call__(self, ctx: Context, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        """Run the function in this process, without a queue."""
+        return self.func(ctx, *args, **kwargs)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        """Enqueue one run of this task and return its :class:`Job` handle."""
+        return await TaskOptions(self, JobOptions()).enqueue(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        job_id: str | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> TaskOptions[P, R]:
+        """Per-job options: ``task.options(delay=60, job_id="x").enqueue(...)``."""
+        options = JobOptions(job_id=job_id, delay=delay, at=at, retries=retries, timeout=timeout)
+        return TaskOptions(self, options)
+
+    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
+        """A job to pass to :meth:`Queue.enqueue_many`, arguments checked now."""
+        return TaskOptions(self, JobOptions()).prepare(*args, **kwargs)
+
+    async def map(self, arguments: Iterable[Sequence[Any]]) -> list[Job[R]]:
+        """Fan out: enqueue one job per argument tuple in pipelined round trips."""
+        requests = [JobRequest(self.name, tuple(args), {}) for args in arguments]
+        jobs = await self.queue.enqueue_many(requests)
+        return [self.queue.job(job.id, self) for job in jobs]
+
+
+class TaskOptions(Generic[P, R]):
+    """A task bound to per-job options; made by :meth:`Task.options`."""
+
+    __slots__ = ("options", "task")
+
+    def __init__(self, task: Task[P, R], options: JobOptions) -> None:
+        self.task = task
+        self.options = options
+
+    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
+        """A job to pass to :meth:`Queue.enqueue_many`."""
+        bound = self.task.signature.bind(args, kwargs)
+        return JobRequest(self.task.name, bound.args, bound.kwargs, self.options, checked=True)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        """Enqueue one run with these options."""
+        request = self.prepare(*args, **kwargs)
+        (job,) = await self.task.queue.enqueue_many([request])
+        return self.task.queue.job(job.id, self.task)

@@ -1,0 +1,428 @@
+"""The worker's lifecycle: fetch as many jobs as there are free slots, run them, settle them
+in batches, keep their leases, promote due jobs, and shut down without losing any.
+
+What happens to one job lives in :mod:`aioqueue.execution`; how a state change is stored
+lives in the broker. This module is about scheduling and concurrency only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settlement
+from aioqueue.errors import RedisUnavailable
+from aioqueue.execution import Running, execute
+from aioqueue.settings import Settings, resolve_settings
+
+if TYPE_CHECKING:
+    from aioqueue.queue import Queue
+
+__all__ = ["Hook", "Worker"]
+
+logger = logging.getLogger(__name__)
+job_logger = logging.getLogger("aioqueue.jobs")
+
+Hook = Callable[[dict[str, Any]], Awaitable[None]]
+"""A startup or shutdown hook: receives the worker's shared ``state`` dict."""
+
+# Reconnect backoff after Redis trouble: full jitter between 0 and this ceiling, doubling.
+RECONNECT_BASE = 0.2
+RECONNECT_CAP = 5.0
+
+
+class Worker:
+    """Consumes one queue: ``await worker.run()`` until :meth:`stop` or SIGTERM/SIGINT.
+
+    Made by :meth:`Queue.worker`. Every background coroutine (settler, lease renewer,
+    reclaimer, promoter, heartbeat) runs in one task group and stops with it.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        code: dict[str, Any],
+        on_startup: Sequence[Hook] = (),
+        on_shutdown: Sequence[Hook] = (),
+    ) -> None:
+        self.queue = queue
+        self._code = code
+        self.settings: Settings = resolve_settings(code)
+        self.on_startup = list(on_startup)
+        self.on_shutdown = list(on_shutdown)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.state: dict[str, Any] = {}
+        self.started_at: float | None = None
+        self.completed = 0
+        self.failed = 0
+        self._in_flight: dict[str, Running] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh synchronisation primitives for one run (they bind to the running loop)."""
+        self._outbox: asyncio.Queue[tuple[Running, Settlement]] = asyncio.Queue()
+        self._slot_free = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
+        self._promote_wake = asyncio.Event()
+        self._signals = 0
+
+    def __repr__(self) -> str:
+        return f"Worker(queue={self.queue.name!r}, id={self.id!r})"
+
+    def configure(self, **overrides: Any) -> None:
+        """Apply overrides that beat both code and environment (command-line flags)."""
+        self.settings = resolve_settings(self._code, overrides=overrides)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs running (or waiting to be settled) on this worker now."""
+        return len(self._in_flight)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new jobs; in-flight ones get ``shutdown_grace`` seconds.
+
+        Safe to call from any thread. Calling it twice skips the rest of the grace period.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.current_thread() is threading.main_thread() and _running_loop() is loop:
+            self._request_stop()
+        else:
+            loop.call_soon_threadsafe(self._request_stop)
+
+    def _request_stop(self) -> None:
+        if self._stopping.is_set():
+            self._force.set()
+        self._stopping.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            logger.info(
+                "%s received: finishing %d in-flight jobs (up to %gs); send again to stop now",
+                name,
+                len(self._in_flight),
+                self.settings.shutdown_grace,
+            )
+        else:
+            logger.warning(
+                "%s received again: cancelling in-flight jobs and handing them back", name
+            )
+        self._request_stop()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until stopped. Installs SIGTERM/SIGINT handlers when on the main thread."""
+        self._loop = asyncio.get_running_loop()
+        self._reset()
+        broker = await self.queue.connected_broker()
+        await self._retrying("creating the consumer group", broker.ensure_group)
+        for hook in self.on_startup:
+            await hook(self.state)
+        installed = handle_signals and threading.current_thread() is threading.main_thread()
+        if installed:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        self.started_at = time.time()
+        logger.info(
+            "worker %s consuming queue %r (concurrency %d, lease %gs)",
+            self.id,
+            self.queue.name,
+            self.settings.concurrency,
+            self.settings.lease,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._settle_loop, broker)
+                tg.start_soon(self._renew_loop, broker)
+                tg.start_soon(self._reclaim_loop, broker)
+                tg.start_soon(self._promote_loop, broker)
+                tg.start_soon(self._heartbeat_loop, broker)
+                await self._fetch_until_stopped(broker)
+                await self._drain(broker)
+                tg.cancel_scope.cancel()
+        finally:
+            if installed:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(signum)
+            with contextlib.suppress(RedisUnavailable):
+                await broker.forget_worker(self.id)
+            for hook in self.on_shutdown:
+                await hook(self.state)
+            logger.info(
+                "worker %s stopped: %d complete, %d failed", self.id, self.completed, self.failed
+            )
+
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``step`` until Redis answers, logging once per outage and backing off."""
+        failures = 0
+        while True:
+            try:
+                return await step()
+            except RedisUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("%s: %s; retrying with backoff", what, exc)
+                ceiling = min(RECONNECT_CAP, RECONNECT_BASE * 2**failures)
+                await asyncio.sleep(random.uniform(0, ceiling))
+
+    # -- fetching --------------------------------------------------------------------------
+
+    async def _fetch_until_stopped(self, broker: Broker) -> None:
+        fetcher = asyncio.create_task(self._fetch_loop(broker), name="aioqueue-fetch")
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({fetcher, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (fetcher, stopping):
+                task.cancel()
+            for task in (fetcher, stopping):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _fetch_loop(self, broker: Broker) -> None:
+        settings = self.settings
+        block = min(settings.block, 0.1) if settings.burst else settings.block
+        failures = 0
+        while True:
+            free = settings.concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                deliveries = await broker.fetch(self.id, free, block, settings.max_deliveries)
+            except RedisUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
+                await asyncio.sleep(
+                    random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**failures))
+                )
+                continue
+            if failures:
+                logger.info("fetching jobs again after %d failed attempts", failures)
+                failures = 0
+            for delivery in deliveries:
+                self._start(delivery)
+            if settings.burst and not deliveries and not self._in_flight:
+                counts = await broker.counts()
+                if counts.ready == 0 and counts.pending == 0 and counts.delayed == 0:
+                    logger.info("burst mode: queue %r is empty, stopping", self.queue.name)
+                    self._stopping.set()
+                    return
+
+    def _start(self, delivery: Delivery) -> None:
+        running = Running(delivery)
+        self._in_flight[delivery.job_id] = running
+        self._idle.clear()
+        running.task = asyncio.create_task(self._run(running))
+
+    async def _run(self, running: Running) -> None:
+        try:
+            settlement = await execute(running, self.queue, self.state)
+        except asyncio.CancelledError:
+            if running.cancel_reason is None:
+                raise
+            settlement = None
+        except BaseException as exc:  # a task raising SystemExit must not kill the worker
+            from aioqueue.execution import error_info
+
+            settlement = Finished(running.delivery, "failed", error_info(exc), "crashed")
+        if settlement is None:
+            self._forget(running)
+        else:
+            self._outbox.put_nowait((running, settlement))
+
+    def _forget(self, running: Running) -> None:
+        if self._in_flight.get(running.delivery.job_id) is running:
+            del self._in_flight[running.delivery.job_id]
+        self._slot_free.set()
+        if not self._in_flight:
+            self._idle.set()
+
+    # -- background coroutines -------------------------------------------------------------
+
+    async def _settle_loop(self, broker: Broker) -> None:
+        """Settle finished jobs in batches: everything that finished since the last round trip
+        goes in the next one."""
+        outbox = self._outbox
+        while True:
+            batch = [await outbox.get()]
+            while not outbox.empty():
+                batch.append(outbox.get_nowait())
+            settlements = [settlement for _, settlement in batch]
+            await self._retrying(
+                "settling finished jobs", functools.partial(broker.settle, self.id, settlements)
+            )
+            for running, settlement in batch:
+                self._log(running, settlement)
+                if isinstance(settlement, Again):
+                    self._promote_wake.set()
+                self._forget(running)
+
+    def _log(self, running: Running, settlement: Settlement) -> None:
+        if isinstance(settlement, Done):
+            self.completed += 1
+            level, outcome = logging.INFO, "complete"
+        elif isinstance(settlement, Again):
+            self.failed += 1
+            level = logging.WARNING
+            wait = max(settlement.run_at_ms / 1000 - time.time(), 0)
+            outcome = f"retrying in {wait:.2f}s ({settlement.reason})"
+        else:
+            self.failed += 1
+            level = logging.INFO if settlement.status == "aborted" else logging.ERROR
+            outcome = (
+                f"{settlement.status} ({settlement.reason})"
+                if settlement.reason
+                else settlement.status
+            )
+        if job_logger.isEnabledFor(level):
+            job = running.delivery
+            job_logger.log(
+                level,
+                "%s %s %s in %.1fms",
+                running.task_name,
+                job.job_id,
+                outcome,
+                (time.monotonic() - running.started) * 1000,
+                extra={"job_id": job.job_id, "task": running.task_name, "outcome": outcome},
+            )
+
+    async def _renew_loop(self, broker: Broker) -> None:
+        """Renew the lease of every in-flight job every lease/3 seconds in one round trip."""
+        interval = self.settings.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            running = list(self._in_flight.values())
+            if not running:
+                continue
+            try:
+                lost = await broker.renew(self.id, [r.delivery for r in running])
+            except RedisUnavailable as exc:
+                logger.warning("renewing leases: %s", exc)
+                continue
+            for job_id in lost:
+                job = self._in_flight.get(job_id)
+                if job is not None:
+                    logger.warning(
+                        "lease of job %s was lost to another worker; cancelling it here", job_id
+                    )
+                    job.cancel("lost")
+
+    async def _reclaim_loop(self, broker: Broker) -> None:
+        """Take over jobs of dead workers whose lease expired (every lease/2 seconds)."""
+        settings = self.settings
+        while True:
+            free = settings.concurrency - len(self._in_flight)
+            if free > 0 and not self._stopping.is_set():
+                try:
+                    for delivery in await broker.reclaim(
+                        self.id, free, settings.lease, settings.max_deliveries
+                    ):
+                        logger.info("took over job %s after its lease expired", delivery.job_id)
+                        self._start(delivery)
+                except RedisUnavailable as exc:
+                    logger.warning("reclaiming expired leases: %s", exc)
+            await asyncio.sleep(settings.lease / 2)
+
+    async def _promote_loop(self, broker: Broker) -> None:
+        """Move due delayed jobs to the stream; sleep until the next one is due."""
+        wake = self._promote_wake
+        cap = self.settings.poll_interval
+        while True:
+            wake.clear()
+            now = time.time()
+            try:
+                next_due = await broker.promote_due(int(now * 1000), 1000)
+            except RedisUnavailable as exc:
+                logger.warning("promoting delayed jobs: %s", exc)
+                next_due = None
+            pause = cap if next_due is None else min(max(next_due / 1000 - time.time(), 0), cap)
+            if pause > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), pause)
+
+    async def _heartbeat_loop(self, broker: Broker) -> None:
+        interval = min(self.settings.lease / 3, 5.0)
+        while True:
+            info: dict[str, str | int | float] = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "concurrency": self.settings.concurrency,
+                "in_flight": len(self._in_flight),
+                "started": self.started_at or 0.0,
+                "beat": time.time(),
+                "completed": self.completed,
+                "failed": self.failed,
+            }
+            try:
+                await broker.heartbeat(self.id, info, ttl=interval * 3)
+            except RedisUnavailable as exc:
+                logger.debug("heartbeat: %s", exc)
+            await asyncio.sleep(interval)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def _drain(self, broker: Broker) -> None:
+        """Let in-flight jobs finish within the grace period, then cancel and hand back the
+        rest so another worker starts them at once."""
+        if self._in_flight:
+            idle = asyncio.create_task(self._idle.wait())
+            force = asyncio.create_task(self._force.wait())
+            await asyncio.wait(
+                {idle, force},
+                timeout=self.settings.shutdown_grace,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            idle.cancel()
+            force.cancel()
+        unfinished = [
+            r for r in self._in_flight.values() if r.task is not None and not r.task.done()
+        ]
+        for running in unfinished:
+            running.cancel("shutdown")
+        if unfinished:
+            logger.warning("cancelled %d unfinished jobs at shutdown", len(unfinished))
+            await asyncio.gather(*(r.task for r in unfinished if r.task), return_exceptions=True)
+        # Results already computed are settled before anything is handed back.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 10.0)
+        try:
+            released = await broker.release(self.id)
+        except RedisUnavailable as exc:
+            logger.warning(
+                "could not hand jobs back (%s); they return when their lease expires", exc
+            )
+        else:
+            if released:
+                logger.info("handed %d jobs back to the queue", released)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,60 @@
+"""Helpers shared by the tests: wait for a condition, run a worker, spawn a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aioqueue import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Wait until ``condition()`` is true, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker, stop_timeout: float = 30.0) -> AsyncIterator[Worker]:
+    """Run a worker in this event loop for the duration of the block."""
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        await eventually(lambda: worker.started_at is not None or task.done(), timeout=10)
+        if task.done():
+            task.result()
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, stop_timeout)
+
+
+def spawn_worker(
+    target: str, env: dict[str, str] | None = None, *args: str
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m aioqueue run target`` with tests/apps on the path."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT / "tests" / "apps")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "aioqueue", "run", target, *args],
+        env=full_env,
+        cwd=ROOT / "tests" / "apps",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
