@@ -30,6 +30,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _commands() -> None:
+    """An asyncio job queue on Redis Streams."""
+
+
 def import_object(path: str) -> Any:
     """Import ``module:attribute`` (the current directory is on ``sys.path``, as with uvicorn)."""
     module_name, _, attribute = path.partition(":")

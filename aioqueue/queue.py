@@ -75,20 +75,29 @@ class Queue:
     # -- connection ------------------------------------------------------------------------
 
     async def connected_broker(self) -> Broker:
-        """The broker, connected on first use."""
+        """The producer-side broker, connected on first use."""
         if self._broker is None:
-            from aioqueue.brokers.redis import RedisBroker
-
-            self._broker = RedisBroker(
-                self.settings.redis_url,
-                self.name,
-                result_ttl=self.settings.result_ttl,
-                block=self.settings.block,
-            )
+            self._broker = self.new_broker()
         if not self._connected:
             await self._broker.connect()
             self._connected = True
         return self._broker
+
+    def new_broker(self) -> Broker:
+        """A broker with its own connections to this queue's storage.
+
+        Workers take one of their own so their fetch and settle round trips never queue
+        behind a burst of producer calls (enqueues, result waits) in the same process.
+        """
+        from aioqueue.brokers.redis import RedisBroker
+
+        return RedisBroker(
+            self.settings.redis_url,
+            self.name,
+            result_ttl=self.settings.result_ttl,
+            block=self.settings.block,
+            max_connections=self.settings.max_connections,
+        )
 
     async def close(self) -> None:
         """Close every connection; the queue reconnects if used again."""

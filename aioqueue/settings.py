@@ -52,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Longest sleep of the delayed-job promoter when it knows of nothing due sooner."""
     block: Annotated[float, _Positive] = 5.0
     """Seconds one blocking stream read waits before it is reissued."""
+    max_connections: Annotated[int, msgspec.Meta(ge=4)] = 64
+    """Size of each process's Redis connection pool; callers beyond it wait for a connection."""
     log_level: str = "INFO"
     """Log level of ``aioqueue run``."""
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settlement
-from aioqueue.errors import RedisUnavailable
+from aioqueue.errors import RedisUnavailable, UnsupportedRedis
 from aioqueue.execution import Running, execute
 from aioqueue.settings import Settings, resolve_settings
 
@@ -134,16 +134,25 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until stopped. Installs SIGTERM/SIGINT handlers when on the main thread."""
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._reset()
-        broker = await self.queue.connected_broker()
-        await self._retrying("creating the consumer group", broker.ensure_group)
+        broker = self.queue.new_broker()
+        await self._retrying("connecting to Redis", broker.connect)
+        try:
+            await self._retrying("creating the consumer group", broker.ensure_group)
+            await self._serve(broker, loop, handle_signals)
+        finally:
+            await broker.close()
+
+    async def _serve(
+        self, broker: Broker, loop: asyncio.AbstractEventLoop, handle_signals: bool
+    ) -> None:
         for hook in self.on_startup:
             await hook(self.state)
         installed = handle_signals and threading.current_thread() is threading.main_thread()
         if installed:
             for signum in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(signum, self._on_signal, signum)
+                loop.add_signal_handler(signum, self._on_signal, signum)
         self.started_at = time.time()
         logger.info(
             "worker %s consuming queue %r (concurrency %d, lease %gs)",
@@ -165,7 +174,7 @@ class Worker:
         finally:
             if installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
-                    self._loop.remove_signal_handler(signum)
+                    loop.remove_signal_handler(signum)
             with contextlib.suppress(RedisUnavailable):
                 await broker.forget_worker(self.id)
             for hook in self.on_shutdown:
@@ -180,6 +189,8 @@ class Worker:
         while True:
             try:
                 return await step()
+            except UnsupportedRedis:
+                raise
             except RedisUnavailable as exc:
                 failures += 1
                 if failures == 1:

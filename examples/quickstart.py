@@ -48,12 +48,6 @@ async def total(ctx: Context, numbers: list[int]) -> int:
 worker = queue.worker(concurrency=50)
 
 
-async def drained() -> bool:
-    """True once no job of the queue is waiting or running."""
-    counts = await queue.counts()
-    return counts.ready + counts.pending + counts.delayed == 0
-
-
 async def main() -> None:
     async with queue:
         running = asyncio.create_task(worker.run(handle_signals=False))
@@ -73,15 +67,21 @@ async def main() -> None:
         except JobFailed as exc:
             print(f"broken() -> {exc.status}: {exc.error_type}: {exc.remote_message}")
 
-        started = time.perf_counter()
-        jobs = await queue.enqueue_many([add.prepare(i, i) for i in range(10_000)])
-        while not await drained():
-            await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - started
-        print(f"{len(jobs):,} jobs enqueued and run in {elapsed:.2f}s ({len(jobs) / elapsed:,.0f} jobs/s)")
-
         worker.stop()
         await running
+
+        # Bulk: enqueue 10,000 jobs in pipelined round trips, then let a burst worker drain
+        # the queue and exit.
+        started = time.perf_counter()
+        jobs = await queue.enqueue_many([add.prepare(i, i) for i in range(10_000)])
+        enqueued = time.perf_counter()
+        await queue.worker(concurrency=100, burst=True).run(handle_signals=False)
+        drained = time.perf_counter()
+        print(
+            f"{len(jobs):,} jobs: enqueued in {enqueued - started:.2f}s, "
+            f"run by a burst worker in {drained - enqueued:.2f}s"
+        )
+        print(f"last job's result: {await jobs[-1].result(timeout=5)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -73,13 +74,22 @@ class RedisBroker:
     """A queue's storage on Redis >= 7.0: a stream with a consumer group, a delayed zset,
     a dead-letter zset and one hash per job. See ``docs/architecture.md``."""
 
-    def __init__(self, url: str, queue: str, *, result_ttl: float, block: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        result_ttl: float,
+        block: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
         self.url = url
         self.keys = Keys(queue)
         self.result_ttl_ms = int(result_ttl * 1000)
         # A blocking read must never look like a dead connection: the socket timeout is
         # well above the longest BLOCK the worker issues.
         self._socket_timeout = block + 10.0
+        self._max_connections = max_connections
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
@@ -100,13 +110,18 @@ class RedisBroker:
         async with self._connect_lock:
             if self._client is not None:
                 return
-            client = aioredis.Redis.from_url(
+            # A bounded pool: thousands of concurrent callers queue for a connection instead
+            # of opening thousands of sockets.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self._max_connections,
+                timeout=self._socket_timeout,
                 socket_connect_timeout=5.0,
                 socket_timeout=self._socket_timeout,
                 socket_keepalive=True,
                 health_check_interval=30,
             )
+            client = aioredis.Redis.from_pool(pool)
             try:
                 async with redis_errors("connecting"):
                     info = await client.info("server")
@@ -123,7 +138,7 @@ class RedisBroker:
             self._scripts = {
                 name: client.register_script(scripts.source(name)) for name in scripts.NAMES
             }
-            self._waiter = DoneWaiter(client)
+            self._waiter = DoneWaiter(client, self.keys.done_channel(uuid.uuid4().hex))
             self._client = client
 
     async def close(self) -> None:
@@ -258,7 +273,7 @@ class RedisBroker:
         if not known:
             return []
         keys = [self.keys.stream, self.keys.dead]
-        args: list[Any] = [GROUP, consumer, max_deliveries, now, self.keys.done_channel_prefix]
+        args: list[Any] = [GROUP, consumer, max_deliveries, now]
         for job_id, entry in known:
             keys.append(self.keys.job(job_id))
             args += [job_id, entry]
@@ -292,10 +307,9 @@ class RedisBroker:
             else:
                 finished.append(settlement)
         calls: list[tuple[str, list[str], list[Any]]] = []
-        prefix = self.keys.done_channel_prefix
         for start in range(0, len(done), CHUNK):
             keys = [self.keys.stream]
-            args: list[Any] = [GROUP, consumer, now, self.result_ttl_ms, prefix]
+            args: list[Any] = [GROUP, consumer, now, self.result_ttl_ms]
             for item in done[start : start + CHUNK]:
                 keys.append(self.keys.job(item.delivery.job_id))
                 args += [item.delivery.job_id, item.delivery.entry_id, item.result]
@@ -315,7 +329,7 @@ class RedisBroker:
             calls.append(("settle_retry", keys, args))
         for start in range(0, len(finished), CHUNK):
             keys = [self.keys.stream, self.keys.dead]
-            args = [GROUP, consumer, now, self.result_ttl_ms, prefix]
+            args = [GROUP, consumer, now, self.result_ttl_ms]
             for end in finished[start : start + CHUNK]:
                 keys.append(self.keys.job(end.delivery.job_id))
                 args += [
@@ -446,18 +460,22 @@ class RedisBroker:
         return _record(job_id, fields)
 
     async def wait_final(self, job_id: str, timeout: float | None) -> JobRecord | None:
-        """Subscribe, then check, then wait for the done notification; never a poll loop."""
-        if self._client is None:
-            await self.connect()
-        assert self._waiter is not None
+        """Wait until the job is final: check, then subscribe-and-watch, then wait for the
+        notification; never a poll loop (see ``waiter.py``)."""
+        record = await self.record(job_id)
+        if record is None or record.status in FINAL:
+            return record
+        if self._waiter is None:
+            raise RuntimeError("broker is not connected")
         key = self.keys.job(job_id)
+        channel = self._waiter.channel
 
-        async def check() -> bool:
-            status = await self._eval("watch", [key], [])
+        async def watch() -> bool:
+            status = await self._eval("watch", [key], [channel])
             return status is None or _text(status) in FINAL
 
         async with redis_errors("waiting for a job"):
-            await self._waiter.wait(self.keys.done_channel(job_id), check, timeout)
+            await self._waiter.wait(job_id, watch, timeout)
         return await self.record(job_id)
 
     async def abort(self, job_id: str) -> str:
@@ -469,7 +487,6 @@ class RedisBroker:
             _now_ms(),
             self.result_ttl_ms,
             self.keys.abort_channel,
-            self.keys.done_channel_prefix,
         ]
         async with redis_errors("aborting a job"):
             return _text(await self._eval("abort", keys, args))

@@ -65,14 +65,9 @@ class Keys:
         """Common prefix of job keys, for scans."""
         return f"{self.prefix}:job:"
 
-    def done_channel(self, job_id: str) -> str:
-        """Pub/sub channel announcing that a job reached a final state."""
-        return f"{self.prefix}:done:{job_id}"
-
-    @property
-    def done_channel_prefix(self) -> str:
-        """Prefix of done channels, handed to Lua so it never builds a name itself."""
-        return f"{self.prefix}:done:"
+    def done_channel(self, client_id: str) -> str:
+        """Pub/sub channel of one client process, announcing ids of watched jobs that ended."""
+        return f"{self.prefix}:done:{client_id}"
 
     @property
     def abort_channel(self) -> str:

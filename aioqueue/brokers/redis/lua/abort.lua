@@ -1,7 +1,7 @@
 -- abort.lua: abort a queued, delayed or running job.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] hash of the job
 -- ARGV[1] job id, ARGV[2] group, ARGV[3] now (ms), ARGV[4] result TTL (ms),
---   ARGV[5] abort channel, ARGV[6] done-channel prefix
+--   ARGV[5] abort channel
 -- Returns the status the job had ('not_found' if none).
 -- Invariant: a queued or delayed job leaves the stream / zset here; a running job is
 -- marked aborted and its worker is told on the abort channel to cancel it. The settle
@@ -28,7 +28,10 @@ redis.call('PEXPIRE', KEYS[3], ARGV[4])
 if status == 'running' then
   redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
-if redis.call('HEXISTS', KEYS[3], 'watch') == 1 then
-  redis.call('PUBLISH', ARGV[6] .. ARGV[1], 'aborted')
+local watchers = redis.call('HGET', KEYS[3], 'watch')
+if watchers then
+  for channel in string.gmatch(watchers, '%S+') do
+    redis.call('PUBLISH', channel, ARGV[1])
+  end
 end
 return status

@@ -1,7 +1,7 @@
 -- begin.lua: turn delivered stream entries into running jobs, counting every delivery.
 -- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries, ARGV[4] now (ms),
---   ARGV[5] done-channel prefix, then per job i: job id, stream entry id
+--   then per job i: job id, stream entry id
 -- Returns per job one of:
 --   {'run', envelope or false, attempt, deliveries}  the caller owns the job and runs it
 --   {'skip'}   the job is gone, aborted or already final: its entry was acked and deleted
@@ -16,7 +16,7 @@ local final = {complete = true, failed = true, dead = true, aborted = true}
 local out = {}
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
-  local id, entry = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  local id, entry = ARGV[3 + i * 2], ARGV[4 + i * 2]
   local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
   if #owner == 0 then
     out[i] = {'lost'}
@@ -35,8 +35,11 @@ for i = 1, #KEYS - 2 do
         redis.call('ZADD', KEYS[2], now, id)
         redis.call('XACK', KEYS[1], group, entry)
         redis.call('XDEL', KEYS[1], entry)
-        if redis.call('HEXISTS', key, 'watch') == 1 then
-          redis.call('PUBLISH', ARGV[5] .. id, 'dead')
+        local watchers = redis.call('HGET', key, 'watch')
+        if watchers then
+          for channel in string.gmatch(watchers, '%S+') do
+            redis.call('PUBLISH', channel, id)
+          end
         end
         out[i] = {'dead', deliveries}
       else

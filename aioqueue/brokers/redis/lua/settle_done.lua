@@ -1,7 +1,7 @@
 -- settle_done.lua: record results and remove the jobs from the stream in the same step.
 -- KEYS[1] stream, KEYS[1 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] now (ms), ARGV[4] result TTL (ms),
---   ARGV[5] done-channel prefix, then per job i: job id, stream entry id, encoded result
+--   then per job i: job id, stream entry id, encoded result
 -- Returns per job 1 if settled, 0 if this consumer no longer owned the entry (its lease
 -- expired and another worker took over; that worker's outcome will count instead).
 -- Invariant (at-least-once): an entry leaves the stream only together with its outcome.
@@ -10,7 +10,7 @@ local group, consumer, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = {}
 for i = 1, #KEYS - 1 do
   local key = KEYS[1 + i]
-  local at = 5 + (i - 1) * 3
+  local at = 4 + (i - 1) * 3
   local id, entry, result = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
   if #owner == 0 then
@@ -19,8 +19,11 @@ for i = 1, #KEYS - 1 do
     if redis.call('HGET', key, 'status') ~= 'aborted' then
       redis.call('HSET', key, 'status', 'complete', 'result', result, 'finished', now)
       redis.call('PEXPIRE', key, ttl)
-      if redis.call('HEXISTS', key, 'watch') == 1 then
-        redis.call('PUBLISH', ARGV[5] .. id, 'complete')
+      local watchers = redis.call('HGET', key, 'watch')
+      if watchers then
+        for channel in string.gmatch(watchers, '%S+') do
+          redis.call('PUBLISH', channel, id)
+        end
       end
     end
     redis.call('XACK', KEYS[1], group, entry)

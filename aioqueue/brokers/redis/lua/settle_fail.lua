@@ -1,7 +1,6 @@
 -- settle_fail.lua: end jobs as 'failed', 'dead' or 'aborted', recording error and reason.
 -- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] now (ms), ARGV[4] result TTL (ms),
---   ARGV[5] done-channel prefix,
 --   then per job i: job id, stream entry id, status, encoded error, reason
 -- Returns per job 1 if settled, 0 if this consumer no longer owned the entry.
 -- Invariant: dead jobs are listed in the dead zset and kept (no TTL) until requeued or
@@ -12,7 +11,7 @@ local group, consumer, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = {}
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
-  local at = 5 + (i - 1) * 5
+  local at = 4 + (i - 1) * 5
   local id, entry, status = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
   if #owner == 0 then
@@ -28,8 +27,11 @@ for i = 1, #KEYS - 2 do
       else
         redis.call('PEXPIRE', key, ttl)
       end
-      if redis.call('HEXISTS', key, 'watch') == 1 then
-        redis.call('PUBLISH', ARGV[5] .. id, status)
+      local watchers = redis.call('HGET', key, 'watch')
+      if watchers then
+        for channel in string.gmatch(watchers, '%S+') do
+          redis.call('PUBLISH', channel, id)
+        end
       end
     end
     redis.call('XACK', KEYS[1], group, entry)

@@ -1,0 +1,54 @@
+"""The public surface is exactly what ``aioqueue.__all__`` lists, sorted and importable."""
+
+from __future__ import annotations
+
+import aioqueue
+
+
+def test_all_is_sorted_and_every_name_exists() -> None:
+    assert aioqueue.__all__ == sorted(aioqueue.__all__)
+    for name in aioqueue.__all__:
+        assert hasattr(aioqueue, name), name
+
+
+def test_public_names_are_pinned() -> None:
+    assert set(aioqueue.__all__) == {
+        "AioqueueError",
+        "Backoff",
+        "ConfigurationError",
+        "Context",
+        "EnqueueError",
+        "Fail",
+        "InvalidArguments",
+        "Job",
+        "JobAborted",
+        "JobError",
+        "JobFailed",
+        "JobInfo",
+        "JobNotFound",
+        "JobOptions",
+        "JobRequest",
+        "JobStatus",
+        "JobTimeout",
+        "PayloadTooLarge",
+        "Queue",
+        "QueueFull",
+        "RedisUnavailable",
+        "ResultTimeout",
+        "Retry",
+        "SerializationError",
+        "Settings",
+        "Task",
+        "UnknownTask",
+        "UnsupportedRedis",
+        "Worker",
+        "__version__",
+    }
+
+
+def test_every_error_derives_from_aioqueue_error() -> None:
+    errors = [getattr(aioqueue, n) for n in aioqueue.__all__ if n.endswith(("Error", "Full"))]
+    for error in errors:
+        assert issubclass(error, aioqueue.AioqueueError), error
+    assert issubclass(aioqueue.RedisUnavailable, ConnectionError)
+    assert issubclass(aioqueue.ResultTimeout, TimeoutError)
