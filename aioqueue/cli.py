@@ -12,14 +12,20 @@ import inspect
 import logging
 import os
 import sys
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from aioqueue.errors import AioqueueError, ConfigurationError
 from aioqueue.queue import Queue
 from aioqueue.worker import Worker
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="aioqueue",
@@ -86,6 +92,21 @@ def load_worker(path: str) -> Worker:
     )
 
 
+def load_queue(path: str) -> Queue:
+    """Turn ``module:attribute`` (a Queue, a Worker or a settings class) into its Queue."""
+    target = import_object(path)
+    if inspect.isfunction(target):
+        target = target()
+    if isinstance(target, Queue):
+        return target
+    if isinstance(target, Worker):
+        return target.queue
+    queue = getattr(target, "queue", None)
+    if isinstance(queue, Queue):
+        return queue
+    raise ConfigurationError(f"{path!r} is a {type(target).__name__}, not a Queue or a Worker")
+
+
 def _fail(exc: AioqueueError) -> typer.Exit:
     typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
@@ -129,6 +150,96 @@ def run(
 def _has_uvloop() -> bool:
     """uvloop is used when installed (``pip install aioqueue[uvloop]``)."""
     return importlib.util.find_spec("uvloop") is not None
+
+
+dlq = typer.Typer(help="Inspect and act on dead-lettered jobs.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+
+TargetArg = Annotated[str, typer.Argument(help="module:attribute of a Queue, Worker or settings")]
+
+
+def _with_queue(path: str, action: Callable[[Queue], Awaitable[T]]) -> T:
+    """Load the queue, run ``action`` on it in an event loop, close it; errors in one line."""
+    try:
+        queue = load_queue(path)
+
+        async def go() -> T:
+            try:
+                return await action(queue)
+            finally:
+                await queue.close()
+
+        return anyio.run(go)
+    except AioqueueError as exc:
+        raise _fail(exc) from None
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@dlq.command("list")
+def dlq_list(
+    target: TargetArg,
+    limit: Annotated[int, typer.Option(help="Show at most this many")] = 50,
+) -> None:
+    """List dead-lettered jobs, most recent first."""
+    jobs = _with_queue(target, lambda q: q.dead_letters(limit=limit))
+    console = Console()
+    if not jobs:
+        console.print("no dead letters")
+        return
+    table = Table("id", "task", "died", "attempts", "reason", "error")
+    for job in jobs:
+        error = f"{job.error.type}: {job.error.message}" if job.error else ""
+        table.add_row(
+            job.id,
+            job.task or "?",
+            _when(job.finished_at),
+            str(job.attempt),
+            job.reason,
+            error[:80],
+        )
+    console.print(table)
+
+
+@dlq.command("show")
+def dlq_show(target: TargetArg, job_id: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Show one dead-lettered job with its arguments and traceback."""
+    job = _with_queue(target, lambda q: q.job(job_id).info())
+    console = Console()
+    console.print(f"[bold]{job.id}[/bold]  task={job.task}  status={job.status.value}")
+    console.print(f"args={job.args!r} kwargs={job.kwargs!r}")
+    console.print(f"attempt={job.attempt} deliveries={job.deliveries} reason={job.reason!r}")
+    console.print(f"enqueued {_when(job.enqueued_at)}  finished {_when(job.finished_at)}")
+    if job.error is not None:
+        console.print(f"[red]{job.error.type}: {job.error.message}[/red]")
+        if job.error.traceback:
+            console.print(job.error.traceback, markup=False, highlight=False)
+
+
+@dlq.command("requeue")
+def dlq_requeue(
+    target: TargetArg,
+    job_ids: Annotated[list[str] | None, typer.Argument(help="Job ids (default: all)")] = None,
+) -> None:
+    """Run dead-lettered jobs again from their first attempt."""
+    count = _with_queue(target, lambda q: q.requeue_dead(job_ids or None))
+    typer.echo(f"requeued {count} job{'s' if count != 1 else ''}")
+
+
+@dlq.command("purge")
+def dlq_purge(
+    target: TargetArg,
+    job_ids: Annotated[list[str] | None, typer.Argument(help="Job ids (default: all)")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Delete dead-lettered jobs for good."""
+    what = f"{len(job_ids)} dead jobs" if job_ids else "ALL dead jobs"
+    if not yes and not typer.confirm(f"Delete {what} of {target}?"):
+        raise typer.Exit(code=1)
+    count = _with_queue(target, lambda q: q.purge_dead(job_ids or None))
+    typer.echo(f"purged {count} job{'s' if count != 1 else ''}")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from aioqueue.brokers.base import Broker, NewJob, QueueCounts
 from aioqueue.context import Context
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
-from aioqueue.job import Job
+from aioqueue.job import Job, JobInfo
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, encode
 from aioqueue.settings import Settings, resolve_settings
@@ -242,6 +242,25 @@ class Queue:
     async def counts(self) -> QueueCounts:
         """How many jobs are ready, pending (running), delayed and dead."""
         return await (await self.connected_broker()).counts()
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 50, offset: int = 0) -> list[JobInfo]:
+        """Dead-lettered jobs, most recent first, with their error, traceback and reason."""
+        broker = await self.connected_broker()
+        return [JobInfo.from_record(record) for record in await broker.dead(offset, limit)]
+
+    async def requeue_dead(self, job_ids: Sequence[str] | None = None) -> int:
+        """Run dead jobs again from attempt 1 (all of them when ``job_ids`` is None)."""
+        broker = await self.connected_broker()
+        ids = list(job_ids) if job_ids is not None else await broker.dead_ids()
+        return await broker.requeue_dead(ids)
+
+    async def purge_dead(self, job_ids: Sequence[str] | None = None) -> int:
+        """Delete dead jobs for good (all of them when ``job_ids`` is None)."""
+        broker = await self.connected_broker()
+        ids = list(job_ids) if job_ids is not None else await broker.dead_ids()
+        return await broker.purge_dead(ids)
 
     # -- workers ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settlement
 from aioqueue.errors import RedisUnavailable, UnsupportedRedis
@@ -163,6 +164,7 @@ class Worker:
         )
         try:
             async with anyio.create_task_group() as tg:
+                await tg.start(self._abort_loop, broker)
                 tg.start_soon(self._settle_loop, broker)
                 tg.start_soon(self._renew_loop, broker)
                 tg.start_soon(self._reclaim_loop, broker)
@@ -331,10 +333,12 @@ class Worker:
             if not running:
                 continue
             try:
-                lost = await broker.renew(self.id, [r.delivery for r in running])
+                lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
             except RedisUnavailable as exc:
                 logger.warning("renewing leases: %s", exc)
                 continue
+            for job_id in aborted:
+                self._on_abort(job_id)
             for job_id in lost:
                 job = self._in_flight.get(job_id)
                 if job is not None:
@@ -342,6 +346,36 @@ class Worker:
                         "lease of job %s was lost to another worker; cancelling it here", job_id
                     )
                     job.cancel("lost")
+
+    async def _abort_loop(
+        self, broker: Broker, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Cancel running jobs when someone aborts them; subscribed before the first fetch."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        failures = 0
+        while True:
+            try:
+                await broker.listen_aborts(self._on_abort, ready)
+            except RedisUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("listening for aborts: %s; reconnecting", exc)
+                await asyncio.sleep(
+                    random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**failures))
+                )
+
+    def _on_abort(self, job_id: str) -> None:
+        running = self._in_flight.get(job_id)
+        if running is not None and running.cancel_reason is None:
+            logger.info("aborting job %s on request", job_id)
+            running.cancel("abort")
 
     async def _reclaim_loop(self, broker: Broker) -> None:
         """Take over jobs of dead workers whose lease expired (every lease/2 seconds)."""

@@ -58,3 +58,20 @@ def spawn_worker(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+def worker_env(url: str, queue: str, **settings: object) -> dict[str, str]:
+    """Environment for a worker subprocess: Redis URL, queue name and other settings."""
+    env = {"AIOQUEUE_REDIS_URL": url, "AIOQUEUE_QUEUE": queue}
+    env.update({f"AIOQUEUE_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """Wait for a subprocess to exit without blocking the event loop."""
+    return await asyncio.to_thread(process.wait, timeout)
+
+
+def output_of(process: subprocess.Popen[bytes]) -> str:
+    """Everything a finished subprocess printed."""
+    return process.stdout.read().decode(errors="replace") if process.stdout else ""

@@ -7,7 +7,7 @@ so a job is never half-settled. :mod:`aioqueue.brokers.redis` implements it on R
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,8 +124,15 @@ class Broker(Protocol):
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
         """Record outcomes and remove the jobs from the ready stream, in one round trip."""
 
-    async def renew(self, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
-        """Renew leases; returns the job ids this consumer no longer owns."""
+    async def renew(
+        self, consumer: str, deliveries: Sequence[Delivery]
+    ) -> tuple[list[str], list[str]]:
+        """Renew leases; returns (job ids no longer owned, job ids aborted meanwhile)."""
+
+    async def listen_aborts(
+        self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """Call ``on_abort(job_id)`` for each abort request until cancelled."""
 
     async def release(self, consumer: str) -> int:
         """Hand every job this consumer still holds back at once; returns how many."""
@@ -152,3 +159,15 @@ class Broker(Protocol):
 
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""
+
+    async def dead(self, offset: int, limit: int) -> list[JobRecord]:
+        """Dead-lettered jobs, most recent first."""
+
+    async def dead_ids(self) -> list[str]:
+        """Every dead-lettered job id, oldest first."""
+
+    async def requeue_dead(self, job_ids: Sequence[str]) -> int:
+        """Run dead jobs again from attempt 1; returns how many were requeued."""
+
+    async def purge_dead(self, job_ids: Sequence[str]) -> int:
+        """Delete dead jobs; returns how many were deleted."""

@@ -8,15 +8,18 @@ errors here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 
 from aioqueue.brokers.base import (
@@ -66,8 +69,9 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    """True for the error Redis returns when the stream or consumer group is missing."""
-    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("NOGROUP")
+    """True for the errors Redis returns when the stream or consumer group is missing (a
+    blocked XREADGROUP whose stream was flushed gets UNBLOCKED)."""
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 class RedisBroker:
@@ -120,6 +124,10 @@ class RedisBroker:
                 socket_timeout=self._socket_timeout,
                 socket_keepalive=True,
                 health_check_interval=30,
+                # A pooled connection that went stale (Redis restarted) is replaced and the
+                # command resent: every script is safe to repeat (ids, ownership checks).
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+                retry_on_error=[rexc.ConnectionError],
             )
             client = aioredis.Redis.from_pool(pool)
             try:
@@ -352,25 +360,63 @@ class RedisBroker:
                 logger.warning("stream %s vanished while settling; recreating it", self.keys.stream)
                 await self.ensure_group()
 
-    async def renew(self, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
-        """Reset the idle time of every entry this consumer still owns; return lost job ids."""
-        by_entry = {d.entry_id: d.job_id for d in deliveries}
+    async def renew(
+        self, consumer: str, deliveries: Sequence[Delivery]
+    ) -> tuple[list[str], list[str]]:
+        """Reset the idle time of every entry this consumer still owns.
+
+        Returns the job ids it no longer owns and the ids of jobs aborted meanwhile.
+        """
         lost: list[str] = []
-        entries = list(by_entry)
+        aborted: list[str] = []
         async with redis_errors("renewing leases"):
-            for start in range(0, len(entries), CHUNK):
-                chunk = entries[start : start + CHUNK]
+            for start in range(0, len(deliveries), CHUNK):
+                chunk = deliveries[start : start + CHUNK]
+                by_entry = {d.entry_id: d.job_id for d in chunk}
+                keys = [self.keys.stream, *(self.keys.job(d.job_id) for d in chunk)]
                 try:
-                    result = await self._eval(
-                        "renew", [self.keys.stream], [GROUP, consumer, *chunk]
+                    gone, stopped = await self._eval(
+                        "renew", keys, [GROUP, consumer, *(d.entry_id for d in chunk)]
                     )
                 except rexc.ResponseError as exc:
                     if not is_nogroup(exc):
                         raise
                     await self.ensure_group()
-                    result = chunk
-                lost += [by_entry[_text(entry)] for entry in result]
-        return lost
+                    gone, stopped = list(by_entry), []
+                lost += [by_entry[_text(entry)] for entry in gone]
+                aborted += [by_entry[_text(entry)] for entry in stopped]
+        return lost, aborted
+
+    async def listen_aborts(
+        self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """Call ``on_abort(job_id)`` for every abort request; ``on_ready()`` once subscribed.
+
+        Runs until cancelled. Messages sent while disconnected are lost; the lease renewal
+        notices aborted jobs as a backstop.
+        """
+        pubsub = self.client.pubsub()
+        try:
+            async with redis_errors("subscribing to abort requests"):
+                await pubsub.subscribe(self.keys.abort_channel)
+            ready = False
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=5.0)
+                except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                    logger.warning("abort listener lost Redis (%s); reconnecting", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "subscribe" and not ready:
+                    ready = True
+                    on_ready()
+                elif message["type"] == "message":
+                    on_abort(_text(message["data"]))
+        finally:
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def release(self, consumer: str) -> int:
         """Give back every entry this consumer still holds, as fresh stream entries.
@@ -507,6 +553,48 @@ class RedisBroker:
             delayed=int(delayed),
             dead=int(dead),
         )
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead(self, offset: int, limit: int) -> list[JobRecord]:
+        """Dead-lettered jobs, most recent first."""
+        async with redis_errors("listing dead letters"):
+            ids = await self.client.zrevrange(self.keys.dead, offset, offset + limit - 1)
+            if not ids:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(_text(job_id)))
+            rows = await pipe.execute()
+        return [_record(_text(job_id), row) for job_id, row in zip(ids, rows, strict=True) if row]
+
+    async def dead_ids(self) -> list[str]:
+        """Every dead-lettered job id, oldest first."""
+        async with redis_errors("listing dead letters"):
+            return [_text(i) for i in await self.client.zrange(self.keys.dead, 0, -1)]
+
+    async def requeue_dead(self, job_ids: Sequence[str]) -> int:
+        """Put dead jobs back on the stream with fresh counters; returns how many."""
+        requeued = 0
+        async with redis_errors("requeueing dead letters"):
+            for start in range(0, len(job_ids), CHUNK):
+                chunk = job_ids[start : start + CHUNK]
+                keys = [self.keys.stream, self.keys.dead, *(self.keys.job(i) for i in chunk)]
+                requeued += int(await self._eval("requeue", keys, [_now_ms(), *chunk]))
+        return requeued
+
+    async def purge_dead(self, job_ids: Sequence[str]) -> int:
+        """Delete dead jobs and their records; returns how many were dead."""
+        purged = 0
+        async with redis_errors("purging dead letters"):
+            for start in range(0, len(job_ids), CHUNK):
+                chunk = job_ids[start : start + CHUNK]
+                pipe = self.client.pipeline(transaction=True)
+                pipe.zrem(self.keys.dead, *chunk)
+                pipe.delete(*(self.keys.job(i) for i in chunk))
+                removed, _ = await pipe.execute()
+                purged += int(removed)
+        return purged
 
 
 def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:

@@ -16,6 +16,7 @@ NAMES = (
     "promote",
     "release",
     "renew",
+    "requeue",
     "settle_done",
     "settle_fail",
     "settle_retry",
