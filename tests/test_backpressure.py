@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import RedisServer
-from helpers import running
 
 from aioqueue import Context, QueueFull
 
@@ -48,8 +49,8 @@ async def test_a_batch_that_does_not_fit_is_not_written_at_all(
     with pytest.raises(QueueFull):
         await queue.enqueue_many([noop.prepare() for _ in range(3)])
     assert (await queue.counts()).ready == 8
-    async with running(queue.worker(burst=True)) as worker:
-        pass
+    worker = queue.worker(burst=True)
+    await asyncio.wait_for(worker.run(handle_signals=False), 30)
     assert worker.completed == 8
     await queue.enqueue_many([noop.prepare() for _ in range(10)])
     assert (await queue.counts()).ready == 10

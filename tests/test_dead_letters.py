@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -20,8 +21,7 @@ async def _dead_job(queue: Queue, fixed: list[bool]) -> str:
         return n * 10
 
     job = await fragile.enqueue(4)
-    async with running(queue.worker(burst=True)):
-        pass
+    await asyncio.wait_for(queue.worker(burst=True).run(handle_signals=False), 30)
     with pytest.raises(JobFailed):
         await job.result(timeout=1)
     return job.id

@@ -233,7 +233,7 @@ class RedisBroker:
             if not response:
                 return []
             entries = cast(Any, response)[0][1]
-            return await self._begin(consumer, entries, max_deliveries)
+            return await self._begin(consumer, entries, max_deliveries, check=False)
 
     async def reclaim(
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
@@ -258,30 +258,24 @@ class RedisBroker:
             entries = [entry for entry in response[1] if entry and entry[1] is not None]
             if not entries:
                 return []
-            return await self._begin(consumer, entries, max_deliveries)
+            return await self._begin(consumer, entries, max_deliveries, check=True)
 
     async def _begin(
-        self, consumer: str, entries: Sequence[Any], max_deliveries: int
+        self, consumer: str, entries: Sequence[Any], max_deliveries: int, *, check: bool
     ) -> list[Delivery]:
         now = _now_ms()
         known: list[tuple[str, str]] = []
-        foreign: list[Finished] = []
         for entry_id, fields in entries:
             entry = _text(entry_id)
             job_id = fields.get(b"j") if fields else None
             if job_id is None:
-                # Not written by aioqueue: keep what arrived as a dead letter and move on.
-                synthetic = Delivery(f"foreign-{entry}", entry, b"", 1, 1)
-                error = ErrorInfo("ForeignEntry", f"stream entry {entry} has no job id: {fields!r}")
-                foreign.append(Finished(synthetic, "dead", encode(error), "foreign stream entry"))
+                await self._dead_letter_foreign(entry, fields)
             else:
                 known.append((_text(job_id), entry))
-        if foreign:
-            await self.settle(consumer, foreign)
         if not known:
             return []
         keys = [self.keys.stream, self.keys.dead]
-        args: list[Any] = [GROUP, consumer, max_deliveries, now]
+        args: list[Any] = [GROUP, consumer, max_deliveries, now, "1" if check else "0"]
         for job_id, entry in known:
             keys.append(self.keys.job(job_id))
             args += [job_id, entry]
@@ -300,6 +294,29 @@ class RedisBroker:
                     extra={"job_id": job_id},
                 )
         return deliveries
+
+    async def _dead_letter_foreign(self, entry: str, fields: dict[bytes, bytes] | None) -> None:
+        """Keep a stream entry aioqueue did not write as a dead letter, and drop it from the
+        stream, in one MULTI (the entry was just delivered to this consumer)."""
+        job_id = f"foreign-{entry}"
+        error = ErrorInfo("ForeignEntry", f"stream entry {entry} has no job id: {fields!r}")
+        now = _now_ms()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.job(job_id),
+            mapping={
+                "status": "dead",
+                "reason": "foreign stream entry",
+                "error": encode(error),
+                "enqueued": now,
+                "finished": now,
+            },
+        )
+        pipe.zadd(self.keys.dead, {job_id: now})
+        pipe.xack(self.keys.stream, GROUP, entry)
+        pipe.xdel(self.keys.stream, entry)
+        await pipe.execute()
+        logger.error("dead-lettered foreign stream entry %s", entry)
 
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
         """Record every outcome and ack the entries: one script per kind, one round trip."""

@@ -2,33 +2,38 @@
 -- KEYS[1] stream, KEYS[1 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] now (ms), ARGV[4] result TTL (ms),
 --   then per job i: job id, stream entry id, encoded result
--- Returns per job 1 if settled, 0 if this consumer no longer owned the entry (its lease
--- expired and another worker took over; that worker's outcome will count instead).
+-- Returns per job 1 if settled, 0 if this consumer no longer owned the job.
 -- Invariant (at-least-once): an entry leaves the stream only together with its outcome.
 -- A job aborted while it ran keeps status 'aborted'; its entry is still acked.
+-- Ownership: the job hash records which consumer began it and from which entry; a
+-- worker whose lease expired and whose job another worker began since then no longer
+-- matches and its outcome is dropped (the other run counts). Checking the hash instead of
+-- XPENDING keeps this to one HMGET per job.
 local group, consumer, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local out = {}
+local out, acked = {}, {}
 for i = 1, #KEYS - 1 do
   local key = KEYS[1 + i]
   local at = 4 + (i - 1) * 3
-  local id, entry, result = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
-  if #owner == 0 then
+  local id, entry = ARGV[at + 1], ARGV[at + 2]
+  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'watch')
+  if job[2] ~= consumer or job[3] ~= entry then
     out[i] = 0
   else
-    if redis.call('HGET', key, 'status') ~= 'aborted' then
-      redis.call('HSET', key, 'status', 'complete', 'result', result, 'finished', now)
+    if job[1] ~= 'aborted' then
+      redis.call('HSET', key, 'status', 'complete', 'result', ARGV[at + 3], 'finished', now)
       redis.call('PEXPIRE', key, ttl)
-      local watchers = redis.call('HGET', key, 'watch')
-      if watchers then
-        for channel in string.gmatch(watchers, '%S+') do
+      if job[4] then
+        for channel in string.gmatch(job[4], '%S+') do
           redis.call('PUBLISH', channel, id)
         end
       end
     end
-    redis.call('XACK', KEYS[1], group, entry)
-    redis.call('XDEL', KEYS[1], entry)
+    acked[#acked + 1] = entry
     out[i] = 1
   end
+end
+if #acked > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(acked))
+  redis.call('XDEL', KEYS[1], unpack(acked))
 end
 return out
