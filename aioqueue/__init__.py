@@ -7,6 +7,7 @@ dead letters, delayed jobs, and backpressure. Import everything from here::
 """
 
 from aioqueue.context import Context
+from aioqueue.cron import CronJob, cron
 from aioqueue.errors import (
     AioqueueError,
     ConfigurationError,
@@ -41,6 +42,7 @@ __all__ = [
     "Backoff",
     "ConfigurationError",
     "Context",
+    "CronJob",
     "EnqueueError",
     "Fail",
     "InvalidArguments",
@@ -67,4 +69,5 @@ __all__ = [
     "UnsupportedRedis",
     "Worker",
     "__version__",
+    "cron",
 ]

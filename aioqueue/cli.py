@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aioqueue.brokers.base import CronRun
 from aioqueue.errors import AioqueueError, ConfigurationError
 from aioqueue.queue import Queue
 from aioqueue.worker import Worker
@@ -240,6 +241,45 @@ def dlq_purge(
         raise typer.Exit(code=1)
     count = _with_queue(target, lambda q: q.purge_dead(job_ids or None))
     typer.echo(f"purged {count} job{'s' if count != 1 else ''}")
+
+
+cron_commands = typer.Typer(help="Inspect a worker's cron jobs.", no_args_is_help=True)
+app.add_typer(cron_commands, name="cron")
+
+
+@cron_commands.command("list")
+def cron_list(
+    target: Annotated[str, typer.Argument(help="module:attribute of a Worker or settings")],
+    count: Annotated[int, typer.Option(help="How many next fire times to show")] = 3,
+) -> None:
+    """Show each cron job, its schedule, next fire times and the last run's outcome."""
+    try:
+        worker = load_worker(target)
+    except AioqueueError as exc:
+        raise _fail(exc) from None
+    jobs = worker.cron_jobs
+    console = Console()
+    if not jobs:
+        console.print("no cron jobs")
+        return
+
+    async def last_runs(queue: Queue) -> dict[str, CronRun]:
+        broker = await queue.connected_broker()
+        return await broker.cron_runs([job.name for job in jobs])
+
+    runs = _with_queue(target, last_runs)
+    now = datetime.now(timezone.utc)
+    table = Table("name", "schedule", "next fire times", "last tick", "last run")
+    for job in jobs:
+        fires = ", ".join(_when(fire) for fire in job.fire_times(now, count))
+        run = runs.get(job.name)
+        if run is None or run.fire_ms is None:
+            last_tick, outcome = "-", "never run"
+        else:
+            last_tick = _when(datetime.fromtimestamp(run.fire_ms / 1000, tz=timezone.utc))
+            outcome = run.record.status if run.record else "expired"
+        table.add_row(job.name, job.describe(), fires, last_tick, outcome)
+    console.print(table)
 
 
 def main() -> None:

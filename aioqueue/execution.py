@@ -102,6 +102,11 @@ async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Sett
         queue=queue,
         state=state,
         enqueued_at=datetime.fromtimestamp(envelope.enqueued_ms / 1000, tz=timezone.utc),
+        fire_time=(
+            None
+            if envelope.fire_ms is None
+            else datetime.fromtimestamp(envelope.fire_ms / 1000, tz=timezone.utc)
+        ),
     )
     timeout = envelope.timeout if envelope.timeout is not None else task.timeout
     if timeout is not None:

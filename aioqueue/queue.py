@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from aioqueue.brokers.base import Broker, NewJob, QueueCounts
 from aioqueue.context import Context
+from aioqueue.cron import CronJob, validate_unique_names
+from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
 from aioqueue.job import Job, JobInfo
 from aioqueue.retry import Backoff
@@ -66,6 +68,7 @@ class Queue:
         self.settings: Settings = resolve_settings(self._code)
         self.name = self.settings.queue
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.cron_jobs: list[CronJob] = []
         self._broker = broker
         self._connected = False
 
@@ -169,6 +172,43 @@ class Queue:
             return task
 
         return register if func is None else register(func)
+
+    def cron(
+        self,
+        schedule: str | timedelta,
+        *,
+        name: str | None = None,
+        timezone: str | tzinfo = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        unique: bool = True,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> TaskDecorator:
+        """Register an async function as a task and run it on a schedule in every worker of
+        this queue: ``@queue.cron("*/10 * * * *")`` or ``@queue.cron(timedelta(seconds=5))``.
+
+        Each tick runs exactly once however many workers run (see :func:`aioqueue.cron`).
+        """
+
+        def register(fn: Callable[Concatenate[Context, P], Awaitable[R]]) -> Task[P, R]:
+            task: Task[P, R] = self.task(name=name or fn.__name__, retries=retries)(fn)
+            job = cron_spec(
+                schedule,
+                task,
+                name=task.name,
+                timezone=timezone,
+                args=tuple(args),
+                kwargs=kwargs,
+                unique=unique,
+                timeout=timeout,
+                retries=retries,
+            )
+            validate_unique_names([*self.cron_jobs, job])
+            self.cron_jobs.append(job)
+            return task
+
+        return register
 
     # -- enqueueing ------------------------------------------------------------------------
 
@@ -274,13 +314,16 @@ class Queue:
         burst: bool | None = None,
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
+        cron_jobs: Sequence[CronJob] = (),
         **settings: Any,
     ) -> Worker:
         """A worker consuming this queue; ``await worker.run()`` or ``aioqueue run app:worker``.
 
         ``on_startup`` / ``on_shutdown`` are ``async def hook(state: dict)`` functions that put
         shared resources into (and take them out of) the ``state`` every task's
-        :class:`Context` sees. Other keyword arguments are :class:`Settings` fields.
+        :class:`Context` sees. ``cron_jobs`` (made with :func:`aioqueue.cron`) run on their
+        schedule, together with those registered with :meth:`cron`. Other keyword arguments
+        are :class:`Settings` fields.
         """
         from aioqueue.worker import Worker
 
@@ -298,6 +341,7 @@ class Queue:
             code=code,
             on_startup=on_startup,
             on_shutdown=on_shutdown,
+            cron_jobs=[*self.cron_jobs, *cron_jobs],
         )
 
 

@@ -29,6 +29,8 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True)
     timeout: float | None = None
     # Opaque tracing context (W3C traceparent and friends) propagated to the worker.
     trace: dict[str, str] | None = None
+    # For cron runs: the scheduled fire time of the tick, in Unix ms.
+    fire_ms: int | None = None
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):

@@ -25,8 +25,10 @@ import anyio
 import anyio.abc
 
 from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settlement
+from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.errors import RedisUnavailable, UnsupportedRedis
 from aioqueue.execution import Running, execute
+from aioqueue.scheduler import CronScheduler
 from aioqueue.settings import Settings, resolve_settings
 
 if TYPE_CHECKING:
@@ -59,12 +61,16 @@ class Worker:
         code: dict[str, Any],
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
+        cron_jobs: Sequence[CronJob] = (),
     ) -> None:
         self.queue = queue
         self._code = code
         self.settings: Settings = resolve_settings(code)
         self.on_startup = list(on_startup)
         self.on_shutdown = list(on_shutdown)
+        validate_unique_names(cron_jobs)
+        self.cron_jobs = list(cron_jobs)
+        self.scheduler = CronScheduler(queue, self.cron_jobs)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state: dict[str, Any] = {}
         self.started_at: float | None = None
@@ -170,6 +176,7 @@ class Worker:
                 tg.start_soon(self._reclaim_loop, broker)
                 tg.start_soon(self._promote_loop, broker)
                 tg.start_soon(self._heartbeat_loop, broker)
+                tg.start_soon(self.scheduler.run, broker)
                 await self._fetch_until_stopped(broker)
                 await self._drain(broker)
                 tg.cancel_scope.cancel()
@@ -424,7 +431,7 @@ class Worker:
                 "failed": self.failed,
             }
             try:
-                await broker.heartbeat(self.id, info, ttl=interval * 3)
+                await broker.heartbeat(self.id, info, ttl=interval * 2)
             except RedisUnavailable as exc:
                 logger.debug("heartbeat: %s", exc)
             await asyncio.sleep(interval)

@@ -17,6 +17,7 @@ def test_public_names_are_pinned() -> None:
         "Backoff",
         "ConfigurationError",
         "Context",
+        "CronJob",
         "EnqueueError",
         "Fail",
         "InvalidArguments",
@@ -43,6 +44,7 @@ def test_public_names_are_pinned() -> None:
         "UnsupportedRedis",
         "Worker",
         "__version__",
+        "cron",
     }
 
 

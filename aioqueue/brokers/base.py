@@ -7,6 +7,7 @@ so a job is never half-settled. :mod:`aioqueue.brokers.redis` implements it on R
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,6 +93,26 @@ class QueueCounts:
     dead: int
 
 
+class CronClaim(enum.Enum):
+    """What claiming a cron tick did."""
+
+    CLAIMED = "claimed"
+    """This worker claimed the tick and enqueued its run."""
+    TAKEN = "taken"
+    """Another worker had claimed it already."""
+    OVERLAP = "overlap"
+    """Claimed, but the run was skipped: the previous run of a unique job is unfinished."""
+
+
+@dataclass(frozen=True, slots=True)
+class CronRun:
+    """The last claimed tick of one cron job and the record of the run it enqueued."""
+
+    fire_ms: int | None
+    job_id: str | None
+    record: JobRecord | None
+
+
 class Broker(Protocol):
     """What aioqueue needs from storage. Every method is one atomic step per job."""
 
@@ -159,6 +180,12 @@ class Broker(Protocol):
 
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""
+
+    async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
+        """Claim one cron tick and enqueue its run, exactly once across workers."""
+
+    async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
+        """The last claimed tick and its run, per cron job name."""
 
     async def dead(self, offset: int, limit: int) -> list[JobRecord]:
         """Dead-lettered jobs, most recent first."""

@@ -24,6 +24,8 @@ from redis.commands.core import AsyncScript
 
 from aioqueue.brokers.base import (
     Again,
+    CronClaim,
+    CronRun,
     Delivery,
     Done,
     Finished,
@@ -570,6 +572,51 @@ class RedisBroker:
             delayed=int(delayed),
             dead=int(dead),
         )
+
+    # -- cron ------------------------------------------------------------------------------
+
+    async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
+        """Claim one cron tick and enqueue its run, exactly once across workers."""
+        async with redis_errors("claiming a cron tick"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zscore(self.keys.cron, name)
+            pipe.hget(self.keys.cron_runs, name)
+            last_fire, last_job = await pipe.execute()
+            new_key = self.keys.job(job.job_id)
+            last_key = self.keys.job(_text(last_job)) if last_job else new_key
+            last_worker = await self.client.hget(last_key, "worker") if last_job else None
+            worker_key = self.keys.worker(_text(last_worker)) if last_worker else new_key
+            keys = [self.keys.cron, self.keys.cron_runs, self.keys.stream, new_key, last_key]
+            keys.append(worker_key)
+            args = [
+                name,
+                fire_ms,
+                "" if last_fire is None else int(last_fire),
+                job.job_id,
+                job.envelope,
+                _now_ms(),
+                "1" if unique else "0",
+                _text(last_worker) if last_worker else "",
+            ]
+            result = int(await self._eval("cron_claim", keys, args))
+        return {1: CronClaim.CLAIMED, 2: CronClaim.OVERLAP}.get(result, CronClaim.TAKEN)
+
+    async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
+        """The last claimed tick and the record of its run, per cron job name."""
+        if not names:
+            return {}
+        async with redis_errors("reading cron state"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zmscore(self.keys.cron, list(names))
+            pipe.hmget(self.keys.cron_runs, list(names))
+            fires, job_ids = await pipe.execute()
+            records = [await self.record(_text(i)) if i else None for i in job_ids]
+        return {
+            name: CronRun(
+                None if fire is None else int(fire), _text(job_id) if job_id else None, record
+            )
+            for name, fire, job_id, record in zip(names, fires, job_ids, records, strict=True)
+        }
 
     # -- dead letters ----------------------------------------------------------------------
 

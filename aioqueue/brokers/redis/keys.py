@@ -43,6 +43,11 @@ class Keys:
         return f"{self.prefix}:cron"
 
     @property
+    def cron_runs(self) -> str:
+        """Hash: cron job name -> job id of its last run."""
+        return f"{self.prefix}:cron-runs"
+
+    @property
     def workers(self) -> str:
         """Sorted set: worker id -> last heartbeat in ms."""
         return f"{self.prefix}:workers"

@@ -12,6 +12,7 @@ from importlib import resources
 NAMES = (
     "abort",
     "begin",
+    "cron_claim",
     "enqueue",
     "promote",
     "release",
