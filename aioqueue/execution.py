@@ -91,7 +91,7 @@ async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Sett
         message = f"no task named {envelope.task!r} is registered on this worker"
         return _dead(delivery, "UnknownTask", message, "unknown task")
     try:
-        bound = task.signature.bind(envelope.args, envelope.kwargs)
+        args, kwargs = task.signature.bind(envelope.args, envelope.kwargs)
     except InvalidArguments as exc:
         return _dead(delivery, "InvalidArguments", str(exc), "invalid arguments")
     ctx = Context(
@@ -113,7 +113,7 @@ async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Sett
         running.timer = asyncio.get_running_loop().call_later(timeout, running.cancel, "timeout")
     retries = envelope.retries if envelope.retries is not None else task.retries
     try:
-        result = await task.func(ctx, *bound.args, **bound.kwargs)
+        result = await task.func(ctx, *args, **kwargs)
     except asyncio.CancelledError:
         reason = running.cancel_reason
         if reason is None:

@@ -110,9 +110,34 @@ class Signature:
                 annotation = dict[str, annotation]  # type: ignore[valid-type]
             self._types[param.name] = annotation if _msgspec_supports(annotation) else Any
         self._typed = any(t is not Any for t in self._types.values())
+        # Fast path for the common shape: plain positional parameters without defaults, called
+        # with exactly that many positional arguments. One msgspec call checks them all.
+        plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._arity: int | None = (
+            len(params)
+            if all(p.kind in plain and p.default is inspect.Parameter.empty for p in params)
+            else None
+        )
+        types = tuple(self._types[p.name] for p in params)
+        # tuple[types] spelled for the type checker, which cannot follow a runtime tuple.
+        self._tuple_type: Any = tuple.__class_getitem__(types) if params else None
 
-    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
-        """Bind and convert arguments, raising :class:`InvalidArguments` when they do not fit."""
+    def bind(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Bind and convert arguments to ``(args, kwargs)``, raising :class:`InvalidArguments`
+        when they do not fit."""
+        if not kwargs and len(args) == self._arity:
+            if not self._typed:
+                return tuple(args), {}
+            try:
+                return msgspec.convert(args, self._tuple_type, strict=True), {}
+            except msgspec.ValidationError:
+                pass  # the slow path below names the offending parameter
+        bound = self._bind_slow(args, kwargs)
+        return bound.args, bound.kwargs
+
+    def _bind_slow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:

@@ -153,8 +153,8 @@ class TaskOptions(Generic[P, R]):
 
     def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
         """A job to pass to :meth:`Queue.enqueue_many`."""
-        bound = self.task.signature.bind(args, kwargs)
-        return JobRequest(self.task.name, bound.args, bound.kwargs, self.options, checked=True)
+        checked_args, checked_kwargs = self.task.signature.bind(args, kwargs)
+        return JobRequest(self.task.name, checked_args, checked_kwargs, self.options, checked=True)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Enqueue one run with these options."""
