@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""Compare aioqueue with its peers (arq, SAQ, streaq, taskiq) on one private Redis.
+
+    python benchmarks/run.py [--libs aioqueue,arq,...] [--workloads W1,W3] [--repeat 3]
+                             [--jobs 1.0] [--skip-install] [--reinstall]
+
+Starts its own ``redis-server`` on a free loopback port (``--save "" --appendonly no``), creates
+per-library venvs under ``benchmarks/.venvs/<lib>`` when missing, runs every figure ``--repeat``
+times (FLUSHALL before each run) and reports the median as a markdown table on stdout, plus
+``benchmarks/results/latest.json`` and ``latest.md``. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    LIBS,
+    PEERS,
+    RESULTS_DIR,
+    RedisServer,
+    Runner,
+    check_runner,
+    ensure_venv,
+    versions,
+)
+
+CONCURRENCY = 100
+SLEEP_S = 0.01
+W2_IDEAL = CONCURRENCY / SLEEP_S  # 10,000 jobs/s
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    base_jobs: int
+    title: str
+    libs: tuple[str, ...] | None = None  # None: every selected library
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("W1", 20_000, "no-op: bulk enqueue, then one worker; first→last completion"),
+        Workload("W2", 5_000, "I/O-bound: asyncio.sleep(0.01), concurrency 100 (ideal 10,000/s)"),
+        Workload("W3", 500, "latency: idle worker, one job every 5 ms, start - enqueue"),
+        Workload("W4", 5_000, "sequential `await enqueue` rate, no worker"),
+        Workload(
+            "W5", 20_000, "ceiling: bare redis-py XADD / XREADGROUP+XACK+XDEL+SET", ("ceiling",)
+        ),
+        Workload("W6", 1_000_000, "soak: 1M no-op jobs through one aioqueue worker", ("aioqueue",)),
+    )
+}
+DEFAULT_LIBS = ("aioqueue", *PEERS)
+DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+
+
+def scaled(base: int, factor: float, minimum: int = 10) -> int:
+    return max(minimum, round(base * factor))
+
+
+# --------------------------------------------------------------------------- one run each
+
+
+def _fail(stage: str, res: dict[str, Any]) -> dict[str, Any]:
+    status = res.get("status") or "error"
+    return {"status": status, "error": f"{stage}: {res.get('error') or status}"}
+
+
+def run_throughput(srv: RedisServer, lib: str, wl: str, n: int) -> dict[str, Any]:
+    """W1/W2/W5: enqueue everything (bulk where available), then start one worker."""
+    srv.flushall()
+    prod = Runner(lib, "producer", wl, srv.url, n, timeout=60 + n / 500)
+    pres = prod.result()
+    if pres.get("status") != "ok":
+        return _fail("producer", pres)
+    redis_cpu0 = srv.cpu_seconds()
+    work = Runner(lib, "worker", wl, srv.url, n, timeout=60 + n / 200)
+    wres = work.result()
+    redis_cpu = srv.cpu_seconds() - redis_cpu0
+    run: dict[str, Any] = {
+        "status": wres.get("status") or "error",
+        "enqueue_rate": pres["rate"],
+        "bulk": pres["bulk"],
+        "rate": wres.get("rate"),
+        "count": wres.get("count"),
+        "rss_start_kb": wres.get("rss_start_kb"),
+        "rss_end_kb": wres.get("rss_end_kb"),
+        "cpu_us_per_job": wres.get("cpu_us_per_job"),
+        # redis-server CPU over the whole worker process lifetime (incl. start-up), per job
+        "redis_cpu_us_per_job": redis_cpu * 1e6 / n,
+    }
+    if run["status"] != "ok":
+        run["error"] = "worker: " + str(wres.get("error") or wres.get("stderr") or run["status"])
+    if wl == "W2" and run["rate"]:
+        run["pct_ideal"] = 100.0 * run["rate"] / W2_IDEAL
+    return run
+
+
+def _start_idle_worker(
+    srv: RedisServer, lib: str, wl: str, n: int, timeout: float, settle: float, **kw: Any
+) -> tuple[Runner, dict[str, Any] | None]:
+    work = Runner(lib, "worker", wl, srv.url, n, timeout=timeout, **kw)
+    ready = work.wait_event("ready", 60)
+    if ready.get("status") not in (None, "ok"):
+        work.kill()
+        return work, _fail("worker start", ready)
+    time.sleep(settle)  # let it connect / create its consumer group and go idle
+    return work, None
+
+
+def run_latency(srv: RedisServer, lib: str, n: int, settle: float) -> dict[str, Any]:
+    """W3: idle worker first; one job every 5 ms carrying time.time(); task records start - t0."""
+    srv.flushall()
+    work, err = _start_idle_worker(srv, lib, "W3", n, settle + 90 + n * 0.02, settle)
+    if err:
+        return err
+    prod = Runner(lib, "producer", "W3", srv.url, n, timeout=60 + n * 0.02)
+    pres = prod.result()
+    if pres.get("status") != "ok":
+        work.kill()
+        return _fail("producer", pres)
+    wres = work.result()
+    lat = sorted(wres.get("latencies_ms") or [])
+    run: dict[str, Any] = {"status": wres.get("status") or "error", "count": len(lat)}
+    if run["status"] != "ok":
+        run["error"] = "worker: " + str(wres.get("error") or run["status"])
+    if len(lat) >= 2:
+        q = statistics.quantiles(lat, n=100, method="inclusive")
+        run.update(p50=q[49], p95=q[94], p99=q[98], max=lat[-1], mean=statistics.fmean(lat))
+    return run
+
+
+def run_enqueue(srv: RedisServer, lib: str, n: int) -> dict[str, Any]:
+    """W4: sequential ``await enqueue`` of n no-op jobs, no worker running."""
+    srv.flushall()
+    pres = Runner(lib, "producer", "W4", srv.url, n, timeout=60 + n / 100).result()
+    if pres.get("status") != "ok":
+        return _fail("producer", pres)
+    return {"status": "ok", "rate": pres["rate"]}
+
+
+def run_soak(srv: RedisServer, n: int, settle: float, result_ttl: int) -> dict[str, Any]:
+    """W6: n no-op jobs through one aioqueue worker (producer runs alongside, in bulk chunks)."""
+    srv.flushall()
+    mem_before = srv.used_memory()
+    srv.client("CONFIG", "RESETSTAT")
+    work, err = _start_idle_worker(
+        srv, "aioqueue", "W6", n, 300 + n / 200, settle, result_ttl=result_ttl
+    )
+    if err:
+        return err
+    mem_idle = srv.used_memory()
+    prod = Runner("aioqueue", "producer", "W6", srv.url, n, timeout=120 + n / 500)
+    pres = prod.result()
+    if pres.get("status") != "ok":
+        work.kill()
+        return _fail("producer", pres)
+    wres = work.result()
+    mem_done = srv.used_memory()
+    peak = int(srv.client.info("memory").get("used_memory_peak", 0))
+    # Wait for the results to expire: result_ttl, then until DBSIZE stops moving.
+    time.sleep(result_ttl)
+    deadline = time.monotonic() + max(120, 4 * result_ttl)
+    last, stable = -1, 0
+    while time.monotonic() < deadline and stable < 3:
+        time.sleep(2)
+        size = srv.dbsize()
+        stable = stable + 1 if size == last else 0
+        last = size
+    run: dict[str, Any] = {
+        "status": wres.get("status") or "error",
+        "jobs": n,
+        "enqueue_rate": pres["rate"],
+        "bulk": pres["bulk"],
+        "rate": wres.get("rate"),
+        "count": wres.get("count"),
+        "cpu_us_per_job": wres.get("cpu_us_per_job"),
+        "rss_before_kb": wres.get("rss_before_kb"),
+        "rss_start_kb": wres.get("rss_start_kb"),
+        "rss_end_kb": wres.get("rss_end_kb"),
+        "redis_used_memory_before": mem_before,
+        "redis_used_memory_idle_worker": mem_idle,
+        "redis_used_memory_done": mem_done,
+        "redis_used_memory_peak": peak,
+        "redis_used_memory_after": srv.used_memory(),
+        "redis_keys_after": srv.dbsize(),
+        "result_ttl_s": result_ttl,
+    }
+    if run["status"] != "ok":
+        run["error"] = "worker: " + str(wres.get("error") or run["status"])
+    return run
+
+
+# --------------------------------------------------------------------------- aggregation
+
+METRICS = {
+    "W1": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    "W2": ("rate", "pct_ideal", "cpu_us_per_job"),
+    "W3": ("p50", "p95", "p99"),
+    "W4": ("rate",),
+    "W5": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    "W6": (),
+}
+
+
+def aggregate(wl: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r.get("status") == "ok"]
+    out: dict[str, Any] = {"runs": runs, "ok_runs": len(ok), "total_runs": len(runs)}
+    if not ok:
+        statuses = {r.get("status", "error") for r in runs}
+        out["status"] = "timeout" if statuses == {"timeout"} else "error"
+        out["error"] = next((r.get("error") for r in runs if r.get("error")), None)
+        return out
+    out["status"] = "ok"
+    out["median"] = {
+        m: statistics.median(vals)
+        for m in METRICS[wl]
+        if (vals := [r[m] for r in ok if r.get(m) is not None])
+    }
+    if "bulk" in ok[0]:
+        out["bulk"] = ok[0]["bulk"]
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _cell(res: dict[str, Any] | None, fmt: Callable[[dict[str, Any]], str]) -> str:
+    if res is None:
+        return "-"
+    if res.get("status") == "unavailable":
+        return "n/a"
+    if res.get("status") != "ok":
+        return str(res.get("status"))
+    text = fmt(res["median"])
+    if res["ok_runs"] < res["total_runs"]:
+        text += f" ({res['ok_runs']}/{res['total_runs']} ok)"
+    return text
+
+
+def render(report: dict[str, Any]) -> str:
+    res = report["results"]
+    libs = [lib for lib in report["config"]["libs"] if lib in res]
+    lines: list[str] = []
+    if {"W1", "W2", "W3", "W4"} & set(report["config"]["workloads"]):
+        lines += [
+            "| library | W1 jobs/s | W1 enqueue/s | W2 jobs/s (% ideal) | W3 p50 / p95 / p99 ms "
+            "| W4 enqueue/s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        sequential = False
+        for lib in libs:
+            r = res[lib]
+            w1 = r.get("W1")
+            enq = _cell(w1, lambda m: _num(m.get("enqueue_rate")))
+            if w1 and w1.get("status") == "ok" and not w1.get("bulk"):
+                enq += " ¹"
+                sequential = True
+            w2 = _cell(
+                r.get("W2"), lambda m: f"{_num(m.get('rate'))} ({m.get('pct_ideal', 0):.0f}%)"
+            )
+            w3 = _cell(r.get("W3"), lambda m: f"{m['p50']:.1f} / {m['p95']:.1f} / {m['p99']:.1f}")
+            lines.append(
+                f"| {lib} | {_cell(w1, lambda m: _num(m.get('rate')))} | {enq} | {w2} | {w3} "
+                f"| {_cell(r.get('W4'), lambda m: _num(m.get('rate')))} |"
+            )
+        if sequential:
+            lines += ["", "¹ no bulk enqueue API: W1 enqueue is a sequential `await enqueue` loop."]
+    ceiling = res.get("ceiling", {}).get("W5")
+    cost = [(lib, res[lib].get("W1")) for lib in libs] + [("W5 ceiling", ceiling)]
+    cost = [(name, r) for name, r in cost if r is not None]
+    if cost:
+        lines += [
+            "",
+            "W1/W5 CPU cost per job (µs; less sensitive to other load on the box than jobs/s):",
+            "",
+            "| library | worker process CPU µs/job | redis-server CPU µs/job |",
+            "|---|---:|---:|",
+        ]
+        for name, r in cost:
+            lines.append(
+                f"| {name} | {_cell(r, lambda m: _num(m.get('cpu_us_per_job')))} "
+                f"| {_cell(r, lambda m: _num(m.get('redis_cpu_us_per_job')))} |"
+            )
+    if ceiling is not None:
+        lines.append("")
+        lines.append(
+            f"**W5 ceiling** (bare redis-py loop, XADD pipelined → XREADGROUP COUNT 100 + "
+            f"XACK + XDEL + SET per job, pipelined per batch): "
+            f"{_cell(ceiling, lambda m: _num(m.get('rate')) + ' jobs/s')} "
+            f"(XADD {_cell(ceiling, lambda m: _num(m.get('enqueue_rate')) + '/s')})"
+        )
+    w1 = {
+        lib: r["W1"]["median"]["rate"]
+        for lib, r in res.items()
+        if r.get("W1", {}).get("status") == "ok" and "rate" in r["W1"]["median"]
+    }
+    peers = {lib: v for lib, v in w1.items() if lib in PEERS}
+    if "W1" in report["config"]["workloads"]:
+        lines.append("")
+        if "aioqueue" in w1 and peers:
+            best = max(peers, key=lambda k: peers[k])
+            lines.append(
+                f"- aioqueue W1 / best peer W1 ({best}): {w1['aioqueue'] / peers[best]:.2f}x"
+            )
+        else:
+            lines.append("- aioqueue W1 / best peer W1: n/a")
+        if "aioqueue" in w1 and ceiling and ceiling.get("status") == "ok":
+            lines.append(
+                f"- aioqueue W1 / W5 ceiling: {w1['aioqueue'] / ceiling['median']['rate']:.2f}"
+            )
+        else:
+            lines.append("- aioqueue W1 / W5 ceiling: n/a")
+        if peers and ceiling and ceiling.get("status") == "ok":
+            best = max(peers, key=lambda k: peers[k])
+            lines.append(
+                f"- best peer W1 ({best}) / W5 ceiling: "
+                f"{peers[best] / ceiling['median']['rate']:.2f}"
+            )
+    soak = res.get("aioqueue", {}).get("W6")
+    if soak is not None:
+        lines.append("")
+        lines.append(_render_soak(soak))
+    notes = []
+    for lib, r in res.items():
+        if r.get("unavailable"):
+            notes.append(f"- {lib}: not benchmarked: {r['unavailable']}")
+        for wl, x in sorted(r.items()):
+            if isinstance(x, dict) and x.get("status") in ("error", "timeout"):
+                notes.append(f"- {lib} {wl}: {x['status']}: {x.get('error')}")
+    if notes:
+        lines += ["", "Problems:", *notes]
+    return "\n".join(lines).strip()
+
+
+def _render_soak(soak: dict[str, Any]) -> str:
+    if soak.get("status") != "ok":
+        return f"**W6 soak** (aioqueue): {soak.get('status')}: {soak.get('error')}"
+    r = soak["runs"][0]
+
+    def mb(x: int | None, unit: int) -> str:
+        return "?" if x is None else f"{x / unit:.1f} MB"
+
+    return (
+        f"**W6 soak** (aioqueue, {r['jobs']:,} no-op jobs, result_ttl {r['result_ttl_s']} s): "
+        f"{_num(r.get('rate'))} jobs/s; worker RSS {mb(r.get('rss_start_kb'), 1024)} → "
+        f"{mb(r.get('rss_end_kb'), 1024)}; Redis used_memory "
+        f"{mb(r['redis_used_memory_before'], 2**20)} before → "
+        f"{mb(r['redis_used_memory_peak'], 2**20)} peak → "
+        f"{mb(r['redis_used_memory_after'], 2**20)} after expiry "
+        f"({r['redis_keys_after']} keys left)"
+    )
+
+
+def machine_info(srv: RedisServer) -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    try:
+        redis_v = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except OSError:
+        redis_v = srv.version()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "redis_server": redis_v,
+        # other processes on the box skew every figure: recorded so a noisy run is visible
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--libs", default=",".join(DEFAULT_LIBS), help="comma list (default: all)")
+    p.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help="comma list of W1..W6 (default W1-W5; W6 soak only when named)",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure; median reported")
+    p.add_argument("--jobs", type=float, default=1.0, help="scale factor for every job count")
+    p.add_argument("--skip-install", action="store_true", help="use the venvs as they are")
+    p.add_argument("--reinstall", action="store_true", help="pip install again into the venvs")
+    p.add_argument("--settle", type=float, default=2.0, help="idle seconds before W3/W6 enqueue")
+    p.add_argument("--soak-result-ttl", type=int, default=5, help="W6: aioqueue result_ttl (s)")
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    args = p.parse_args()
+    args.libs = [x.strip() for x in args.libs.split(",") if x.strip()]
+    args.workloads = [x.strip().upper() for x in args.workloads.split(",") if x.strip()]
+    for lib in args.libs:
+        if lib not in LIBS or lib == "ceiling":
+            p.error(f"unknown library {lib!r} (choose from {', '.join(DEFAULT_LIBS)})")
+    for wl in args.workloads:
+        if wl not in WORKLOADS:
+            p.error(f"unknown workload {wl!r}")
+    return args
+
+
+def libs_for(wl: str, libs: list[str]) -> list[str]:
+    fixed = WORKLOADS[wl].libs
+    return list(fixed) if fixed is not None else list(libs)
+
+
+def main() -> int:
+    args = parse_args()
+    needed: list[str] = []
+    for wl in args.workloads:
+        if wl == "W6" and "aioqueue" not in args.libs:
+            args.libs.append("aioqueue")
+        for lib in libs_for(wl, args.libs):
+            if lib not in needed:
+                needed.append(lib)
+
+    results: dict[str, dict[str, Any]] = {lib: {} for lib in needed}
+    available: list[str] = []
+    for lib in needed:
+        err = ensure_venv(lib, skip_install=args.skip_install, reinstall=args.reinstall)
+        err = err or check_runner(lib)
+        if err:
+            print(f"[setup] {lib}: NOT benchmarked: {err}", flush=True)
+            results[lib]["unavailable"] = err
+        else:
+            available.append(lib)
+    lib_versions = {lib: versions(lib) for lib in available}
+
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        print(f"[setup] warning: 1-min load average is {load1:.2f}; figures will be noisy")
+    srv = RedisServer()
+    print(f"[setup] private redis-server {srv.version()} on 127.0.0.1:{srv.port}", flush=True)
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(srv),
+        "versions": lib_versions,
+        "config": {
+            "libs": args.libs,
+            "workloads": args.workloads,
+            "repeat": args.repeat,
+            "jobs_scale": args.jobs,
+            "concurrency": CONCURRENCY,
+            "job_counts": {
+                wl: scaled(WORKLOADS[wl].base_jobs, args.jobs, 20 if wl == "W3" else 10)
+                for wl in args.workloads
+            },
+        },
+        "results": results,
+    }
+    try:
+        for wl in args.workloads:
+            n = report["config"]["job_counts"][wl]
+            print(f"\n== {wl} ({n:,} jobs): {WORKLOADS[wl].title}", flush=True)
+            libs = [lib for lib in libs_for(wl, args.libs) if lib in available]
+            for lib in libs_for(wl, args.libs):
+                if lib not in available:
+                    results[lib][wl] = {"status": "unavailable"}
+            runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
+            repeat = 1 if wl == "W6" else args.repeat
+            for rep in range(repeat):
+                for lib in libs:
+                    t0 = time.monotonic()
+                    if wl in ("W1", "W2", "W5"):
+                        run = run_throughput(srv, lib, wl, n)
+                    elif wl == "W3":
+                        run = run_latency(srv, lib, n, args.settle)
+                    elif wl == "W4":
+                        run = run_enqueue(srv, lib, n)
+                    else:
+                        run = run_soak(srv, n, args.settle, args.soak_result_ttl)
+                    run["wall_s"] = round(time.monotonic() - t0, 2)
+                    runs[lib].append(run)
+                    print(f"  [{wl} {rep + 1}/{repeat}] {lib:9s} {describe(wl, run)}", flush=True)
+            for lib in libs:
+                results[lib][wl] = aggregate(wl, runs[lib])
+    finally:
+        srv.stop()
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    table = render(report)
+    header = (
+        f"aioqueue benchmark — {report['date']} — {report['machine']['nproc']} cores, "
+        f"Python {report['machine']['python']}, {report['machine']['redis_server']}\n"
+        f"versions: {json.dumps(lib_versions)}\n"
+        f"repeat={args.repeat} (median), job counts: {report['config']['job_counts']}, "
+        f"load average at start/end: {report['machine']['loadavg_at_start'][0]} / "
+        f"{report['machine']['loadavg_at_end'][0]}\n"
+    )
+    print("\n" + header + "\n" + table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(header + "\n" + table + "\n")
+    print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}")
+    return 0
+
+
+def describe(wl: str, run: dict[str, Any]) -> str:
+    if run.get("status") != "ok":
+        return f"{run.get('status')}: {run.get('error')}"
+    parts = []
+    if "rate" in run and run["rate"] is not None:
+        parts.append(f"{run['rate']:,.0f} {'enqueue/s' if wl == 'W4' else 'jobs/s'}")
+    if "pct_ideal" in run:
+        parts.append(f"{run['pct_ideal']:.0f}% of ideal")
+    if "enqueue_rate" in run:
+        parts.append(f"enqueue {run['enqueue_rate']:,.0f}/s" + ("" if run.get("bulk") else " seq"))
+    if run.get("cpu_us_per_job") is not None:
+        parts.append(f"worker CPU {run['cpu_us_per_job']:,.0f} µs/job")
+    if run.get("redis_cpu_us_per_job") is not None:
+        parts.append(f"redis CPU {run['redis_cpu_us_per_job']:,.0f} µs/job")
+    if "p50" in run:
+        parts.append(f"p50 {run['p50']:.1f} p95 {run['p95']:.1f} p99 {run['p99']:.1f} ms")
+    parts.append(f"[{run['wall_s']}s]")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

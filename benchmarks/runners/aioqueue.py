@@ -1,0 +1,70 @@
+"""aioqueue runner (installed editable from the repo root into its own venv)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aioqueue import Context, Queue
+from runners import _base
+
+QUEUE = "bench"
+TASKS: dict[str, Any] = {}
+
+
+def _queue(url: str, result_ttl: int = 60) -> Queue:
+    queue = Queue(url, name=QUEUE, result_ttl=result_ttl)
+
+    @queue.task(name="noop")
+    async def noop(ctx: Context) -> None:
+        _base.hit()
+
+    @queue.task(name="sleep")
+    async def sleeper(ctx: Context) -> None:
+        _base.started()
+        await asyncio.sleep(0.01)
+        _base.hit()
+
+    @queue.task(name="lat")
+    async def lat(ctx: Context, t0: float) -> None:
+        _base.hit_latency(t0)
+
+    TASKS.update(noop=noop, sleep=sleeper, lat=lat)
+    return queue
+
+
+class _Producer:
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    async def one(self, kind: str, *args: Any) -> None:
+        await TASKS[kind].enqueue(*args)
+
+    async def many(self, kind: str, n: int) -> None:
+        task = TASKS[kind]
+        await self.queue.enqueue_many([task.prepare() for _ in range(n)])
+
+
+@asynccontextmanager
+async def producer(url: str) -> AsyncIterator[_Producer]:
+    queue = _queue(url)
+    try:
+        yield _Producer(queue)
+    finally:
+        await queue.close()
+
+
+async def worker(url: str, concurrency: int, result_ttl: int) -> None:
+    queue = _queue(url, result_ttl)
+    w = queue.worker(concurrency=concurrency)
+    try:
+        await w.run()
+    finally:
+        await queue.close()
+
+
+if __name__ == "__main__":
+    _base.main(sys.modules[__name__])
