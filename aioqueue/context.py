@@ -32,3 +32,5 @@ class Context:
     enqueued_at: datetime | None = None
     fire_time: datetime | None = None
     """For cron runs, the scheduled time of the tick this run belongs to."""
+    trace: dict[str, str] | None = None
+    """The trace context the producer attached at enqueue (see ``Queue(trace_context=...)``)."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from aioqueue.errors import (
     Retry,
     SerializationError,
 )
+from aioqueue.middleware import Middleware, run_through
 from aioqueue.serialization import ErrorInfo, decode_envelope, encode
 
 if TYPE_CHECKING:
@@ -74,7 +76,12 @@ def _dead(delivery: Delivery, kind: str, message: str, reason: str) -> Finished:
     return Finished(delivery, "dead", encode(ErrorInfo(kind, message)), reason)
 
 
-async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Settlement | None:
+async def execute(
+    running: Running,
+    queue: Queue,
+    state: dict[str, Any],
+    middleware: Sequence[Middleware] = (),
+) -> Settlement | None:
     """Run one delivered job and return how to settle it.
 
     Returns None when the worker itself cancelled the run for shutdown or because the lease
@@ -107,13 +114,17 @@ async def execute(running: Running, queue: Queue, state: dict[str, Any]) -> Sett
             if envelope.fire_ms is None
             else datetime.fromtimestamp(envelope.fire_ms / 1000, tz=timezone.utc)
         ),
+        trace=envelope.trace,
     )
     timeout = envelope.timeout if envelope.timeout is not None else task.timeout
     if timeout is not None:
         running.timer = asyncio.get_running_loop().call_later(timeout, running.cancel, "timeout")
     retries = envelope.retries if envelope.retries is not None else task.retries
     try:
-        result = await task.func(ctx, *args, **kwargs)
+        if middleware:
+            result = await run_through(middleware, ctx, lambda: task.func(ctx, *args, **kwargs))
+        else:
+            result = await task.func(ctx, *args, **kwargs)
     except asyncio.CancelledError:
         reason = running.cancel_reason
         if reason is None:

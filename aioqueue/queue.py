@@ -18,9 +18,11 @@ from aioqueue.job import Job, JobInfo
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, encode
 from aioqueue.settings import Settings, resolve_settings
+from aioqueue.stats import QueueStats, collect_stats
 from aioqueue.task import JobOptions, JobRequest, Task
 
 if TYPE_CHECKING:
+    from aioqueue.middleware import Middleware
     from aioqueue.worker import Hook, Worker
 
 __all__ = ["Queue"]
@@ -52,6 +54,10 @@ class Queue:
     the arguments, overridden by ``AIOQUEUE_*`` environment variables (see
     :mod:`aioqueue.settings`). Use ``async with queue:`` or ``await queue.close()`` to release
     connections.
+
+    ``trace_context``, if given, is called at every enqueue and its mapping (for example the
+    W3C ``traceparent`` an OpenTelemetry propagator injects) travels in the job envelope to
+    ``ctx.trace`` in the worker, where a middleware can continue the trace.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class Queue:
         max_payload_bytes: int | None = None,
         result_ttl: float | None = None,
         broker: Broker | None = None,
+        trace_context: Callable[[], Mapping[str, str] | None] | None = None,
     ) -> None:
         self._code: dict[str, Any] = {
             "redis_url": url,
@@ -77,6 +84,7 @@ class Queue:
         self.cron_jobs: list[CronJob] = []
         self._broker = broker
         self._connected = False
+        self.trace_context = trace_context
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
@@ -246,6 +254,7 @@ class Queue:
         now = time.time()
         now_ms = int(now * 1000)
         limit = self.settings.max_payload_bytes
+        trace = self._trace()
         new_jobs: list[NewJob] = []
         jobs: list[Job[Any]] = []
         for request in requests:
@@ -265,6 +274,7 @@ class Queue:
                     now_ms,
                     options.retries,
                     options.timeout,
+                    trace,
                 )
             )
             if len(envelope) > limit:
@@ -277,6 +287,12 @@ class Queue:
             await broker.enqueue(new_jobs, self.settings.max_size)
         return jobs
 
+    def _trace(self) -> dict[str, str] | None:
+        if self.trace_context is None:
+            return None
+        carrier = self.trace_context()
+        return dict(carrier) if carrier else None
+
     # -- looking at jobs and the queue -----------------------------------------------------
 
     def job(self, job_id: str, task: Task[Any, R] | None = None) -> Job[R]:
@@ -287,6 +303,14 @@ class Queue:
     async def counts(self) -> QueueCounts:
         """How many jobs are ready, pending (running), delayed and dead."""
         return await (await self.connected_broker()).counts()
+
+    async def stats(self) -> QueueStats:
+        """Counts, lag, throughput over the last minute and live workers of this queue."""
+        return await collect_stats(self.name, await self.connected_broker())
+
+    async def purge(self) -> int:
+        """Delete every job and all state of this queue. Irreversible."""
+        return await (await self.connected_broker()).purge_queue()
 
     # -- dead letters ----------------------------------------------------------------------
 
@@ -320,6 +344,7 @@ class Queue:
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
         cron_jobs: Sequence[CronJob] = (),
+        middleware: Sequence[Middleware] = (),
         **settings: Any,
     ) -> Worker:
         """A worker consuming this queue; ``await worker.run()`` or ``aioqueue run app:worker``.
@@ -327,8 +352,9 @@ class Queue:
         ``on_startup`` / ``on_shutdown`` are ``async def hook(state: dict)`` functions that put
         shared resources into (and take them out of) the ``state`` every task's
         :class:`Context` sees. ``cron_jobs`` (made with :func:`aioqueue.cron`) run on their
-        schedule, together with those registered with :meth:`cron`. Other keyword arguments
-        are :class:`Settings` fields.
+        schedule, together with those registered with :meth:`cron`. ``middleware`` wraps
+        every job (see :mod:`aioqueue.middleware`). Other keyword arguments are
+        :class:`Settings` fields.
         """
         from aioqueue.worker import Worker
 
@@ -347,6 +373,7 @@ class Queue:
             on_startup=on_startup,
             on_shutdown=on_shutdown,
             cron_jobs=[*self.cron_jobs, *cron_jobs],
+            middleware=middleware,
         )
 
 

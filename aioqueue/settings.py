@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Seconds one blocking stream read waits before it is reissued."""
     max_connections: Annotated[int, msgspec.Meta(ge=4)] = 64
     """Size of each process's Redis connection pool; callers beyond it wait for a connection."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """Serve Prometheus metrics on this port from each worker (0 = off; needs the
+    ``prometheus`` extra)."""
     log_level: str = "INFO"
     """Log level of ``aioqueue run``."""
 

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +28,8 @@ from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settl
 from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.errors import RedisUnavailable, UnsupportedRedis
 from aioqueue.execution import Running, execute
+from aioqueue.metrics import PrometheusMetrics, RateWindow
+from aioqueue.middleware import Middleware
 from aioqueue.scheduler import CronScheduler
 from aioqueue.settings import Settings, resolve_settings
 
@@ -62,12 +64,14 @@ class Worker:
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
         cron_jobs: Sequence[CronJob] = (),
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.queue = queue
         self._code = code
         self.settings: Settings = resolve_settings(code)
         self.on_startup = list(on_startup)
         self.on_shutdown = list(on_shutdown)
+        self.middleware = list(middleware)
         validate_unique_names(cron_jobs)
         self.cron_jobs = list(cron_jobs)
         self.scheduler = CronScheduler(queue, self.cron_jobs)
@@ -76,6 +80,9 @@ class Worker:
         self.started_at: float | None = None
         self.completed = 0
         self.failed = 0
+        self.completed_last_minute = RateWindow(60)
+        self.failed_last_minute = RateWindow(60)
+        self.metrics: PrometheusMetrics | None = None
         self._in_flight: dict[str, Running] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
@@ -139,21 +146,60 @@ class Worker:
             )
         self._request_stop()
 
+    @contextlib.asynccontextmanager
+    async def embedded(self) -> AsyncIterator[Worker]:
+        """Run the worker inside the current event loop for the duration of the block.
+
+        For small deployments that run jobs in the web app's own process, started and
+        stopped from the ASGI lifespan::
+
+            @asynccontextmanager
+            async def lifespan(app):
+                async with queue, worker.embedded():
+                    yield
+
+        Returns once the worker is consuming; on exit it stops like on SIGTERM (in-flight jobs
+        get ``shutdown_grace`` seconds). Signals stay with the web server.
+        """
+        consuming = asyncio.Event()
+        task = asyncio.create_task(self._consume(False, consuming), name=f"aioqueue-{self.id}")
+        ready = asyncio.create_task(consuming.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()
+        try:
+            yield self
+        finally:
+            self.stop()
+            await task
+
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until stopped. Installs SIGTERM/SIGINT handlers when on the main thread."""
+        await self._consume(handle_signals, None)
+
+    async def _consume(self, handle_signals: bool, consuming: asyncio.Event | None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._reset()
         broker = self.queue.new_broker()
         await self._retrying("connecting to Redis", broker.connect)
         try:
             await self._retrying("creating the consumer group", broker.ensure_group)
-            await self._serve(broker, loop, handle_signals)
+            await self._serve(broker, loop, handle_signals, consuming)
         finally:
             await broker.close()
 
     async def _serve(
-        self, broker: Broker, loop: asyncio.AbstractEventLoop, handle_signals: bool
+        self,
+        broker: Broker,
+        loop: asyncio.AbstractEventLoop,
+        handle_signals: bool,
+        consuming: asyncio.Event | None,
     ) -> None:
+        if self.settings.metrics_port and self.metrics is None:
+            self.metrics = PrometheusMetrics(self.queue.name)
+            self.metrics.serve(self.settings.metrics_port)
+            logger.info("serving Prometheus metrics on port %d", self.settings.metrics_port)
         for hook in self.on_startup:
             await hook(self.state)
         installed = handle_signals and threading.current_thread() is threading.main_thread()
@@ -177,6 +223,10 @@ class Worker:
                 tg.start_soon(self._promote_loop, broker)
                 tg.start_soon(self._heartbeat_loop, broker)
                 tg.start_soon(self.scheduler.run, broker)
+                if self.metrics is not None:
+                    tg.start_soon(self._gauge_loop, broker, self.metrics)
+                if consuming is not None:
+                    consuming.set()
                 await self._fetch_until_stopped(broker)
                 await self._drain(broker)
                 tg.cancel_scope.cancel()
@@ -261,7 +311,7 @@ class Worker:
 
     async def _run(self, running: Running) -> None:
         try:
-            settlement = await execute(running, self.queue, self.state)
+            settlement = await execute(running, self.queue, self.state, self.middleware)
         except asyncio.CancelledError:
             if running.cancel_reason is None:
                 raise
@@ -305,20 +355,27 @@ class Worker:
     def _log(self, running: Running, settlement: Settlement) -> None:
         if isinstance(settlement, Done):
             self.completed += 1
-            level, outcome = logging.INFO, "complete"
+            self.completed_last_minute.add()
+            level, kind, outcome = logging.INFO, "complete", "complete"
         elif isinstance(settlement, Again):
             self.failed += 1
-            level = logging.WARNING
+            self.failed_last_minute.add()
+            level, kind = logging.WARNING, "retrying"
             wait = max(settlement.run_at_ms / 1000 - time.time(), 0)
             outcome = f"retrying in {wait:.2f}s ({settlement.reason})"
         else:
             self.failed += 1
+            self.failed_last_minute.add()
             level = logging.INFO if settlement.status == "aborted" else logging.ERROR
+            kind = settlement.status
             outcome = (
                 f"{settlement.status} ({settlement.reason})"
                 if settlement.reason
                 else settlement.status
             )
+        elapsed = time.monotonic() - running.started
+        if self.metrics is not None:
+            self.metrics.observe(running.task_name, kind, elapsed)
         if job_logger.isEnabledFor(level):
             job = running.delivery
             job_logger.log(
@@ -327,8 +384,8 @@ class Worker:
                 running.task_name,
                 job.job_id,
                 outcome,
-                (time.monotonic() - running.started) * 1000,
-                extra={"job_id": job.job_id, "task": running.task_name, "outcome": outcome},
+                elapsed * 1000,
+                extra={"job_id": job.job_id, "task": running.task_name, "outcome": kind},
             )
 
     async def _renew_loop(self, broker: Broker) -> None:
@@ -429,12 +486,24 @@ class Worker:
                 "beat": time.time(),
                 "completed": self.completed,
                 "failed": self.failed,
+                "completed_1m": self.completed_last_minute.total(),
+                "failed_1m": self.failed_last_minute.total(),
+                "queue": self.queue.name,
             }
             try:
                 await broker.heartbeat(self.id, info, ttl=interval * 2)
             except RedisUnavailable as exc:
                 logger.debug("heartbeat: %s", exc)
             await asyncio.sleep(interval)
+
+    async def _gauge_loop(self, broker: Broker, metrics: PrometheusMetrics) -> None:
+        """Refresh the queue depth and lag gauges every few seconds."""
+        while True:
+            try:
+                metrics.set_queue(await broker.counts(), await broker.lag_ms(), self.in_flight)
+            except RedisUnavailable as exc:
+                logger.debug("metrics: %s", exc)
+            await asyncio.sleep(5)
 
     # -- shutdown --------------------------------------------------------------------------
 

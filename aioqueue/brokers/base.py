@@ -181,6 +181,15 @@ class Broker(Protocol):
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""
 
+    async def lag_ms(self) -> int | None:
+        """Age in ms of the oldest job no worker has fetched yet, or None."""
+
+    async def workers(self) -> list[dict[str, str]]:
+        """Live workers with their heartbeat description (id, host, pid, ...)."""
+
+    async def purge_queue(self) -> int:
+        """Delete everything stored for the queue; returns how many records went."""
+
     async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
         """Claim one cron tick and enqueue its run, exactly once across workers."""
 

@@ -573,6 +573,57 @@ class RedisBroker:
             dead=int(dead),
         )
 
+    async def lag_ms(self) -> int | None:
+        """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
+        async with redis_errors("measuring queue lag"):
+            try:
+                groups = await self.client.xinfo_groups(self.keys.stream)
+            except rexc.ResponseError:
+                return None
+            last = next(
+                (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP),
+                "0-0",
+            )
+            waiting = await self.client.xrange(self.keys.stream, f"({last}", "+", count=1)
+        if not waiting:
+            return None
+        born = int(_text(waiting[0][0]).split("-")[0])
+        return max(_now_ms() - born, 0)
+
+    async def workers(self) -> list[dict[str, str]]:
+        """Live workers (those whose heartbeat has not expired), with their description."""
+        async with redis_errors("listing workers"):
+            ids = [_text(i) for i in await self.client.zrange(self.keys.workers, 0, -1)]
+            if not ids:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for worker_id in ids:
+                pipe.hgetall(self.keys.worker(worker_id))
+            rows = await pipe.execute()
+            gone = [worker_id for worker_id, row in zip(ids, rows, strict=True) if not row]
+            if gone:
+                await self.client.zrem(self.keys.workers, *gone)
+        return [
+            {"id": worker_id, **{_text(k): _text(v) for k, v in row.items()}}
+            for worker_id, row in zip(ids, rows, strict=True)
+            if row
+        ]
+
+    async def purge_queue(self) -> int:
+        """Delete every key of the queue (jobs, stream, delayed, dead, cron state)."""
+        deleted = 0
+        async with redis_errors("purging the queue"):
+            batch: list[Any] = []
+            pattern = _glob_escape(self.keys.prefix) + ":*"
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self.client.unlink(*batch))
+        return deleted
+
     # -- cron ------------------------------------------------------------------------------
 
     async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
@@ -659,6 +710,11 @@ class RedisBroker:
                 removed, _ = await pipe.execute()
                 purged += int(removed)
         return purged
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters SCAN MATCH treats as a pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:
