@@ -12,8 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -59,15 +58,33 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@asynccontextmanager
-async def redis_errors(what: str) -> AsyncIterator[None]:
-    """Map redis-py's connection failures to :class:`RedisUnavailable`, chained."""
-    try:
-        yield
-    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"Redis unavailable while {what}: {exc}") from exc
-    except rexc.BusyLoadingError as exc:
-        raise RedisUnavailable(f"Redis is loading its dataset while {what}: {exc}") from exc
+class redis_errors:
+    """Map redis-py's connection failures to :class:`RedisUnavailable`, chained.
+
+    A plain class rather than a generator-based context manager: it wraps every command,
+    and this is the cheapest way Python offers.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or (isinstance(exc, TimeoutError) and not isinstance(exc, rexc.RedisError)):
+            # A builtin TimeoutError (an OSError) is a caller's deadline, not an outage.
+            return
+        if isinstance(exc, rexc.BusyLoadingError):
+            raise RedisUnavailable(
+                f"Redis is loading its dataset while {self.what}: {exc}"
+            ) from exc
+        if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+            raise RedisUnavailable(f"Redis unavailable while {self.what}: {exc}") from exc
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -95,7 +112,10 @@ class RedisBroker:
         # A blocking read must never look like a dead connection: the socket timeout is
         # well above the longest BLOCK the worker issues.
         self._socket_timeout = block + 10.0
-        self._max_connections = max_connections
+        # Bounds the connections concurrent callers use (the pool itself is unbounded, which
+        # is measurably cheaper per command than redis-py's blocking pool): a burst of
+        # thousands of enqueues or result waits queues here instead of opening sockets.
+        self._slots = asyncio.Semaphore(max_connections)
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
@@ -116,12 +136,8 @@ class RedisBroker:
         async with self._connect_lock:
             if self._client is not None:
                 return
-            # A bounded pool: thousands of concurrent callers queue for a connection instead
-            # of opening thousands of sockets.
-            pool = aioredis.BlockingConnectionPool.from_url(
+            pool = aioredis.ConnectionPool.from_url(
                 self.url,
-                max_connections=self._max_connections,
-                timeout=self._socket_timeout,
                 socket_connect_timeout=5.0,
                 socket_timeout=self._socket_timeout,
                 socket_keepalive=True,
@@ -133,7 +149,7 @@ class RedisBroker:
             )
             client = aioredis.Redis.from_pool(pool)
             try:
-                async with redis_errors("connecting"):
+                with redis_errors("connecting"):
                     info = await client.info("server")
             except BaseException:
                 await client.aclose()
@@ -161,9 +177,17 @@ class RedisBroker:
             self._client = None
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA one script; on NOSCRIPT (Redis restarted and lost its cache) load it and
+        run it again."""
         if self._client is None:
             await self.connect()
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        script = self._scripts[name]
+        async with self._slots:
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                script.sha = await self.client.script_load(script.script)
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _eval_many(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Run several scripts in one round trip (a pipeline of EVALSHA)."""
@@ -197,7 +221,7 @@ class RedisBroker:
                 keys.append(self.keys.job(job.job_id))
                 args += [job.job_id, job.envelope, job.run_at_ms]
             calls.append(("enqueue", keys, args))
-        async with redis_errors("enqueuing"):
+        with redis_errors("enqueuing"):
             results = await self._eval_many(calls)
         created: list[bool] = []
         for result in results:
@@ -210,7 +234,7 @@ class RedisBroker:
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (after a FLUSHALL too)."""
-        async with redis_errors("creating the consumer group"):
+        with redis_errors("creating the consumer group"):
             try:
                 await self.client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
@@ -221,7 +245,7 @@ class RedisBroker:
         self, consumer: str, count: int, block: float, max_deliveries: int
     ) -> list[Delivery]:
         """Blocking XREADGROUP of up to ``count`` new entries, then ``begin.lua`` on them."""
-        async with redis_errors("reading the stream"):
+        with redis_errors("reading the stream"):
             try:
                 response = await self.client.xreadgroup(
                     GROUP, consumer, {self.keys.stream: ">"}, count=count, block=int(block * 1000)
@@ -241,7 +265,7 @@ class RedisBroker:
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
     ) -> list[Delivery]:
         """XAUTOCLAIM entries idle longer than ``min_idle`` (their lease expired)."""
-        async with redis_errors("reclaiming expired leases"):
+        with redis_errors("reclaiming expired leases"):
             try:
                 response = await self.client.xautoclaim(
                     self.keys.stream,
@@ -369,7 +393,7 @@ class RedisBroker:
             calls.append(("settle_fail", keys, args))
         if not calls:
             return
-        async with redis_errors("settling jobs"):
+        with redis_errors("settling jobs"):
             try:
                 await self._eval_many(calls)
             except rexc.ResponseError as exc:
@@ -388,7 +412,7 @@ class RedisBroker:
         """
         lost: list[str] = []
         aborted: list[str] = []
-        async with redis_errors("renewing leases"):
+        with redis_errors("renewing leases"):
             for start in range(0, len(deliveries), CHUNK):
                 chunk = deliveries[start : start + CHUNK]
                 by_entry = {d.entry_id: d.job_id for d in chunk}
@@ -416,7 +440,7 @@ class RedisBroker:
         """
         pubsub = self.client.pubsub()
         try:
-            async with redis_errors("subscribing to abort requests"):
+            with redis_errors("subscribing to abort requests"):
                 await pubsub.subscribe(self.keys.abort_channel)
             ready = False
             while True:
@@ -444,7 +468,7 @@ class RedisBroker:
         short at shutdown are handed back too (see ``release.lua``).
         """
         released = 0
-        async with redis_errors("releasing jobs"):
+        with redis_errors("releasing jobs"):
             while True:
                 try:
                     pending = await self.client.xpending_range(
@@ -485,7 +509,7 @@ class RedisBroker:
     ) -> None:
         """Record that a worker is alive, with its description; expires after ``ttl``."""
         key = self.keys.worker(worker_id)
-        async with redis_errors("sending a heartbeat"):
+        with redis_errors("sending a heartbeat"):
             pipe = self.client.pipeline(transaction=False)
             pipe.hset(key, mapping=cast(Any, info))
             pipe.pexpire(key, int(ttl * 1000))
@@ -494,7 +518,7 @@ class RedisBroker:
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a stopping worker's heartbeat."""
-        async with redis_errors("removing a heartbeat"):
+        with redis_errors("removing a heartbeat"):
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(self.keys.worker(worker_id))
             pipe.zrem(self.keys.workers, worker_id)
@@ -502,7 +526,7 @@ class RedisBroker:
 
     async def promote_due(self, now_ms: int, limit: int) -> int | None:
         """Promote up to ``limit`` due delayed jobs; return the next due time in ms."""
-        async with redis_errors("promoting delayed jobs"):
+        with redis_errors("promoting delayed jobs"):
             pipe = self.client.pipeline(transaction=False)
             pipe.zrangebyscore(self.keys.delayed, "-inf", now_ms, start=0, num=limit)
             pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
@@ -518,8 +542,9 @@ class RedisBroker:
 
     async def record(self, job_id: str) -> JobRecord | None:
         """Everything stored about one job, or None."""
-        async with redis_errors("reading a job"):
-            fields = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.job(job_id)))
+        with redis_errors("reading a job"):
+            async with self._slots:
+                fields = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.job(job_id)))
         if not fields:
             return None
         return _record(job_id, fields)
@@ -539,7 +564,7 @@ class RedisBroker:
             status = await self._eval("watch", [key], [channel])
             return status is None or _text(status) in FINAL
 
-        async with redis_errors("waiting for a job"):
+        with redis_errors("waiting for a job"):
             await self._waiter.wait(job_id, watch, timeout)
         return await self.record(job_id)
 
@@ -553,12 +578,12 @@ class RedisBroker:
             self.result_ttl_ms,
             self.keys.abort_channel,
         ]
-        async with redis_errors("aborting a job"):
+        with redis_errors("aborting a job"):
             return _text(await self._eval("abort", keys, args))
 
     async def counts(self) -> QueueCounts:
         """Ready, pending (delivered, unsettled), delayed and dead job counts."""
-        async with redis_errors("counting jobs"):
+        with redis_errors("counting jobs"):
             pipe = self.client.pipeline(transaction=False)
             pipe.xlen(self.keys.stream)
             pipe.zcard(self.keys.delayed)
@@ -575,7 +600,7 @@ class RedisBroker:
 
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
-        async with redis_errors("measuring queue lag"):
+        with redis_errors("measuring queue lag"):
             try:
                 groups = await self.client.xinfo_groups(self.keys.stream)
             except rexc.ResponseError:
@@ -592,7 +617,7 @@ class RedisBroker:
 
     async def workers(self) -> list[dict[str, str]]:
         """Live workers (those whose heartbeat has not expired), with their description."""
-        async with redis_errors("listing workers"):
+        with redis_errors("listing workers"):
             ids = [_text(i) for i in await self.client.zrange(self.keys.workers, 0, -1)]
             if not ids:
                 return []
@@ -612,7 +637,7 @@ class RedisBroker:
     async def purge_queue(self) -> int:
         """Delete every key of the queue (jobs, stream, delayed, dead, cron state)."""
         deleted = 0
-        async with redis_errors("purging the queue"):
+        with redis_errors("purging the queue"):
             batch: list[Any] = []
             pattern = _glob_escape(self.keys.prefix) + ":*"
             async for key in self.client.scan_iter(match=pattern, count=1000):
@@ -628,7 +653,7 @@ class RedisBroker:
 
     async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
         """Claim one cron tick and enqueue its run, exactly once across workers."""
-        async with redis_errors("claiming a cron tick"):
+        with redis_errors("claiming a cron tick"):
             pipe = self.client.pipeline(transaction=False)
             pipe.zscore(self.keys.cron, name)
             pipe.hget(self.keys.cron_runs, name)
@@ -656,7 +681,7 @@ class RedisBroker:
         """The last claimed tick and the record of its run, per cron job name."""
         if not names:
             return {}
-        async with redis_errors("reading cron state"):
+        with redis_errors("reading cron state"):
             pipe = self.client.pipeline(transaction=False)
             pipe.zmscore(self.keys.cron, list(names))
             pipe.hmget(self.keys.cron_runs, list(names))
@@ -673,7 +698,7 @@ class RedisBroker:
 
     async def dead(self, offset: int, limit: int) -> list[JobRecord]:
         """Dead-lettered jobs, most recent first."""
-        async with redis_errors("listing dead letters"):
+        with redis_errors("listing dead letters"):
             ids = await self.client.zrevrange(self.keys.dead, offset, offset + limit - 1)
             if not ids:
                 return []
@@ -685,13 +710,13 @@ class RedisBroker:
 
     async def dead_ids(self) -> list[str]:
         """Every dead-lettered job id, oldest first."""
-        async with redis_errors("listing dead letters"):
+        with redis_errors("listing dead letters"):
             return [_text(i) for i in await self.client.zrange(self.keys.dead, 0, -1)]
 
     async def requeue_dead(self, job_ids: Sequence[str]) -> int:
         """Put dead jobs back on the stream with fresh counters; returns how many."""
         requeued = 0
-        async with redis_errors("requeueing dead letters"):
+        with redis_errors("requeueing dead letters"):
             for start in range(0, len(job_ids), CHUNK):
                 chunk = job_ids[start : start + CHUNK]
                 keys = [self.keys.stream, self.keys.dead, *(self.keys.job(i) for i in chunk)]
@@ -701,7 +726,7 @@ class RedisBroker:
     async def purge_dead(self, job_ids: Sequence[str]) -> int:
         """Delete dead jobs and their records; returns how many were dead."""
         purged = 0
-        async with redis_errors("purging dead letters"):
+        with redis_errors("purging dead letters"):
             for start in range(0, len(job_ids), CHUNK):
                 chunk = job_ids[start : start + CHUNK]
                 pipe = self.client.pipeline(transaction=True)
