@@ -106,6 +106,12 @@ class Queue:
         Workers take one of their own so their fetch and settle round trips never queue
         behind a burst of producer calls (enqueues, result waits) in the same process.
         """
+        if self.settings.redis_url.startswith("memory://"):
+            from aioqueue.brokers.memory import MemoryBroker
+
+            return MemoryBroker(
+                self.settings.redis_url, self.name, result_ttl=self.settings.result_ttl
+            )
         from aioqueue.brokers.redis import RedisBroker
 
         return RedisBroker(
@@ -248,8 +254,8 @@ class Queue:
         """Enqueue many jobs in pipelined round trips (a few hundred jobs per script call).
 
         Jobs whose ``job_id`` already exists are not enqueued again; their existing handle is
-        returned. Raises :class:`QueueFull` if the queue's ``max_size`` would be exceeded: each
-        chunk of 500 jobs is written entirely or not at all.
+        returned. Raises :class:`QueueFull` if the queue's ``max_size`` would be exceeded, and
+        then writes none of the batch.
         """
         now = time.time()
         now_ms = int(now * 1000)

@@ -84,6 +84,7 @@ class Worker:
         self.failed_last_minute = RateWindow(60)
         self.metrics: PrometheusMetrics | None = None
         self._in_flight: dict[str, Running] = {}
+        self._executing = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
 
@@ -276,13 +277,17 @@ class Worker:
         block = min(settings.block, 0.1) if settings.burst else settings.block
         failures = 0
         while True:
-            free = settings.concurrency - len(self._in_flight)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            # Fetching a quarter of the slots at a time staggers the jobs: while one group
+            # waits on I/O the next is being fetched, instead of every job starting (and
+            # finishing) in one lock-step batch.
+            count = min(free, max(settings.concurrency // 4, 1))
             try:
-                deliveries = await broker.fetch(self.id, free, block, settings.max_deliveries)
+                deliveries = await broker.fetch(self.id, count, block, settings.max_deliveries)
             except RedisUnavailable as exc:
                 failures += 1
                 if failures == 1:
@@ -303,13 +308,35 @@ class Worker:
                     self._stopping.set()
                     return
 
+    def _free_slots(self) -> int:
+        """Jobs this worker may start now.
+
+        A slot frees when its job's code returns, not when its outcome has been written: the
+        write happens in the next settle batch while the next job already runs. Outcomes
+        waiting to be written are bounded by ``concurrency`` too, so a slow Redis stops the
+        fetching instead of letting unsettled jobs pile up.
+        """
+        concurrency = self.settings.concurrency
+        unsettled = len(self._in_flight) - self._executing
+        if unsettled >= concurrency:
+            return 0
+        return concurrency - self._executing
+
     def _start(self, delivery: Delivery) -> None:
         running = Running(delivery)
         self._in_flight[delivery.job_id] = running
+        self._executing += 1
         self._idle.clear()
         running.task = asyncio.create_task(self._run(running))
 
     async def _run(self, running: Running) -> None:
+        try:
+            await self._execute(running)
+        finally:
+            self._executing -= 1
+            self._slot_free.set()
+
+    async def _execute(self, running: Running) -> None:
         try:
             settlement = await execute(running, self.queue, self.state, self.middleware)
         except asyncio.CancelledError:
@@ -445,7 +472,7 @@ class Worker:
         """Take over jobs of dead workers whose lease expired (every lease/2 seconds)."""
         settings = self.settings
         while True:
-            free = settings.concurrency - len(self._in_flight)
+            free = self._free_slots()
             if free > 0 and not self._stopping.is_set():
                 try:
                     for delivery in await broker.reclaim(

@@ -213,8 +213,11 @@ class RedisBroker:
         """Write jobs in chunks of one script call each, pipelined; see ``enqueue.lua``."""
         now = _now_ms()
         calls: list[tuple[str, list[str], list[Any]]] = []
-        for start in range(0, len(jobs), CHUNK):
-            chunk = jobs[start : start + CHUNK]
+        # With a max_size the whole batch is one script call, so QueueFull is all or nothing;
+        # without one, chunks keep each call short.
+        size = len(jobs) if max_size > 0 else CHUNK
+        for start in range(0, len(jobs), max(size, 1)):
+            chunk = jobs[start : start + size]
             keys = [self.keys.stream, self.keys.delayed]
             args: list[Any] = [max_size, now]
             for job in chunk:
@@ -248,7 +251,12 @@ class RedisBroker:
         with redis_errors("reading the stream"):
             try:
                 response = await self.client.xreadgroup(
-                    GROUP, consumer, {self.keys.stream: ">"}, count=count, block=int(block * 1000)
+                    GROUP,
+                    consumer,
+                    {self.keys.stream: ">"},
+                    count=count,
+                    # BLOCK 0 would mean "forever": never round a short wait down to it.
+                    block=max(int(block * 1000), 1),
                 )
             except rexc.ResponseError as exc:
                 if not is_nogroup(exc):
@@ -698,6 +706,8 @@ class RedisBroker:
 
     async def dead(self, offset: int, limit: int) -> list[JobRecord]:
         """Dead-lettered jobs, most recent first."""
+        if limit <= 0:
+            return []
         with redis_errors("listing dead letters"):
             ids = await self.client.zrevrange(self.keys.dead, offset, offset + limit - 1)
             if not ids:
@@ -724,16 +734,13 @@ class RedisBroker:
         return requeued
 
     async def purge_dead(self, job_ids: Sequence[str]) -> int:
-        """Delete dead jobs and their records; returns how many were dead."""
+        """Delete dead jobs and their records; ids that are not dead are left alone."""
         purged = 0
         with redis_errors("purging dead letters"):
             for start in range(0, len(job_ids), CHUNK):
-                chunk = job_ids[start : start + CHUNK]
-                pipe = self.client.pipeline(transaction=True)
-                pipe.zrem(self.keys.dead, *chunk)
-                pipe.delete(*(self.keys.job(i) for i in chunk))
-                removed, _ = await pipe.execute()
-                purged += int(removed)
+                chunk = list(job_ids[start : start + CHUNK])
+                keys = [self.keys.dead, *(self.keys.job(i) for i in chunk)]
+                purged += int(await self._eval("purge_dead", keys, chunk))
         return purged
 
 

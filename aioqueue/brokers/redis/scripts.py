@@ -15,6 +15,7 @@ NAMES = (
     "cron_claim",
     "enqueue",
     "promote",
+    "purge_dead",
     "release",
     "renew",
     "requeue",

@@ -1,0 +1,472 @@
+"""The in-process ``memory://`` implementation of the broker protocol, for unit tests and demos.
+
+``Queue("memory://")`` (or ``AIOQUEUE_REDIS_URL=memory://name``) runs producers and workers
+of one process against :class:`MemoryBroker` instead of Redis. Every method follows the Lua
+script of the Redis broker it stands for (named in its docstring), with the same statuses,
+counters, ownership rules and outcomes, and the contract tests in
+``tests/test_broker_contract.py`` run against both brokers so they cannot drift apart.
+
+Every method does its whole state change without awaiting, so each is one atomic step on
+the event loop, as each script is in Redis. Blocking fetches and result waits sleep on
+futures that the state changes wake; nothing polls. Jobs live only as long as the process;
+see :mod:`aioqueue.brokers.memory_store` for the stores, their sharing per URL and their
+binding to one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from aioqueue.brokers.base import (
+    Again,
+    CronClaim,
+    CronRun,
+    Delivery,
+    Done,
+    Finished,
+    JobRecord,
+    NewJob,
+    QueueCounts,
+    Settlement,
+)
+from aioqueue.brokers.memory_store import (
+    FINAL,
+    Heartbeat,
+    QueueState,
+    ScoredSet,
+    StoredJob,
+    Waiters,
+    now_ms,
+    reset_stores,
+    store_for,
+)
+from aioqueue.errors import QueueFull
+
+__all__ = ["MemoryBroker", "reset_stores"]
+
+
+class MemoryBroker:
+    """A queue's storage in this process's memory, shared by every broker on the same URL.
+
+    ``url`` is ``memory://`` or ``memory://name``; ``queue`` the queue name; ``result_ttl``
+    how many seconds finished jobs are kept (dead letters are kept until purged).
+    """
+
+    def __init__(self, url: str, queue: str, *, result_ttl: float = 86_400.0) -> None:
+        self.url = url
+        self.queue = queue
+        self.result_ttl = result_ttl
+        self._store = store_for(url)
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker({self.url!r}, {self.queue!r})"
+
+    async def _state(self) -> QueueState:
+        # Yield to the loop once, as a network round trip would: a caller polling in a loop
+        # (``while await job.status() ...``) must not starve the worker. The state change
+        # that follows runs without awaiting, hence atomically.
+        await asyncio.sleep(0)
+        self._store.bind()
+        state = self._store.queue(self.queue)
+        state.sweep()
+        return state
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Bind the store to the running event loop; idempotent."""
+        await self._state()
+
+    async def close(self) -> None:
+        """Nothing to close: the store outlives its brokers (see :func:`reset_stores`)."""
+
+    async def ensure_group(self) -> None:
+        """Nothing to create: a queue's state exists from its first use."""
+        await self._state()
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
+        """Write jobs (``enqueue.lua``): True per new id, False per id that exists (or repeats
+        in the batch). Raises QueueFull, writing nothing, if the new jobs would take ready +
+        pending + delayed past ``max_size``."""
+        state = await self._state()
+        now = now_ms()
+        fresh: list[bool] = []
+        seen: set[str] = set()
+        for job in jobs:
+            fresh.append(job.job_id not in seen and state.job(job.job_id) is None)
+            seen.add(job.job_id)
+        new = sum(fresh)
+        if max_size > 0 and new > 0 and state.size() + new > max_size:
+            raise QueueFull(self.queue, max_size)
+        for job, is_new in zip(jobs, fresh, strict=True):
+            if not is_new:
+                continue
+            stored = StoredJob(job.envelope, "queued", now)
+            state.jobs[job.job_id] = stored
+            if job.run_at_ms > now:
+                stored.status = "scheduled"
+                stored.run_at_ms = job.run_at_ms
+                state.delayed.add(job.job_id, job.run_at_ms)
+            else:
+                stored.entry = state.add_entry(job.job_id)
+        return fresh
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def fetch(
+        self, consumer: str, count: int, block: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Wait up to ``block`` seconds for ready jobs, hand up to ``count`` of them to
+        ``consumer`` and mark them running (``begin.lua``). Wakes as soon as a job is
+        enqueued, promoted, released or requeued."""
+        state = await self._state()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block
+        while not state.ready:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            await state.ready_waiters.wait(remaining)
+            state = await self._state()
+        entries = state.deliver(consumer, count)
+        return state.begin(consumer, entries, max_deliveries, check=False)
+
+    async def reclaim(
+        self, consumer: str, count: int, min_idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Take over up to ``count`` pending entries idle for ``min_idle`` seconds or more
+        (XAUTOCLAIM) and begin them."""
+        state = await self._state()
+        if count <= 0:
+            return []
+        now = time.monotonic()
+        taken: list[tuple[str, str]] = []
+        for entry, row in state.pending.items():
+            if len(taken) >= count:
+                break
+            if now - row.delivered_at >= min_idle:
+                row.consumer = consumer
+                row.delivered_at = now
+                taken.append((entry, row.job_id))
+        return state.begin(consumer, taken, max_deliveries, check=True)
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
+        """Record outcomes (``settle_done``/``settle_retry``/``settle_fail.lua``) of jobs whose
+        record still names this consumer and entry, and drop their entries. Other outcomes
+        are ignored; an aborted job stays aborted unless settled as aborted."""
+        state = await self._state()
+        now = now_ms()
+        # The Redis broker runs one script per kind, in this order.
+        ordered: list[Settlement] = [s for s in settlements if isinstance(s, Done)]
+        ordered += [s for s in settlements if isinstance(s, Again)]
+        ordered += [s for s in settlements if isinstance(s, Finished)]
+        for settlement in ordered:
+            delivery = settlement.delivery
+            job_id = delivery.job_id
+            job = state.job(job_id)
+            if job is None or job.worker != consumer or job.entry != delivery.entry_id:
+                continue
+            if isinstance(settlement, Done):
+                if job.status != "aborted":
+                    job.status = "complete"
+                    job.result = settlement.result
+                    job.finished_ms = now
+                    state.expire(job_id, job, self.result_ttl)
+                    state.finalized(job_id)
+            elif isinstance(settlement, Again):
+                if job.status != "aborted":
+                    job.status = "retrying"
+                    job.error = settlement.error
+                    job.reason = settlement.reason
+                    job.run_at_ms = settlement.run_at_ms
+                    job.deliveries = 0
+                    job.finished_ms = now
+                    job.attempt += 1
+                    state.delayed.add(job_id, settlement.run_at_ms)
+            elif job.status != "aborted" or settlement.status == "aborted":
+                job.status = settlement.status
+                job.error = settlement.error
+                job.reason = settlement.reason
+                job.finished_ms = now
+                if settlement.status == "dead":
+                    job.expires_at = None
+                    state.dead.add(job_id, now)
+                else:
+                    state.expire(job_id, job, self.result_ttl)
+                state.finalized(job_id)
+            state.drop_entry(delivery.entry_id)
+
+    async def renew(
+        self, consumer: str, deliveries: Sequence[Delivery]
+    ) -> tuple[list[str], list[str]]:
+        """Reset the idle time of the entries this consumer still owns (``renew.lua``).
+
+        Returns the job ids it no longer owns and the ids of jobs aborted meanwhile.
+        """
+        state = await self._state()
+        now = time.monotonic()
+        lost: list[str] = []
+        aborted: list[str] = []
+        for delivery in deliveries:
+            row = state.pending.get(delivery.entry_id)
+            if row is None or row.consumer != consumer:
+                lost.append(delivery.job_id)
+                continue
+            row.delivered_at = now
+            job = state.job(delivery.job_id)
+            if job is not None and job.status == "aborted":
+                aborted.append(delivery.job_id)
+        return lost, aborted
+
+    async def listen_aborts(
+        self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """Call ``on_ready()`` once subscribed, then ``on_abort(job_id)`` for every abort of a
+        running job, until cancelled."""
+        state = await self._state()
+        inbox: asyncio.Queue[str] = asyncio.Queue()
+        state.abort_listeners.add(inbox)
+        try:
+            on_ready()
+            while True:
+                on_abort(await inbox.get())
+        finally:
+            state.abort_listeners.discard(inbox)
+
+    async def release(self, consumer: str) -> int:
+        """Hand back every entry this consumer holds as a fresh ready entry (``release.lua``);
+        the cut-short delivery of a running job is not counted. Returns how many."""
+        state = await self._state()
+        released = 0
+        for entry, row in list(state.pending.items()):
+            if row.consumer != consumer:
+                continue
+            state.drop_entry(entry)
+            job = state.job(row.job_id)
+            if job is not None and job.status in ("running", "queued"):
+                if job.status == "running":
+                    job.deliveries -= 1
+                job.status = "queued"
+                job.entry = state.add_entry(row.job_id)
+                released += 1
+        return released
+
+    async def heartbeat(
+        self, worker_id: str, info: dict[str, str | int | float], ttl: float
+    ) -> None:
+        """Record that a worker is alive, with its description; expires after ``ttl``."""
+        state = await self._state()
+        text = {k: v if isinstance(v, str) else repr(v) for k, v in info.items()}
+        if state.worker_alive(worker_id):
+            text = {**state.workers[worker_id].info, **text}
+        state.workers[worker_id] = Heartbeat(text, now_ms(), time.monotonic() + ttl)
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a stopping worker's heartbeat."""
+        (await self._state()).workers.pop(worker_id, None)
+
+    async def promote_due(self, now_ms: int, limit: int) -> int | None:
+        """Move up to ``limit`` delayed jobs due at ``now_ms`` to the ready queue
+        (``promote.lua``); returns the earliest remaining run-at time (ms) or None."""
+        state = await self._state()
+        for job_id in state.delayed.pop_due(now_ms, limit):
+            job = state.job(job_id)
+            if job is not None and job.status in ("scheduled", "retrying"):
+                job.status = "queued"
+                job.entry = state.add_entry(job_id)
+        head = state.delayed.head()
+        return None if head is None else head[1]
+
+    # -- looking at jobs -------------------------------------------------------------------
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """Everything stored about one job, or None."""
+        job = (await self._state()).job(job_id)
+        return None if job is None else job.to_record(job_id)
+
+    async def wait_final(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait until the job is final (or gone) and return its record; raises TimeoutError
+        after ``timeout`` seconds. Sleeps until the step that ends the job wakes it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            state = await self._state()
+            job = state.job(job_id)
+            if job is None or job.status in FINAL:
+                return None if job is None else job.to_record(job_id)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"job {job_id!r} did not finish within {timeout:g}s")
+            waiters = state.final_waiters.setdefault(job_id, Waiters())
+            try:
+                await waiters.wait(remaining)
+            finally:
+                if not waiters and state.final_waiters.get(job_id) is waiters:
+                    del state.final_waiters[job_id]
+
+    async def abort(self, job_id: str) -> str:
+        """Abort a queued, delayed or running job (``abort.lua``); returns the status it had
+        (``not_found`` if none). Listeners are told to cancel a running one."""
+        state = await self._state()
+        job = state.job(job_id)
+        if job is None:
+            return "not_found"
+        status = job.status
+        if status in FINAL:
+            return status
+        if status in ("scheduled", "retrying"):
+            state.delayed.discard(job_id)
+        elif status == "queued" and job.entry:
+            state.drop_entry(job.entry)
+        job.status = "aborted"
+        job.finished_ms = now_ms()
+        state.expire(job_id, job, self.result_ttl)
+        if status == "running":
+            state.publish_abort(job_id)
+        state.finalized(job_id)
+        return status
+
+    async def counts(self) -> QueueCounts:
+        """Ready, pending (delivered, unsettled), delayed and dead job counts."""
+        state = await self._state()
+        return QueueCounts(
+            ready=len(state.ready),
+            pending=len(state.pending),
+            delayed=len(state.delayed),
+            dead=len(state.dead),
+        )
+
+    async def lag_ms(self) -> int | None:
+        """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
+        state = await self._state()
+        oldest = next(iter(state.ready), None)
+        if oldest is None:
+            return None
+        return max(now_ms() - int(oldest.split("-")[0]), 0)
+
+    async def workers(self) -> list[dict[str, str]]:
+        """Live workers (heartbeat not expired) with their description, oldest beat first."""
+        state = await self._state()
+        alive = [w for w in list(state.workers) if state.worker_alive(w)]
+        alive.sort(key=lambda w: (state.workers[w].beat_ms, w))
+        return [{"id": w, **state.workers[w].info} for w in alive]
+
+    async def purge_queue(self) -> int:
+        """Delete everything stored for the queue; returns how many job records and other
+        non-empty structures (ready queue, delayed, dead, cron state, heartbeats) went."""
+        state = await self._state()
+        structures = (
+            bool(state.ready or state.pending),
+            bool(state.delayed),
+            bool(state.dead),
+            bool(state.cron),
+            bool(state.cron_runs),
+            bool(state.workers),
+        )
+        gone = len(state.jobs) + len(state.workers) + sum(structures)
+        job_ids = list(state.jobs)
+        state.jobs.clear()
+        state.ready.clear()
+        state.pending.clear()
+        state.delayed = ScoredSet()
+        state.dead = ScoredSet()
+        state.cron.clear()
+        state.cron_runs.clear()
+        state.workers.clear()
+        for job_id in job_ids:
+            state.finalized(job_id)
+        return gone
+
+    # -- cron ------------------------------------------------------------------------------
+
+    async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
+        """Claim one cron tick and enqueue its run, at most once per tick (``cron_claim.lua``).
+
+        A unique job's tick is skipped (OVERLAP) while the previous run is queued, delayed,
+        or running on a worker whose heartbeat is alive.
+        """
+        state = await self._state()
+        current = state.cron.get(name)
+        if current is not None and current >= fire_ms:
+            return CronClaim.TAKEN
+        state.cron[name] = fire_ms
+        last = state.cron_runs.get(name)
+        if unique and last is not None and last != job.job_id:
+            previous = state.job(last)
+            status = None if previous is None else previous.status
+            if status in ("queued", "retrying", "scheduled"):
+                return CronClaim.OVERLAP
+            if previous is not None and status == "running":
+                dead = previous.worker != "" and not state.worker_alive(previous.worker)
+                if not dead:
+                    return CronClaim.OVERLAP
+        if state.job(job.job_id) is None:
+            stored = StoredJob(job.envelope, "queued", now_ms())
+            state.jobs[job.job_id] = stored
+            stored.entry = state.add_entry(job.job_id)
+        state.cron_runs[name] = job.job_id
+        return CronClaim.CLAIMED
+
+    async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
+        """The last claimed tick and the record of its run, per cron job name."""
+        state = await self._state()
+        runs: dict[str, CronRun] = {}
+        for name in names:
+            job_id = state.cron_runs.get(name)
+            job = None if job_id is None else state.job(job_id)
+            record = None if job is None or job_id is None else job.to_record(job_id)
+            runs[name] = CronRun(state.cron.get(name), job_id, record)
+        return runs
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead(self, offset: int, limit: int) -> list[JobRecord]:
+        """Dead-lettered jobs, most recent first."""
+        state = await self._state()
+        newest_first = state.dead.ordered()[::-1][max(offset, 0) : max(offset, 0) + limit]
+        records: list[JobRecord] = []
+        for job_id in newest_first:
+            job = state.job(job_id)
+            if job is not None:
+                records.append(job.to_record(job_id))
+        return records
+
+    async def dead_ids(self) -> list[str]:
+        """Every dead-lettered job id, oldest first."""
+        return (await self._state()).dead.ordered()
+
+    async def requeue_dead(self, job_ids: Sequence[str]) -> int:
+        """Put dead jobs back in the ready queue from attempt 1 (``requeue.lua``); ids that
+        are not dead are ignored. Returns how many were requeued."""
+        state = await self._state()
+        now = now_ms()
+        requeued = 0
+        for job_id in job_ids:
+            if not state.dead.discard(job_id):
+                continue
+            job = state.job(job_id)
+            if job is None or job.envelope is None:
+                continue
+            job.status = "queued"
+            job.attempt = 1
+            job.deliveries = 0
+            job.enqueued_ms = now
+            job.finished_ms = job.run_at_ms = job.started_ms = None
+            job.entry = state.add_entry(job_id)
+            requeued += 1
+        return requeued
+
+    async def purge_dead(self, job_ids: Sequence[str]) -> int:
+        """Delete dead jobs and their records; ids that are not dead are left alone. Returns
+        how many were deleted."""
+        state = await self._state()
+        purged = 0
+        for job_id in job_ids:
+            if state.dead.discard(job_id):
+                state.jobs.pop(job_id, None)
+                purged += 1
+        return purged

@@ -1,0 +1,14 @@
+-- purge_dead.lua: delete dead-lettered jobs for good.
+-- KEYS[1] dead zset, KEYS[1 + i] hash of job i
+-- ARGV[i] job id i
+-- Returns the number of jobs deleted.
+-- Invariant: only jobs in the dead zset are deleted; an id that is not dead (a live job, a
+-- typo) is left alone, so purging can never lose a job that is still queued or running.
+local purged = 0
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('DEL', KEYS[1 + i])
+    purged = purged + 1
+  end
+end
+return purged
