@@ -44,7 +44,7 @@ class Running:
 
     delivery: Delivery
     started: float = field(default_factory=time.monotonic)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[Any] | None = None
     timer: asyncio.TimerHandle | None = None
     cancel_reason: str | None = None
     """Why this worker cancelled the job: 'timeout', 'abort', 'shutdown' or 'lost'."""

@@ -181,6 +181,9 @@ class Broker(Protocol):
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""
 
+    async def waiting(self, limit: int) -> list[JobRecord]:
+        """Jobs no worker has fetched yet: ready ones in order, then delayed ones."""
+
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet, or None."""
 

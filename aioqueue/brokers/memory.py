@@ -340,6 +340,15 @@ class MemoryBroker:
             dead=len(state.dead),
         )
 
+    async def waiting(self, limit: int) -> list[JobRecord]:
+        """Jobs not fetched yet: ready in order, then delayed by due time (XRANGE + ZRANGE)."""
+        if limit <= 0:
+            return []
+        state = await self._state()
+        ids = list(state.ready.values())[:limit] + state.delayed.ordered()[:limit]
+        records = [state.job(job_id) for job_id in ids]
+        return [job.to_record(job_id) for job_id, job in zip(ids, records, strict=True) if job]
+
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
         state = await self._state()

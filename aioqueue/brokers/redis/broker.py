@@ -623,6 +623,31 @@ class RedisBroker:
         born = int(_text(waiting[0][0]).split("-")[0])
         return max(_now_ms() - born, 0)
 
+    async def waiting(self, limit: int) -> list[JobRecord]:
+        """Jobs not fetched by any worker yet: ready ones in order, then delayed ones by due
+        time; at most ``limit`` of each."""
+        if limit <= 0:
+            return []
+        with redis_errors("listing waiting jobs"):
+            try:
+                groups = await self.client.xinfo_groups(self.keys.stream)
+            except rexc.ResponseError:
+                groups = []
+            last = next(
+                (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP),
+                "0-0",
+            )
+            entries = cast(
+                list[Any], await self.client.xrange(self.keys.stream, f"({last}", "+", count=limit)
+            )
+            ids = [_text(fields[b"j"]) for _, fields in entries if fields and b"j" in fields]
+            ids += [_text(i) for i in await self.client.zrange(self.keys.delayed, 0, limit - 1)]
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            rows = await pipe.execute()
+        return [_record(i, row) for i, row in zip(ids, rows, strict=True) if row]
+
     async def workers(self) -> list[dict[str, str]]:
         """Live workers (those whose heartbeat has not expired), with their description."""
         with redis_errors("listing workers"):
