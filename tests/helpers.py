@@ -75,3 +75,23 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30.0) -> 
 def output_of(process: subprocess.Popen[bytes]) -> str:
     """Everything a finished subprocess printed."""
     return process.stdout.read().decode(errors="replace") if process.stdout else ""
+
+
+def run_cli(
+    *args: str, url: str | None = None, queue: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m aioqueue ARGS`` from ``tests/apps`` (or ``cwd``) against a Redis URL
+    and queue name given through the environment, as an operator would."""
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    if url is not None:
+        env["AIOQUEUE_REDIS_URL"] = url
+    if queue is not None:
+        env["AIOQUEUE_QUEUE"] = queue
+    return subprocess.run(
+        [sys.executable, "-m", "aioqueue", *args],
+        cwd=cwd or ROOT / "tests" / "apps",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

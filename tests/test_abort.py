@@ -18,7 +18,7 @@ async def test_aborting_a_running_job_cancels_it_on_its_worker(queue: Queue) -> 
     async def forever(ctx: Context) -> None:
         started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             cancelled.set()
             raise

@@ -896,7 +896,7 @@ async def test_aborting_a_running_job_cancels_it_on_its_worker(queue: Queue) -> 
     @queue.task()
     async def forever(ctx: Context) -> None:
         started.set()
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until cancelled
 
     job_handle = await forever.enqueue()
     async with running(queue.worker()):

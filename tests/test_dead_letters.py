@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 
 import pytest
 from conftest import RedisServer
-from helpers import ROOT, running
+from helpers import run_cli, running
 
 from aioqueue import Context, JobFailed, JobStatus, Queue
 
@@ -54,19 +53,7 @@ def _cli(
     redis_server: RedisServer, queue_name: str, *args: str, command: str = "dlq"
 ) -> subprocess.CompletedProcess[str]:
     prefix = [] if command == "run" else ["dlq"]
-    return subprocess.run(
-        [sys.executable, "-m", "aioqueue", *prefix, *args],
-        cwd=ROOT / "tests" / "apps",
-        env={
-            "PATH": "/usr/bin:/bin",
-            "AIOQUEUE_REDIS_URL": redis_server.url,
-            "AIOQUEUE_QUEUE": queue_name,
-            "COLUMNS": "200",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*prefix, *args, url=redis_server.url, queue=queue_name)
 
 
 @pytest.mark.slow

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import http
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from conftest import RedisServer
-from helpers import ROOT, eventually, running
+from helpers import ROOT, eventually, run_cli, running
 
 from aioqueue import Job, JobFailed, JobStatus, Queue, Task, Worker
 from examples.github_poll.app import create_app
@@ -342,18 +340,13 @@ async def test_polls_every_ten_minutes_and_runs_from_the_repository_root(
         ]
     assert SCHEDULE == "*/10 * * * *"
     result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "aioqueue", "cron", "list", "examples.github_poll.worker:worker"],
+        run_cli,
+        "cron",
+        "list",
+        "examples.github_poll.worker:worker",
+        url=redis_server.url,
+        queue=queue_name,
         cwd=ROOT,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "AIOQUEUE_REDIS_URL": redis_server.url,
-            "AIOQUEUE_QUEUE": queue_name,
-            "COLUMNS": "200",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "poll_github" in result.stdout

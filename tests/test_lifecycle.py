@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 
 import pytest
 from conftest import RedisServer
-from helpers import ROOT, eventually, spawn_worker
+from helpers import eventually, run_cli, spawn_worker
 
 from aioqueue import Context, JobStatus, Queue
 
@@ -50,16 +48,6 @@ async def test_sigterm_lets_in_flight_jobs_finish_and_exits_zero(
         await queue.close()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aioqueue", *args],
-        cwd=ROOT / "tests" / "apps",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize(
     ("target", "message"),
     [
@@ -70,7 +58,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_import_path_is_one_clear_line(target: str, message: str) -> None:
-    result = _cli("run", target)
+    result = run_cli("run", target)
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -83,16 +71,7 @@ def test_bad_import_path_is_one_clear_line(target: str, message: str) -> None:
 def test_cli_runs_a_worker_from_each_supported_object(
     target: str, redis_server: RedisServer, queue_name: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "aioqueue", "run", target, "--burst", "--log-level", "WARNING"],
-        cwd=ROOT / "tests" / "apps",
-        env={
-            "PATH": "/usr/bin:/bin",
-            "AIOQUEUE_REDIS_URL": redis_server.url,
-            "AIOQUEUE_QUEUE": queue_name,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_cli(
+        "run", target, "--burst", "--log-level", "WARNING", url=redis_server.url, queue=queue_name
     )
     assert result.returncode == 0, result.stderr

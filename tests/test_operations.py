@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, free_port
-from helpers import ROOT, eventually, running, wait_exit
+from helpers import ROOT, eventually, run_cli, running, wait_exit
 
 from aioqueue import Context, JobStatus, Queue
 from aioqueue.middleware import CallNext
@@ -22,19 +22,7 @@ from aioqueue.middleware import CallNext
 def _cli(
     redis_server: RedisServer, queue_name: str, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aioqueue", *args],
-        cwd=ROOT / "tests" / "apps",
-        env={
-            "PATH": "/usr/bin:/bin",
-            "AIOQUEUE_REDIS_URL": redis_server.url,
-            "AIOQUEUE_QUEUE": queue_name,
-            "COLUMNS": "200",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, url=redis_server.url, queue=queue_name)
 
 
 async def test_stats_count_a_queue_in_a_known_state(

@@ -80,7 +80,7 @@ async def test_timeout_counts_as_a_failed_attempt(queue: Queue) -> None:
     @queue.task(retries=1, timeout=0.2, backoff=FAST)
     async def hangs(ctx: Context) -> None:
         attempts.append(ctx.attempt)
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # until cancelled
 
     job = await hangs.enqueue()
     async with running(queue.worker()):
@@ -94,7 +94,7 @@ async def test_timeout_counts_as_a_failed_attempt(queue: Queue) -> None:
 async def test_per_job_timeout_overrides_the_task_timeout(queue: Queue) -> None:
     @queue.task(retries=0, timeout=30)
     async def hangs(ctx: Context) -> None:
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # until cancelled
 
     job = await hangs.options(timeout=0.1).enqueue()
     async with running(queue.worker()):

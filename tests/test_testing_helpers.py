@@ -34,7 +34,7 @@ def make_app() -> tuple[Queue, dict[str, list[str]]]:
 
     @queue.task(retries=0, timeout=0.05)
     async def slow(ctx: Context) -> None:
-        await asyncio.sleep(10)
+        await asyncio.Event().wait()  # until cancelled
 
     return queue, sent
 
