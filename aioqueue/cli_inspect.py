@@ -198,7 +198,14 @@ def job(
     """Show one job: status, attempts, timings, and its result or error."""
     details = with_queue(target, lambda q: q.job(job_id).info())
     if as_json:
-        typer.echo(msgspec.json.encode(details).decode())
+        shape = msgspec.to_builtins(details)
+        if details.error is not None:
+            shape["error"] = {
+                "type": details.error.type,
+                "message": details.error.message,
+                "traceback": details.error.traceback,
+            }
+        typer.echo(msgspec.json.encode(shape).decode())
         return
     console = Console()
     color = {"complete": "green", "dead": "red", "failed": "red"}.get(details.status.value, "cyan")
@@ -222,11 +229,15 @@ def job(
 def check(
     target: TargetArg,
     min_workers: Annotated[int, typer.Option(help="Fail below this many live workers")] = 1,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Count only workers on this host (e.g. $HOSTNAME in a container)"),
+    ] = None,
 ) -> None:
     """Exit 0 when at least --min-workers workers heartbeat on the queue, 1 otherwise
     (for container health checks)."""
     stats = with_queue(target, lambda q: q.stats())
-    alive = len(stats.workers)
+    alive = len([w for w in stats.workers if host is None or w.host == host])
     if alive < min_workers:
         typer.echo(f"unhealthy: {alive} live workers on queue {stats.queue!r}", err=True)
         raise typer.Exit(code=1)

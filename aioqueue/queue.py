@@ -100,26 +100,26 @@ class Queue:
             self._connected = True
         return self._broker
 
-    def new_broker(self) -> Broker:
+    def new_broker(self, settings: Settings | None = None) -> Broker:
         """A broker with its own connections to this queue's storage.
 
-        Workers take one of their own so their fetch and settle round trips never queue
-        behind a burst of producer calls (enqueues, result waits) in the same process.
+        Workers take one of their own, built from their own settings (``block``,
+        ``max_connections``), so their fetch and settle round trips never queue behind a burst
+        of producer calls (enqueues, result waits) in the same process.
         """
-        if self.settings.redis_url.startswith("memory://"):
+        settings = settings or self.settings
+        if settings.redis_url.startswith("memory://"):
             from aioqueue.brokers.memory import MemoryBroker
 
-            return MemoryBroker(
-                self.settings.redis_url, self.name, result_ttl=self.settings.result_ttl
-            )
+            return MemoryBroker(settings.redis_url, self.name, result_ttl=settings.result_ttl)
         from aioqueue.brokers.redis import RedisBroker
 
         return RedisBroker(
-            self.settings.redis_url,
+            settings.redis_url,
             self.name,
-            result_ttl=self.settings.result_ttl,
-            block=self.settings.block,
-            max_connections=self.settings.max_connections,
+            result_ttl=settings.result_ttl,
+            block=settings.block,
+            max_connections=settings.max_connections,
         )
 
     async def close(self) -> None:

@@ -48,7 +48,10 @@ class Supervisor:
         self.restarts = 0
 
     def _spawn(self, slot: int) -> Child:
-        process = subprocess.Popen([*self.command, *self.slot_args[slot]])
+        # A session of its own: a signal sent to the whole process group (Ctrl-C in a
+        # terminal, systemd's control-group kill) reaches the children once, through the
+        # supervisor, instead of twice, which would skip their grace period.
+        process = subprocess.Popen([*self.command, *self.slot_args[slot]], start_new_session=True)
         logger.info("started worker process %d (pid %d)", slot, process.pid)
         return Child(slot, process)
 

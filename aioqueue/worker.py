@@ -182,7 +182,7 @@ class Worker:
     async def _consume(self, handle_signals: bool, consuming: asyncio.Event | None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._reset()
-        broker = self.queue.new_broker()
+        broker = self.queue.new_broker(self.settings)
         await self._retrying("connecting to Redis", broker.connect)
         try:
             await self._retrying("creating the consumer group", broker.ensure_group)

@@ -83,6 +83,17 @@ async def test_check_fails_without_a_live_worker_and_passes_with_one(
         result = await asyncio.to_thread(_cli, redis_server, queue_name, "check", "basic_app:queue")
         assert result.returncode == 0, result.stderr
         assert "1 live workers" in result.stdout
+        import socket
+
+        here = socket.gethostname()
+        mine = await asyncio.to_thread(
+            _cli, redis_server, queue_name, "check", "basic_app:queue", "--host", here
+        )
+        assert mine.returncode == 0
+        elsewhere = await asyncio.to_thread(
+            _cli, redis_server, queue_name, "check", "basic_app:queue", "--host", "other-host"
+        )
+        assert elsewhere.returncode == 1
     assert _cli(redis_server, queue_name, "check", "basic_app:queue").returncode == 1
     await queue.close()
 

@@ -79,6 +79,12 @@ class redis_errors:
         if exc is None or (isinstance(exc, TimeoutError) and not isinstance(exc, rexc.RedisError)):
             # A builtin TimeoutError (an OSError) is a caller's deadline, not an outage.
             return
+        if isinstance(exc, rexc.OutOfMemoryError):
+            message = (
+                f"Redis is out of memory (maxmemory) while {self.what}: "
+                "let workers drain the queue, or raise maxmemory"
+            )
+            raise RedisUnavailable(message) from exc
         if isinstance(exc, rexc.BusyLoadingError):
             raise RedisUnavailable(
                 f"Redis is loading its dataset while {self.what}: {exc}"
