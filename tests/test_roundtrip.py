@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import RedisServer
 from helpers import eventually, running
 
 from aioqueue import Context, JobStatus, Queue
@@ -144,3 +145,17 @@ async def test_enqueue_many_of_ten_thousand_jobs_all_complete(queue: Queue) -> N
 async def _drained(queue: Queue) -> bool:
     counts = await queue.counts()
     return counts.ready == 0 and counts.pending == 0
+
+
+async def test_queue_names_outside_ascii_work(redis_server: RedisServer, queue_name: str) -> None:
+    queue = Queue(redis_server.url, name=f"tâche-{queue_name}-ü")
+
+    @queue.task()
+    async def echo(ctx: Context, text: str) -> str:
+        return text
+
+    job = await echo.enqueue("ça marche")
+    assert (await job.info()).id == job.id
+    async with running(queue.worker()):
+        assert await job.result(timeout=10) == "ça marche"
+    await queue.close()

@@ -222,13 +222,20 @@ class RedisBroker:
         # With a max_size the whole batch is one script call, so QueueFull is all or nothing;
         # without one, chunks keep each call short.
         size = len(jobs) if max_size > 0 else CHUNK
+        skip = len(self.keys.job_prefix.encode())  # Lua counts bytes
         for start in range(0, len(jobs), max(size, 1)):
             chunk = jobs[start : start + size]
+            timed = any(job.run_at_ms for job in chunk)
             keys = [self.keys.stream, self.keys.delayed]
-            args: list[Any] = [max_size, now]
-            for job in chunk:
-                keys.append(self.keys.job(job.job_id))
-                args += [job.job_id, job.envelope, job.run_at_ms]
+            args: list[Any] = [max_size, now, skip, "1" if timed else "0"]
+            job_key = self.keys.job
+            if timed:
+                for job in chunk:
+                    keys.append(job_key(job.job_id))
+                    args += [job.envelope, job.run_at_ms]
+            else:
+                keys += [job_key(job.job_id) for job in chunk]
+                args += [job.envelope for job in chunk]
             calls.append(("enqueue", keys, args))
         with redis_errors("enqueuing"):
             results = await self._eval_many(calls)

@@ -1,13 +1,20 @@
 -- enqueue.lua: write a batch of new jobs, all or nothing with respect to max_size.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[2 + i] hash of job i
 -- ARGV[1] max_size (0 = unlimited), ARGV[2] now (ms),
---   then per job i: job id, encoded envelope, run_at (ms; 0 or past = ready now)
+--   ARGV[3] length of the job-key prefix (the job id is the rest of KEYS[2 + i]),
+--   ARGV[4] '1' if every job carries a run_at after its envelope, '0' if all run now,
+--   then per job i: encoded envelope [, run_at (ms; 0 or past = ready now)]
 -- Returns -1 when the new jobs would take ready + delayed past max_size (nothing is
 -- written), else a table with 1 for each job written and 0 for each id that already existed.
 -- Invariant: a job id exists at most once, and a live job is in exactly one of the ready
 -- stream and the delayed zset. Counting and writing in one script makes QueueFull exact.
+-- The hash starts with only what every job needs; 'attempt' (1) and 'deliveries' (0) are
+-- implied until first written, which keeps bulk enqueue cheap.
 local max_size = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
+local skip = tonumber(ARGV[3])
+local timed = ARGV[4] == '1'
+local step = timed and 2 or 1
 local n = #KEYS - 2
 local fresh = {}
 local seen = {}
@@ -29,16 +36,17 @@ end
 local out = {}
 for i = 1, n do
   if fresh[i] then
-    local at = 2 + (i - 1) * 3
-    local id, env, run_at = ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+    local key = KEYS[2 + i]
+    local id = string.sub(key, skip + 1)
+    local at = 4 + (i - 1) * step
+    local env = ARGV[at + 1]
+    local run_at = timed and tonumber(ARGV[at + 2]) or 0
     if run_at > now then
-      redis.call('HSET', KEYS[2 + i], 'env', env, 'status', 'scheduled', 'attempt', 1,
-        'deliveries', 0, 'enqueued', now, 'run_at', run_at)
+      redis.call('HSET', key, 'env', env, 'status', 'scheduled', 'enqueued', now, 'run_at', run_at)
       redis.call('ZADD', KEYS[2], run_at, id)
     else
       local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
-      redis.call('HSET', KEYS[2 + i], 'env', env, 'status', 'queued', 'attempt', 1,
-        'deliveries', 0, 'enqueued', now, 'entry', entry)
+      redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
     end
     out[i] = 1
   else

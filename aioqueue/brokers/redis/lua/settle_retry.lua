@@ -15,14 +15,15 @@ for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   local at = 3 + (i - 1) * 5
   local id, entry, run_at = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local job = redis.call('HMGET', key, 'status', 'worker', 'entry')
+  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'attempt')
   if job[2] ~= consumer or job[3] ~= entry then
     out[i] = 0
   else
     if job[1] ~= 'aborted' then
+      -- A job that never failed before has no 'attempt' field yet: it was attempt 1.
       redis.call('HSET', key, 'status', 'retrying', 'error', ARGV[at + 4],
-        'reason', ARGV[at + 5], 'run_at', run_at, 'deliveries', 0, 'finished', now)
-      redis.call('HINCRBY', key, 'attempt', 1)
+        'reason', ARGV[at + 5], 'run_at', run_at, 'deliveries', 0, 'finished', now,
+        'attempt', (tonumber(job[4]) or 1) + 1)
       redis.call('ZADD', KEYS[2], run_at, id)
     end
     acked[#acked + 1] = entry
