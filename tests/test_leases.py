@@ -12,6 +12,7 @@ from conftest import RedisServer
 from helpers import eventually, output_of, running, spawn_worker, wait_exit, worker_env
 
 from aioqueue import Context, JobStatus, Queue
+from aioqueue.brokers.redis.keys import GROUP, Keys
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +45,35 @@ async def test_job_of_a_killed_worker_is_finished_by_another_within_the_lease(
         await queue.close()
 
 
-async def test_job_running_three_times_longer_than_the_lease_runs_once(queue: Queue) -> None:
+async def test_job_running_three_times_longer_than_the_lease_runs_once(
+    queue: Queue, redis_client: redis.Redis
+) -> None:
+    lease = 0.6
     runs = 0
+    started = asyncio.Event()
+    release = asyncio.Event()
 
     @queue.task(retries=0)
     async def long_job(ctx: Context) -> str:
         nonlocal runs
         runs += 1
-        await asyncio.sleep(1.8)
+        started.set()
+        await release.wait()
         return "done"
 
+    def renewed_for_three_leases(since: float) -> bool:
+        pending = redis_client.xpending_range(Keys(queue.name).stream, GROUP, "-", "+", 10)
+        # The entry's idle time keeps being reset by the lease renewal.
+        assert all(row["time_since_delivered"] < lease * 1000 for row in pending)
+        return time.monotonic() - since >= 3 * lease
+
     job = await long_job.enqueue()
-    # Two workers compete for the queue; the lease is 0.6s, the job takes 3x that.
-    async with running(queue.worker(lease=0.6)), running(queue.worker(lease=0.6)):
+    # Two workers compete for the queue; the job holds on until three leases have passed.
+    async with running(queue.worker(lease=lease)), running(queue.worker(lease=lease)):
+        await asyncio.wait_for(started.wait(), 10)
+        since = time.monotonic()
+        await eventually(lambda: renewed_for_three_leases(since), timeout=10)
+        release.set()
         assert await job.result(timeout=20) == "done"
     assert runs == 1
     info = await job.info()
