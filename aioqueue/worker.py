@@ -301,6 +301,10 @@ class Worker:
                 failures = 0
             for delivery in deliveries:
                 self._start(delivery)
+            if deliveries:
+                # Let the new jobs take their first step before the next read is sent: a job
+                # then starts one round-trip's worth of client work earlier.
+                await asyncio.sleep(0)
             if settings.burst and not deliveries and not self._in_flight:
                 counts = await broker.counts()
                 if counts.ready == 0 and counts.pending == 0 and counts.delayed == 0:
