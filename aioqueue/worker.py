@@ -255,8 +255,7 @@ class Worker:
                 failures += 1
                 if failures == 1:
                     logger.warning("%s: %s; retrying with backoff", what, exc)
-                ceiling = min(RECONNECT_CAP, RECONNECT_BASE * 2**failures)
-                await asyncio.sleep(random.uniform(0, ceiling))
+                await asyncio.sleep(reconnect_delay(failures))
 
     # -- fetching --------------------------------------------------------------------------
 
@@ -292,9 +291,7 @@ class Worker:
                 failures += 1
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
-                await asyncio.sleep(
-                    random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**failures))
-                )
+                await asyncio.sleep(reconnect_delay(failures))
                 continue
             if failures:
                 logger.info("fetching jobs again after %d failed attempts", failures)
@@ -454,17 +451,9 @@ class Worker:
                 started = True
                 task_status.started()
 
-        failures = 0
-        while True:
-            try:
-                await broker.listen_aborts(self._on_abort, ready)
-            except RedisUnavailable as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning("listening for aborts: %s; reconnecting", exc)
-                await asyncio.sleep(
-                    random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**failures))
-                )
+        await self._retrying(
+            "listening for aborts", functools.partial(broker.listen_aborts, self._on_abort, ready)
+        )
 
     def _on_abort(self, job_id: str) -> None:
         running = self._in_flight.get(job_id)
@@ -571,6 +560,11 @@ class Worker:
         else:
             if released:
                 logger.info("handed %d jobs back to the queue", released)
+
+
+def reconnect_delay(failures: int) -> float:
+    """Full-jitter backoff after ``failures`` consecutive Redis failures."""
+    return random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**failures))
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

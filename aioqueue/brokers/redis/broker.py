@@ -35,7 +35,7 @@ from aioqueue.brokers.base import (
 )
 from aioqueue.brokers.redis import scripts
 from aioqueue.brokers.redis.keys import GROUP, Keys
-from aioqueue.brokers.redis.waiter import DoneWaiter
+from aioqueue.brokers.redis.waiter import DoneWaiter, pubsub_messages
 from aioqueue.errors import QueueFull, RedisUnavailable, UnsupportedRedis
 from aioqueue.serialization import ErrorInfo, encode
 
@@ -464,15 +464,7 @@ class RedisBroker:
             with redis_errors("subscribing to abort requests"):
                 await pubsub.subscribe(self.keys.abort_channel)
             ready = False
-            while True:
-                try:
-                    message = await pubsub.get_message(timeout=5.0)
-                except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                    logger.warning("abort listener lost Redis (%s); reconnecting", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                if message is None:
-                    continue
+            async for message in pubsub_messages(pubsub, "abort listener"):
                 if message["type"] == "subscribe" and not ready:
                     ready = True
                     on_ready()
@@ -619,18 +611,23 @@ class RedisBroker:
             dead=int(dead),
         )
 
+    async def _unfetched(self, count: int) -> list[Any]:
+        """The first ``count`` stream entries after the group's last-delivered id."""
+        try:
+            groups = await self.client.xinfo_groups(self.keys.stream)
+        except rexc.ResponseError:
+            return []  # no stream or group yet: nothing was ever enqueued
+        last = next(
+            (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0"
+        )
+        return cast(
+            list[Any], await self.client.xrange(self.keys.stream, f"({last}", "+", count=count)
+        )
+
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
         with redis_errors("measuring queue lag"):
-            try:
-                groups = await self.client.xinfo_groups(self.keys.stream)
-            except rexc.ResponseError:
-                return None
-            last = next(
-                (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP),
-                "0-0",
-            )
-            waiting = await self.client.xrange(self.keys.stream, f"({last}", "+", count=1)
+            waiting = await self._unfetched(1)
         if not waiting:
             return None
         born = int(_text(waiting[0][0]).split("-")[0])
@@ -642,17 +639,7 @@ class RedisBroker:
         if limit <= 0:
             return []
         with redis_errors("listing waiting jobs"):
-            try:
-                groups = await self.client.xinfo_groups(self.keys.stream)
-            except rexc.ResponseError:
-                groups = []
-            last = next(
-                (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP),
-                "0-0",
-            )
-            entries = cast(
-                list[Any], await self.client.xrange(self.keys.stream, f"({last}", "+", count=limit)
-            )
+            entries = await self._unfetched(limit)
             ids = [_text(fields[b"j"]) for _, fields in entries if fields and b"j" in fields]
             ids += [_text(i) for i in await self.client.zrange(self.keys.delayed, 0, limit - 1)]
             pipe = self.client.pipeline(transaction=False)

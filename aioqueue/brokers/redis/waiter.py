@@ -14,16 +14,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.client import PubSub
 
 logger = logging.getLogger(__name__)
 
 # How long a waiter trusts the notification path before re-checking the job itself. Only
 # matters when a notification was lost to a reconnect; it is not a polling interval.
 RECHECK = 5.0
+
+
+async def pubsub_messages(pubsub: PubSub, what: str) -> AsyncIterator[dict[str, Any]]:
+    """Every message a pub/sub connection receives, forever, surviving reconnects (redis-py
+    subscribes the channels again when it reconnects)."""
+    while True:
+        try:
+            message = await pubsub.get_message(timeout=RECHECK)
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            logger.warning("%s lost Redis (%s); reconnecting", what, exc)
+            await asyncio.sleep(0.5)
+            continue
+        if message is not None:
+            yield message
 
 
 class DoneWaiter:
@@ -81,17 +97,9 @@ class DoneWaiter:
             raise TimeoutError from None
 
     async def _read(self) -> None:
-        """The single reader of the pub/sub connection."""
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=RECHECK)
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                logger.warning("result listener lost Redis (%s); reconnecting", exc)
-                # redis-py re-subscribes on reconnect; waiters re-check their jobs meanwhile.
-                await asyncio.sleep(0.5)
-                continue
-            if message is None:
-                continue
+        """The single reader of the pub/sub connection; waiters re-check their jobs while it
+        reconnects."""
+        async for message in pubsub_messages(self._pubsub, "result listener"):
             if message["type"] == "subscribe":
                 if self._confirmed is not None and not self._confirmed.done():
                     self._confirmed.set_result(None)
