@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from faultproxy import FaultProxy
 
 from aioqueue import Queue
 
@@ -122,3 +123,11 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis(port=redis_server.port)
     yield client
     client.close()
+
+
+@pytest.fixture
+def fault_proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the session's redis-server: connect through ``fault_proxy.url``
+    and inject lost replies, delays, cuts and partitions (see tests/faultproxy.py)."""
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        yield proxy
