@@ -7,6 +7,10 @@ subscription is confirmed before the check, no notification can fall in between;
 process waiting on ten thousand jobs holds one subscription, not ten thousand. If the
 pub/sub connection drops, waiters re-check their job when the wait times out, so a lost
 notification costs a re-check, never a hang.
+
+A subscription that fails (Redis unreachable, or ``NOPERM`` for a user without rights on
+the channel) or a reader that stops on any other error ends that subscription: every
+current waiter gets the error, and the next wait subscribes afresh on a new connection.
 """
 
 from __future__ import annotations
@@ -43,12 +47,19 @@ async def pubsub_messages(pubsub: PubSub, what: str) -> AsyncIterator[dict[str, 
 
 
 class DoneWaiter:
-    """Routes "job finished" notifications on this process's channel to waiting coroutines."""
+    """Routes "job finished" notifications on this process's channel to waiting coroutines.
+
+    One subscription at a time: a reader task that subscribes, confirms and then routes
+    messages. When it stops (an error, or :meth:`close`) it wakes every current waiter with
+    the reason and forgets itself, so the next wait starts a new one.
+    """
 
     def __init__(self, client: aioredis.Redis, channel: str) -> None:
         self.channel = channel
-        self._pubsub = client.pubsub()
+        self._client = client
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        # The current subscription: its reader task and the future it resolves once Redis
+        # confirms the SUBSCRIBE. Both None when there is none (not started yet, or stopped).
         self._confirmed: asyncio.Future[None] | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -58,7 +69,7 @@ class DoneWaiter:
         """Return once ``watch()`` reports the job final or its notification arrives.
 
         ``watch`` must register this process's channel on the job. Raises TimeoutError
-        after ``timeout`` seconds.
+        after ``timeout`` seconds, and the subscription's error if it fails or stops.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -83,40 +94,87 @@ class DoneWaiter:
                 waiters.remove(done)
             if not waiters:
                 self._waiting.pop(job_id, None)
+            if done.done() and not done.cancelled():
+                done.exception()  # woken with an error after this wait ended: seen, not logged
 
     async def _subscribed(self, deadline: float | None) -> None:
+        """Start a subscription unless one is running; wait until Redis confirms it."""
         loop = asyncio.get_running_loop()
-        if self._confirmed is None:
-            self._confirmed = loop.create_future()
-            await self._pubsub.subscribe(self.channel)
-            self._reader = asyncio.create_task(self._read(), name="aioqueue-result-listener")
+        confirmed = self._confirmed
+        if confirmed is None:
+            confirmed = loop.create_future()
+            pubsub = self._client.pubsub()
+            self._confirmed = confirmed
+            self._reader = asyncio.create_task(
+                self._read(pubsub, confirmed), name="aioqueue-result-listener"
+            )
+        if confirmed.done():
+            return
         timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
         try:
-            await asyncio.wait_for(asyncio.shield(self._confirmed), timeout)
+            await asyncio.wait_for(asyncio.shield(confirmed), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError from None
 
-    async def _read(self) -> None:
-        """The single reader of the pub/sub connection; waiters re-check their jobs while it
-        reconnects."""
-        async for message in pubsub_messages(self._pubsub, "result listener"):
-            if message["type"] == "subscribe":
-                if self._confirmed is not None and not self._confirmed.done():
-                    self._confirmed.set_result(None)
-            elif message["type"] == "message":
-                data = message["data"]
-                job_id = data.decode() if isinstance(data, bytes) else str(data)
-                for done in self._waiting.get(job_id, []):
-                    if not done.done():
-                        done.set_result(None)
+    async def _read(self, pubsub: PubSub, confirmed: asyncio.Future[None]) -> None:
+        """The single reader of one pub/sub connection: subscribe, confirm, route messages.
+
+        Connection drops are survived inside ``pubsub_messages`` (waiters re-check their
+        jobs meanwhile). Anything else ends this subscription and wakes every waiter.
+        """
+        error: BaseException = RuntimeError("the result listener stopped")
+        try:
+            await pubsub.subscribe(self.channel)
+            async for message in pubsub_messages(pubsub, "result listener"):
+                if message["type"] == "subscribe":
+                    if not confirmed.done():
+                        confirmed.set_result(None)
+                elif message["type"] == "message":
+                    data = message["data"]
+                    job_id = data.decode() if isinstance(data, bytes) else str(data)
+                    for done in self._waiting.get(job_id, []):
+                        if not done.done():
+                            done.set_result(None)
+        except asyncio.CancelledError:
+            error = RuntimeError("the result listener was closed")
+            raise
+        except Exception as exc:
+            logger.warning(
+                "result listener failed (%s: %s); the next wait subscribes again",
+                type(exc).__name__,
+                exc,
+            )
+            error = exc
+        finally:
+            # Wake the waiters before the await below, so that no new wait joins a
+            # subscription that is already over.
+            self._stopped(confirmed, error)
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _stopped(self, confirmed: asyncio.Future[None], error: BaseException) -> None:
+        """Forget the subscription ``confirmed`` belongs to and wake its waiters with
+        ``error``. Waiters already registered are the ones it served; later waits start a
+        new subscription."""
+        if self._confirmed is not confirmed:
+            return
+        self._confirmed = None
+        self._reader = None
+        if not confirmed.done():
+            confirmed.set_exception(error)
+            confirmed.exception()  # the waiters awaiting it raise it; nobody else must
+        for waiters in self._waiting.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_exception(error)
 
     async def close(self) -> None:
-        """Stop the reader and close the pub/sub connection."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-            self._reader = None
-        self._confirmed = None
-        with contextlib.suppress(rexc.RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        """Stop the reader and close the pub/sub connection; current waiters get an error."""
+        reader, confirmed = self._reader, self._confirmed
+        if reader is None or confirmed is None:
+            return
+        reader.cancel()
+        # Here rather than in the reader alone: a reader cancelled before its first step
+        # never runs its cleanup, and its waiters must not wait on it.
+        self._stopped(confirmed, RuntimeError("the result listener was closed"))
+        await asyncio.wait((reader,))  # it closes its connection; nothing to raise here
