@@ -174,6 +174,5 @@ def _failure(
         return Finished(delivery, "dead", error_info(exc), reason)
     if delay is None:
         delay = task.backoff.delay(delivery.attempt)
-    run_at = int((time.time() + delay) * 1000)
     reason = exc.reason if isinstance(exc, Retry) and exc.reason else type(exc).__name__
-    return Again(delivery, run_at, error_info(exc), reason)
+    return Again(delivery, max(int(delay * 1000), 0), error_info(exc), reason)

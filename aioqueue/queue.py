@@ -257,8 +257,7 @@ class Queue:
         returned. Raises :class:`QueueFull` if the queue's ``max_size`` would be exceeded, and
         then writes none of the batch.
         """
-        now = time.time()
-        now_ms = int(now * 1000)
+        now_ms = int(time.time() * 1000)
         limit = self.settings.max_payload_bytes
         trace = self._trace()
         new_jobs: list[NewJob] = []
@@ -286,7 +285,7 @@ class Queue:
             if len(envelope) > limit:
                 raise PayloadTooLarge(request.task, len(envelope), limit)
             job_id = options.job_id or new_job_id()
-            new_jobs.append(NewJob(job_id, envelope, options.run_at_ms(now)))
+            new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms()))
             jobs.append(self.job(job_id, task))
         if new_jobs:
             broker = await self.connected_broker()

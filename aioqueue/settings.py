@@ -23,6 +23,7 @@ __all__ = ["ENV_PREFIX", "Settings", "resolve_settings"]
 ENV_PREFIX = "AIOQUEUE_"
 
 _Positive = msgspec.Meta(gt=0)
+QUEUE_NAME = r"^[\w.:-]{1,100}$"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -30,8 +31,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     redis_url: str = "redis://localhost:6379/0"
     """Where Redis is: ``redis://``, ``rediss://`` (TLS) or ``unix://``; ACL user in the URL."""
-    queue: str = "default"
-    """Queue name. All keys of a queue share the hash tag ``{queue}``."""
+    queue: Annotated[str, msgspec.Meta(pattern=QUEUE_NAME)] = "default"
+    """Queue name: 1 to 100 letters (any script), digits, ``_ . : -``. All keys of a queue
+    share the hash tag ``{queue}`` and the name is part of every key and channel, so braces
+    and spaces, which would break both, are refused."""
     max_size: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Most unfinished jobs (ready + running + delayed) the queue accepts; 0 means no limit."""
     max_payload_bytes: Annotated[int, _Positive] = 1_048_576

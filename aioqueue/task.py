@@ -50,14 +50,16 @@ class JobOptions:
         if self.job_id is not None and not self.job_id:
             raise ConfigurationError("job_id must not be empty")
 
-    def run_at_ms(self, now: float) -> int:
-        """When the job may run, in Unix ms (0 = now)."""
+    def schedule_ms(self) -> tuple[int, int]:
+        """When the job may run: (``at`` in Unix ms, 0 = now; ``delay`` in ms). A delay is
+        counted from when the broker writes the job, on the broker's clock, so a producer
+        whose clock is off cannot stretch or shrink it."""
         if self.at is not None:
-            return int(self.at.timestamp() * 1000)
+            return int(self.at.timestamp() * 1000), 0
         if self.delay is None:
-            return 0
+            return 0, 0
         seconds = self.delay.total_seconds() if isinstance(self.delay, timedelta) else self.delay
-        return int((now + seconds) * 1000) if seconds > 0 else 0
+        return 0, max(int(seconds * 1000), 0)
 
 
 @dataclass(frozen=True, slots=True)

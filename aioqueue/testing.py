@@ -40,8 +40,6 @@ from aioqueue.task import Task
 __all__ = ["drain", "enqueued", "isolated", "use_memory"]
 
 CONSUMER = "aioqueue-testing"
-# Far enough in the future that every delayed job counts as due.
-END_OF_TIME_MS = 2**62
 
 
 class Restore:
@@ -123,7 +121,7 @@ async def drain(
     ran: list[str] = []
     while len(ran) < max_jobs:
         if include_delayed:
-            await broker.promote_due(END_OF_TIME_MS, max_jobs)
+            await broker.promote_due(max_jobs, early=True)
         deliveries = await broker.fetch(CONSUMER, 1, 0.001, max_deliveries=1_000)
         if not deliveries:
             break

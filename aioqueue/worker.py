@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -47,6 +47,11 @@ Hook = Callable[[dict[str, Any]], Awaitable[None]]
 # Reconnect backoff after Redis trouble: full jitter between 0 and this ceiling, doubling.
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 5.0
+# Every this many takeover sweeps (each lease/2), consumers of workers that are gone are
+# removed from the consumer group.
+CONSUMER_SWEEP_EVERY = 20
+# How long shutdown waits for cancelled jobs to end, and for computed outcomes to be written.
+SHUTDOWN_WAIT = 10.0
 
 
 class Worker:
@@ -83,8 +88,13 @@ class Worker:
         self.completed_last_minute = RateWindow(60)
         self.failed_last_minute = RateWindow(60)
         self.metrics: PrometheusMetrics | None = None
+        # Keyed by stream entry, not job id: a delivery is (consumer, entry), and an old
+        # entry's lost lease must never cancel a newer run of the same job.
         self._in_flight: dict[str, Running] = {}
         self._executing = 0
+        # Slots promised to a fetch or takeover whose reply has not arrived yet, so the two
+        # cannot both hand out the same free slots.
+        self._reserved = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
 
@@ -286,28 +296,54 @@ class Worker:
             # finishing) in one lock-step batch.
             count = min(free, max(settings.concurrency // 4, 1))
             try:
-                deliveries = await broker.fetch(self.id, count, block, settings.max_deliveries)
+                with self._reserving(count):
+                    if failures:
+                        # Back after an outage: a read or begin whose reply was lost left
+                        # entries in this consumer's pending list; take them up now rather
+                        # than after a whole lease.
+                        deliveries = await broker.adopt(
+                            self.id, set(self._in_flight), count, settings.max_deliveries
+                        )
+                        logger.info("fetching jobs again after %d failed attempts", failures)
+                        failures = 0
+                    else:
+                        deliveries = await broker.fetch(
+                            self.id, count, block, settings.max_deliveries
+                        )
+                    for delivery in deliveries:
+                        self._start(delivery)
             except RedisUnavailable as exc:
                 failures += 1
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
                 await asyncio.sleep(reconnect_delay(failures))
                 continue
-            if failures:
-                logger.info("fetching jobs again after %d failed attempts", failures)
-                failures = 0
-            for delivery in deliveries:
-                self._start(delivery)
             if deliveries:
                 # Let the new jobs take their first step before the next read is sent: a job
                 # then starts one round-trip's worth of client work earlier.
                 await asyncio.sleep(0)
-            if settings.burst and not deliveries and not self._in_flight:
-                counts = await broker.counts()
-                if counts.ready == 0 and counts.pending == 0 and counts.delayed == 0:
-                    logger.info("burst mode: queue %r is empty, stopping", self.queue.name)
-                    self._stopping.set()
-                    return
+            elif settings.burst and not self._in_flight and await self._queue_empty(broker):
+                logger.info("burst mode: queue %r is empty, stopping", self.queue.name)
+                self._stopping.set()
+                return
+
+    async def _queue_empty(self, broker: Broker) -> bool:
+        """For burst mode: nothing ready, pending or delayed (False while Redis is away)."""
+        try:
+            counts = await broker.counts()
+        except RedisUnavailable as exc:
+            logger.warning("burst mode: cannot count jobs (%s); going on", exc)
+            return False
+        return counts.ready == 0 and counts.pending == 0 and counts.delayed == 0
+
+    @contextlib.contextmanager
+    def _reserving(self, slots: int) -> Iterator[None]:
+        self._reserved += slots
+        try:
+            yield
+        finally:
+            self._reserved -= slots
+            self._slot_free.set()
 
     def _free_slots(self) -> int:
         """Jobs this worker may start now.
@@ -321,11 +357,15 @@ class Worker:
         unsettled = len(self._in_flight) - self._executing
         if unsettled >= concurrency:
             return 0
-        return concurrency - self._executing
+        return concurrency - self._executing - self._reserved
 
     def _start(self, delivery: Delivery) -> None:
+        if delivery.entry_id in self._in_flight:
+            # Our own entry came back from a takeover sweep (it sat idle through an
+            # outage): the copy already running keeps it.
+            return
         running = Running(delivery)
-        self._in_flight[delivery.job_id] = running
+        self._in_flight[delivery.entry_id] = running
         self._executing += 1
         self._idle.clear()
         running.task = asyncio.create_task(self._run(running))
@@ -354,8 +394,8 @@ class Worker:
             self._outbox.put_nowait((running, settlement))
 
     def _forget(self, running: Running) -> None:
-        if self._in_flight.get(running.delivery.job_id) is running:
-            del self._in_flight[running.delivery.job_id]
+        if self._in_flight.get(running.delivery.entry_id) is running:
+            del self._in_flight[running.delivery.entry_id]
         self._slot_free.set()
         if not self._in_flight:
             self._idle.set()
@@ -371,13 +411,21 @@ class Worker:
             while not outbox.empty():
                 batch.append(outbox.get_nowait())
             settlements = [settlement for _, settlement in batch]
-            await self._retrying(
+            recorded = await self._retrying(
                 "settling finished jobs", functools.partial(broker.settle, self.id, settlements)
             )
-            for running, settlement in batch:
-                self._log(running, settlement)
-                if isinstance(settlement, Again):
-                    self._promote_wake.set()
+            for (running, settlement), accepted in zip(batch, recorded, strict=True):
+                if accepted:
+                    self._log(running, settlement)
+                    if isinstance(settlement, Again):
+                        self._promote_wake.set()
+                else:
+                    logger.warning(
+                        "job %s: outcome not recorded, its lease was lost to another worker "
+                        "whose run counts instead",
+                        running.delivery.job_id,
+                        extra={"job_id": running.delivery.job_id},
+                    )
                 self._forget(running)
 
     def _log(self, running: Running, settlement: Settlement) -> None:
@@ -389,8 +437,7 @@ class Worker:
             self.failed += 1
             self.failed_last_minute.add()
             level, kind = logging.WARNING, "retrying"
-            wait = max(settlement.run_at_ms / 1000 - time.time(), 0)
-            outcome = f"retrying in {wait:.2f}s ({settlement.reason})"
+            outcome = f"retrying in {settlement.delay_ms / 1000:.2f}s ({settlement.reason})"
         else:
             self.failed += 1
             self.failed_last_minute.add()
@@ -429,13 +476,16 @@ class Worker:
             except RedisUnavailable as exc:
                 logger.warning("renewing leases: %s", exc)
                 continue
-            for job_id in aborted:
-                self._on_abort(job_id)
-            for job_id in lost:
-                job = self._in_flight.get(job_id)
+            for entry in aborted:
+                job = self._in_flight.get(entry)
+                if job is not None:
+                    self._on_abort(job.delivery.job_id)
+            for entry in lost:
+                job = self._in_flight.get(entry)
                 if job is not None:
                     logger.warning(
-                        "lease of job %s was lost to another worker; cancelling it here", job_id
+                        "lease of job %s was lost to another worker; cancelling it here",
+                        job.delivery.job_id,
                     )
                     job.cancel("lost")
 
@@ -456,25 +506,37 @@ class Worker:
         )
 
     def _on_abort(self, job_id: str) -> None:
-        running = self._in_flight.get(job_id)
-        if running is not None and running.cancel_reason is None:
-            logger.info("aborting job %s on request", job_id)
-            running.cancel("abort")
+        for running in list(self._in_flight.values()):
+            if running.delivery.job_id == job_id and running.cancel_reason is None:
+                logger.info("aborting job %s on request", job_id)
+                running.cancel("abort")
 
     async def _reclaim_loop(self, broker: Broker) -> None:
-        """Take over jobs of dead workers whose lease expired (every lease/2 seconds)."""
+        """Take over jobs of dead workers whose lease expired (every lease/2 seconds), and
+        now and then remove the consumers of workers that are gone."""
         settings = self.settings
+        sweeps = 0
         while True:
             free = self._free_slots()
             if free > 0 and not self._stopping.is_set():
                 try:
-                    for delivery in await broker.reclaim(
-                        self.id, free, settings.lease, settings.max_deliveries
-                    ):
-                        logger.info("took over job %s after its lease expired", delivery.job_id)
-                        self._start(delivery)
+                    with self._reserving(free):
+                        for delivery in await broker.reclaim(
+                            self.id, free, settings.lease, settings.max_deliveries
+                        ):
+                            if delivery.entry_id not in self._in_flight:
+                                logger.info(
+                                    "took over job %s after its lease expired", delivery.job_id
+                                )
+                                self._start(delivery)
                 except RedisUnavailable as exc:
                     logger.warning("reclaiming expired leases: %s", exc)
+            sweeps += 1
+            if sweeps % CONSUMER_SWEEP_EVERY == 0:
+                try:
+                    await broker.forget_dead_consumers(min_idle=settings.lease * 2)
+                except RedisUnavailable as exc:
+                    logger.debug("removing dead consumers: %s", exc)
             await asyncio.sleep(settings.lease / 2)
 
     async def _promote_loop(self, broker: Broker) -> None:
@@ -483,13 +545,12 @@ class Worker:
         cap = self.settings.poll_interval
         while True:
             wake.clear()
-            now = time.time()
             try:
-                next_due = await broker.promote_due(int(now * 1000), 1000)
+                next_due = await broker.promote_due(1000)
             except RedisUnavailable as exc:
                 logger.warning("promoting delayed jobs: %s", exc)
                 next_due = None
-            pause = cap if next_due is None else min(max(next_due / 1000 - time.time(), 0), cap)
+            pause = cap if next_due is None else min(next_due, cap)
             if pause > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), pause)
@@ -545,14 +606,42 @@ class Worker:
         ]
         for running in unfinished:
             running.cancel("shutdown")
+        stuck: set[str] = set()
         if unfinished:
             logger.warning("cancelled %d unfinished jobs at shutdown", len(unfinished))
-            await asyncio.gather(*(r.task for r in unfinished if r.task), return_exceptions=True)
+            tasks = {r.task for r in unfinished if r.task is not None}
+            force = asyncio.create_task(self._force.wait())
+            deadline = asyncio.get_running_loop().time() + SHUTDOWN_WAIT
+            while tasks and not force.done():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                _, tasks = await asyncio.wait(
+                    {*tasks, force}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                tasks.discard(force)
+            force.cancel()
+            # A job that swallows its cancellation is still running: it is not handed back
+            # (that would start a second copy beside it); its lease expires instead.
+            stuck = {r.delivery.entry_id for r in unfinished if r.task in tasks}
+            if stuck:
+                logger.error(
+                    "%d jobs ignored cancellation at shutdown; they return when their lease "
+                    "expires",
+                    len(stuck),
+                )
         # Results already computed are settled before anything is handed back.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), 10.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_WAIT
+        while set(self._in_flight) - stuck and loop.time() < deadline:
+            self._slot_free.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), deadline - loop.time())
+        # An outcome that could not be written (Redis away) keeps its entry: handing it back
+        # would run the job again although it finished here.
+        keep = stuck | {entry for entry, r in self._in_flight.items() if r.task and r.task.done()}
         try:
-            released = await broker.release(self.id)
+            released = await broker.release(self.id, keep)
         except RedisUnavailable as exc:
             logger.warning(
                 "could not hand jobs back (%s); they return when their lease expires", exc

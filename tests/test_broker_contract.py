@@ -40,8 +40,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def job(job_id: str, run_at_ms: int = 0) -> NewJob:
-    return NewJob(job_id, f"envelope of {job_id}".encode(), run_at_ms)
+LEASE_MS = 30_000
+"""A lease no test outlives: a running previous cron run holds its lease throughout."""
+
+
+def job(
+    job_id: str, run_at_ms: int = 0, *, delay_ms: int = 0, envelope: bytes | None = None
+) -> NewJob:
+    body = f"envelope of {job_id}".encode() if envelope is None else envelope
+    return NewJob(job_id, body, run_at_ms, delay_ms)
+
+
+def entries(deliveries: list[Delivery]) -> list[str]:
+    return [d.entry_id for d in deliveries]
 
 
 def ids(deliveries: list[Delivery]) -> list[str]:
@@ -134,7 +145,8 @@ async def test_a_memory_url_gives_a_memory_broker_and_a_redis_url_a_redis_one(
 async def test_enqueue_reports_new_jobs_and_ignores_known_ids(broker: Broker) -> None:
     before = now_ms()
     assert await broker.enqueue([job("a"), job("b")], 0) == [True, True]
-    assert await broker.enqueue([job("a"), job("c"), job("c")], 0) == [False, True, False]
+    other = job("a", envelope=b"another envelope")
+    assert await broker.enqueue([other, job("c"), job("c")], 0) == [False, True, False]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.attempt, record.deliveries) == ("queued", 1, 0)
@@ -145,11 +157,30 @@ async def test_enqueue_reports_new_jobs_and_ignores_known_ids(broker: Broker) ->
     assert await broker.counts() == QueueCounts(ready=3, pending=0, delayed=0, dead=0)
 
 
+async def test_enqueueing_the_same_job_again_reports_it_created_once_more(
+    broker: Broker,
+) -> None:
+    # The envelope holds the id and the enqueue time: the same bytes again are the same
+    # enqueue repeated after a lost reply, not a second job.
+    assert await broker.enqueue([job("a"), job("later", delay_ms=60_000)], 0) == [True, True]
+    assert await broker.enqueue([job("a"), job("later", delay_ms=60_000)], 0) == [True, True]
+    assert await broker.enqueue([job("a", envelope=b"another job")], 0) == [False]
+    assert await broker.counts() == QueueCounts(ready=1, pending=0, delayed=1, dead=0)
+    record = await broker.record("a")
+    assert record is not None
+    assert record.envelope == b"envelope of a"
+    # Repeated once it ran, it is still the same job: nothing runs twice.
+    (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
+    assert await broker.settle("c1", [Done(delivery, b"")]) == [True]
+    assert await broker.enqueue([job("a")], 0) == [True]
+    assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=1, dead=0)
+
+
 async def test_a_job_id_stays_taken_while_its_finished_record_is_kept(broker: Broker) -> None:
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    await broker.settle("c1", [Done(delivery, b"result")])
-    assert await broker.enqueue([job("a")], 0) == [False]
+    assert await broker.settle("c1", [Done(delivery, b"result")]) == [True]
+    assert await broker.enqueue([job("a", envelope=b"another envelope")], 0) == [False]
     record = await broker.record("a")
     assert record is not None
     assert record.status == "complete"
@@ -170,7 +201,8 @@ async def test_queue_full_refuses_the_whole_batch_and_writes_nothing(broker: Bro
 
 async def test_known_ids_do_not_count_against_max_size(broker: Broker) -> None:
     await broker.enqueue([job("a"), job("b")], 2)
-    assert await broker.enqueue([job("a"), job("b")], 2) == [False, False]
+    assert await broker.enqueue([job("a"), job("b")], 2) == [True, True]
+    assert await broker.enqueue([job("a", envelope=b"other")], 2) == [False]
     with pytest.raises(QueueFull):
         await broker.enqueue([job("a"), job("c")], 2)
     assert await broker.record("c") is None
@@ -181,7 +213,7 @@ async def test_running_jobs_count_against_max_size_until_settled(broker: Broker)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     with pytest.raises(QueueFull):
         await broker.enqueue([job("b")], 1)
-    await broker.settle("c1", [Done(delivery, b"")])
+    assert await broker.settle("c1", [Done(delivery, b"")]) == [True]
     assert await broker.enqueue([job("b")], 1) == [True]
 
 
@@ -235,10 +267,9 @@ async def test_blocked_fetch_wakes_as_soon_as_a_job_is_enqueued(brokers: Brokers
 
 async def test_blocked_fetch_wakes_when_a_delayed_job_is_promoted(brokers: Brokers) -> None:
     producer, consumer = await brokers.open(), await brokers.open()
-    run_at = now_ms() + 60_000
-    await producer.enqueue([job("later", run_at)], 0)
+    await producer.enqueue([job("later", delay_ms=60_000)], 0)
     fetch = asyncio.create_task(consumer.fetch("c1", 5, 30.0, 5))
-    assert await producer.promote_due(run_at, 10) is None
+    assert await producer.promote_due(10, early=True) is None
     assert ids(await asyncio.wait_for(fetch, WAIT)) == ["later"]
 
 
@@ -267,6 +298,7 @@ async def test_each_takeover_counts_a_delivery_until_the_job_is_dead_lettered(
     record = await asyncio.wait_for(waiter, WAIT)
     assert record is not None
     assert (record.status, record.reason, record.deliveries) == ("dead", "worker lost 2 times", 3)
+    assert record.worker == "c3"
     assert record.finished_ms is not None
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=0, dead=1)
     assert await broker.dead_ids() == ["a"]
@@ -311,21 +343,22 @@ async def test_outcomes_from_a_consumer_that_lost_its_lease_are_ignored(
     old = await stale.fetch("c1", 3, 1.0, 5)
     new = await current.reclaim("c2", 10, 0.0, 5)
     assert ids(new) == ["a", "b", "c"]
-    await stale.settle(
+    outcomes = await stale.settle(
         "c1",
         [
             Done(old[0], b"stale result"),
-            Again(old[1], now_ms(), b"err", "stale retry"),
+            Again(old[1], 0, b"err", "stale retry"),
             Finished(old[2], "failed", b"err", "stale failure"),
         ],
     )
+    assert outcomes == [False, False, False]
     for job_id in ("a", "b", "c"):
         record = await stale.record(job_id)
         assert record is not None
         assert (record.status, record.worker, record.result) == ("running", "c2", None)
     assert await stale.counts() == QueueCounts(ready=0, pending=3, delayed=0, dead=0)
-    assert await stale.renew("c1", old) == (["a", "b", "c"], [])
-    await current.settle("c2", [Done(d, b"ok") for d in new])
+    assert await stale.renew("c1", old) == (entries(old), [])
+    assert await current.settle("c2", [Done(d, b"ok") for d in new]) == [True] * 3
     record = await current.record("a")
     assert record is not None
     assert (record.status, record.result) == ("complete", b"ok")
@@ -337,8 +370,8 @@ async def test_renew_keeps_owned_leases_and_reports_aborted_jobs(broker: Broker)
     deliveries = await broker.fetch("c1", 2, 1.0, 5)
     assert await broker.renew("c1", deliveries) == ([], [])
     assert await broker.abort("a") == "running"
-    assert await broker.renew("c1", deliveries) == ([], ["a"])
-    assert await broker.renew("c2", deliveries) == (["a", "b"], [])
+    assert await broker.renew("c1", deliveries) == ([], [deliveries[0].entry_id])
+    assert await broker.renew("c2", deliveries) == (entries(deliveries), [])
     assert await broker.renew("c1", []) == ([], [])
 
 
@@ -349,7 +382,7 @@ async def test_release_hands_jobs_back_without_counting_the_cut_short_delivery(
     mine = await broker.fetch("c1", 2, 1.0, 5)
     await broker.fetch("c2", 1, 1.0, 5)
     assert await broker.release("c1") == 2
-    assert await broker.renew("c1", mine) == (["a", "b"], [])
+    assert await broker.renew("c1", mine) == (entries(mine), [])
     for job_id in ("a", "b"):
         record = await broker.record(job_id)
         assert record is not None
@@ -372,6 +405,123 @@ async def test_release_does_not_bring_back_an_aborted_job(broker: Broker) -> Non
     assert record.status == "aborted"
 
 
+async def test_beginning_the_same_delivery_again_counts_it_once(broker: Broker) -> None:
+    # A delivery is (consumer, entry): begun again (a begin whose reply was lost, adopted
+    # afterwards) it is handed back as it stands.
+    await broker.enqueue([job("a")], 0)
+    (first,) = await broker.fetch("c1", 1, 1.0, 5)
+    assert await broker.adopt("c1", (), 10, 5) == [first]
+    assert await broker.adopt("c1", (), 10, 5) == [first]
+    record = await broker.record("a")
+    assert record is not None
+    assert (record.status, record.worker, record.deliveries, record.attempt) == (
+        "running",
+        "c1",
+        1,
+        1,
+    )
+    assert await broker.counts() == QueueCounts(ready=0, pending=1, delayed=0, dead=0)
+
+
+async def test_reclaiming_own_idle_entries_returns_them_without_a_new_delivery(
+    broker: Broker,
+) -> None:
+    await broker.enqueue([job("a"), job("b")], 0)
+    mine = await broker.fetch("c1", 2, 1.0, 5)
+    assert sorted(ids(await broker.reclaim("c1", 10, 0.0, 5))) == ["a", "b"]
+    again = await broker.reclaim("c1", 10, 0.0, 5)
+    assert sorted(again, key=lambda d: d.job_id) == mine
+    for job_id in ("a", "b"):
+        record = await broker.record(job_id)
+        assert record is not None
+        assert (record.status, record.worker, record.deliveries) == ("running", "c1", 1)
+    assert await broker.renew("c1", mine) == ([], [])
+    assert await broker.settle("c1", [Done(d, b"") for d in mine]) == [True, True]
+
+
+async def test_adopt_begins_the_entries_this_consumer_holds_but_does_not_know(
+    brokers: Brokers,
+) -> None:
+    broker = await brokers.open()
+    await broker.enqueue([job(f"j{i}") for i in range(4)], 0)
+    mine = await broker.fetch("c1", 3, 1.0, 5)
+    theirs = await broker.fetch("c2", 1, 1.0, 5)
+    known = {mine[0].entry_id}
+    assert await broker.adopt("c1", known, 10, 5) == mine[1:]
+    assert await broker.adopt("c1", known, 1, 5) == mine[1:2]
+    assert await broker.adopt("c1", entries(mine), 10, 5) == []
+    assert await broker.adopt("c3", (), 10, 5) == []
+    assert await broker.adopt("c2", (), 10, 5) == theirs
+    # The entry of a job aborted meanwhile is dropped, not adopted.
+    assert await broker.abort("j1") == "running"
+    assert await broker.adopt("c1", known, 10, 5) == [mine[2]]
+    assert await broker.counts() == QueueCounts(ready=0, pending=3, delayed=0, dead=0)
+    for job_id in ("j0", "j2"):
+        record = await broker.record(job_id)
+        assert record is not None
+        assert (record.status, record.deliveries) == ("running", 1)
+
+
+async def test_renew_keeps_every_lease_of_a_long_list(broker: Broker) -> None:
+    # More entries than one script call takes (500): none may be reported lost.
+    await broker.enqueue([job(f"j{i}") for i in range(700)], 0)
+    mine = await broker.fetch("c1", 700, 1.0, 5)
+    assert len(mine) == 700
+    assert await broker.renew("c1", mine) == ([], [])
+    assert await broker.renew("c2", mine) == (entries(mine), [])
+    assert await broker.abort("j650") == "running"
+    assert await broker.renew("c1", mine) == ([], [mine[650].entry_id])
+
+
+async def test_release_keeps_the_entries_it_is_told_to_keep(broker: Broker) -> None:
+    await broker.enqueue([job("a"), job("b"), job("c")], 0)
+    kept, *handed = await broker.fetch("c1", 3, 1.0, 5)
+    assert await broker.release("c1", keep={kept.entry_id}) == 2
+    assert await broker.counts() == QueueCounts(ready=2, pending=1, delayed=0, dead=0)
+    assert await broker.renew("c1", [kept, *handed]) == (entries(handed), [])
+    record = await broker.record("a")
+    assert record is not None
+    assert (record.status, record.worker, record.deliveries) == ("running", "c1", 1)
+    assert await broker.settle("c1", [Done(kept, b"kept")]) == [True]
+    assert await broker.release("c1") == 0
+    assert ids(await broker.fetch("c2", 5, 1.0, 5)) == ["b", "c"]
+
+
+async def test_release_hands_back_only_jobs_still_unsettled(broker: Broker) -> None:
+    await broker.enqueue([job("done"), job("retry"), job("running")], 0)
+    done, retry, _ = await broker.fetch("c1", 3, 1.0, 5)
+    assert await broker.settle("c1", [Done(done, b"")]) == [True]
+    assert await broker.settle("c1", [Again(retry, 60_000, b"", "ValueError")]) == [True]
+    assert await broker.release("c1") == 1
+    assert await broker.release("c1") == 0
+    record = await broker.record("retry")
+    assert record is not None
+    assert (record.status, record.attempt) == ("retrying", 2)
+    assert ids(await broker.fetch("c2", 5, 1.0, 5)) == ["running"]
+
+
+async def test_forget_dead_consumers_removes_only_idle_empty_consumers_of_gone_workers(
+    broker: Broker,
+) -> None:
+    await broker.enqueue([job("a"), job("b"), job("c")], 0)
+    (a,) = await broker.fetch("gone", 1, 1.0, 5)
+    (b,) = await broker.fetch("alive", 1, 1.0, 5)
+    await broker.fetch("holding", 1, 1.0, 5)
+    await broker.heartbeat("alive", {"pid": 1}, 30.0)
+    assert await broker.settle("gone", [Done(a, b"")]) == [True]
+    assert await broker.settle("alive", [Done(b, b"")]) == [True]
+    assert await broker.forget_dead_consumers(60.0) == 0
+    assert await broker.forget_dead_consumers(0.0) == 1
+    assert await broker.forget_dead_consumers(0.0) == 0
+    # A stopping worker that holds nothing takes its consumer with it.
+    await broker.forget_worker("alive")
+    assert await broker.forget_dead_consumers(0.0) == 0
+    # A consumer still holding an entry is never removed: its entry would go with it.
+    await broker.forget_worker("holding")
+    assert await broker.counts() == QueueCounts(ready=0, pending=1, delayed=0, dead=0)
+    assert ids(await broker.reclaim("next", 10, 0.0, 5)) == ["c"]
+
+
 # -- settling ------------------------------------------------------------------------------
 
 
@@ -379,7 +529,7 @@ async def test_a_settled_job_keeps_its_result_and_leaves_the_queue(broker: Broke
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     before = now_ms()
-    await broker.settle("c1", [Done(delivery, b"the result")])
+    assert await broker.settle("c1", [Done(delivery, b"the result")]) == [True]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.result, record.worker) == ("complete", b"the result", "c1")
@@ -393,30 +543,69 @@ async def test_a_retry_waits_in_the_delayed_set_and_runs_as_the_next_attempt(
 ) -> None:
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    run_at = now_ms() + 60_000
-    await broker.settle("c1", [Again(delivery, run_at, b"error", "ValueError")])
+    before = await broker.now_ms()
+    assert await broker.settle("c1", [Again(delivery, 60_000, b"error", "ValueError")]) == [True]
+    after = await broker.now_ms()
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.attempt, record.deliveries) == ("retrying", 2, 0)
-    assert (record.run_at_ms, record.error, record.reason) == (run_at, b"error", "ValueError")
+    assert (record.error, record.reason) == (b"error", "ValueError")
+    assert record.run_at_ms is not None
+    assert before + 60_000 <= record.run_at_ms <= after + 60_000
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=1, dead=0)
     assert await broker.fetch("c1", 1, 0.05, 5) == []
-    assert await broker.promote_due(run_at, 10) is None
+    next_due = await broker.promote_due(10)
+    assert next_due is not None
+    assert 50.0 < next_due <= 60.0
+    assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=1, dead=0)
+    assert await broker.promote_due(10, early=True) is None
     (retry,) = await broker.fetch("c1", 1, 1.0, 5)
     assert (retry.job_id, retry.attempt, retry.deliveries) == ("a", 2, 1)
     assert retry.entry_id != delivery.entry_id
 
 
+async def test_settling_again_after_a_lost_reply_changes_nothing(broker: Broker) -> None:
+    await broker.enqueue([job("retry"), job("done")], 0)
+    retry, done = await broker.fetch("c1", 2, 1.0, 5)
+    settlements = [Again(retry, 60_000, b"error", "ValueError"), Done(done, b"result")]
+    assert await broker.settle("c1", settlements) == [True, True]
+    first = await broker.record("retry")
+    assert await broker.settle("c1", settlements) == [True, True]
+    record = await broker.record("retry")
+    assert record == first
+    assert record is not None
+    assert (record.status, record.attempt) == ("retrying", 2)
+    done_record = await broker.record("done")
+    assert done_record is not None
+    assert (done_record.status, done_record.result) == ("complete", b"result")
+    assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=1, dead=0)
+
+
+async def test_a_consumer_that_lost_the_entry_cannot_settle_it(brokers: Brokers) -> None:
+    broker = await brokers.open()
+    await broker.enqueue([job("a")], 0)
+    (old,) = await broker.fetch("c1", 1, 1.0, 5)
+    (new,) = await broker.reclaim("c2", 10, 0.0, 5)
+    assert await broker.settle("c1", [Done(old, b"stale")]) == [False]
+    assert await broker.settle("c2", [Done(new, b"fresh")]) == [True]
+    assert await broker.settle("c1", [Done(old, b"stale")]) == [False]
+    record = await broker.record("a")
+    assert record is not None
+    assert (record.status, record.result, record.worker) == ("complete", b"fresh", "c2")
+    assert await broker.settle("c1", []) == []
+
+
 async def test_failed_and_dead_settlements_record_error_and_reason(broker: Broker) -> None:
     await broker.enqueue([job("failed"), job("dead")], 0)
     failed, dead = await broker.fetch("c1", 2, 1.0, 5)
-    await broker.settle(
+    outcomes = await broker.settle(
         "c1",
         [
             Finished(failed, "failed", b"e1", "Fail raised"),
             Finished(dead, "dead", b"e2", "retries used up"),
         ],
     )
+    assert outcomes == [True, True]
     record = await broker.record("failed")
     assert record is not None
     assert (record.status, record.error, record.reason) == ("failed", b"e1", "Fail raised")
@@ -432,14 +621,15 @@ async def test_an_aborted_job_is_not_overwritten_by_a_late_outcome(broker: Broke
     a, b, c = await broker.fetch("c1", 3, 1.0, 5)
     for job_id in ("a", "b", "c"):
         assert await broker.abort(job_id) == "running"
-    await broker.settle(
+    outcomes = await broker.settle(
         "c1",
         [
             Done(a, b"late"),
-            Again(b, now_ms(), b"late", "late retry"),
+            Again(b, 0, b"late", "late retry"),
             Finished(c, "failed", b"late", "late failure"),
         ],
     )
+    assert outcomes == [True, True, True]  # accepted (this consumer's), but not applied
     for job_id in ("a", "b", "c"):
         record = await broker.record(job_id)
         assert record is not None
@@ -451,7 +641,10 @@ async def test_an_aborted_job_may_be_settled_as_aborted(broker: Broker) -> None:
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     await broker.abort("a")
-    await broker.settle("c1", [Finished(delivery, "aborted", b"cancelled", "on request")])
+    outcomes = await broker.settle(
+        "c1", [Finished(delivery, "aborted", b"cancelled", "on request")]
+    )
+    assert outcomes == [True]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.error, record.reason) == ("aborted", b"cancelled", "on request")
@@ -461,41 +654,100 @@ async def test_an_aborted_job_may_be_settled_as_aborted(broker: Broker) -> None:
 # -- delayed jobs --------------------------------------------------------------------------
 
 
-async def test_a_delayed_job_waits_until_promoted_and_promote_reports_the_next_due_time(
+async def test_a_delayed_job_waits_until_due_and_promote_reports_the_time_to_the_next(
     broker: Broker,
 ) -> None:
-    now = now_ms()
-    first, second = now + 60_000, now + 120_000
-    await broker.enqueue([job("first", first), job("second", second)], 0)
+    first = now_ms() + 60_000
+    await broker.enqueue([job("first", first), job("soon", delay_ms=1_000)], 0)
     record = await broker.record("first")
     assert record is not None
     assert (record.status, record.run_at_ms) == ("scheduled", first)
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=2, dead=0)
     assert await broker.fetch("c1", 5, 0.05, 5) == []
-    assert await broker.promote_due(now, 10) == first
-    assert await broker.promote_due(first, 10) == second
+    next_due = await broker.promote_due(10)
+    assert next_due is not None
+    assert 0.0 <= next_due <= 1.0
+
+    async def soon_promoted() -> bool:
+        await broker.promote_due(10)
+        return (await broker.counts()).ready == 1
+
+    await eventually(soon_promoted, timeout=WAIT)
+    record = await broker.record("soon")
+    assert record is not None
+    assert record.status == "queued"
+    assert ids(await broker.fetch("c1", 5, 1.0, 5)) == ["soon"]
+    next_due = await broker.promote_due(10)
+    assert next_due is not None
+    assert 50.0 < next_due <= 60.0
+    assert await broker.counts() == QueueCounts(ready=0, pending=1, delayed=1, dead=0)
+
+
+async def test_promote_early_moves_delayed_jobs_whether_due_or_not(broker: Broker) -> None:
+    await broker.enqueue([job("first", delay_ms=60_000), job("second", delay_ms=120_000)], 0)
+    next_due = await broker.promote_due(1, early=True)
+    assert next_due is not None
+    assert 110.0 < next_due <= 120.0
     record = await broker.record("first")
     assert record is not None
     assert record.status == "queued"
     assert ids(await broker.fetch("c1", 5, 1.0, 5)) == ["first"]
-    assert await broker.promote_due(second, 10) is None
-    assert await broker.promote_due(second, 10) is None
+    assert await broker.promote_due(10, early=True) is None
+    assert await broker.promote_due(10, early=True) is None
     assert ids(await broker.fetch("c1", 5, 1.0, 5)) == ["second"]
+    assert await broker.promote_due(10) is None
 
 
-async def test_promote_moves_at_most_limit_due_jobs_earliest_first(broker: Broker) -> None:
-    now = now_ms()
-    due = [job(f"d{i}", now + 1_000 * (i + 1)) for i in range(3)]
+async def test_promote_moves_at_most_limit_jobs_earliest_first(broker: Broker) -> None:
+    due = [job(f"d{i}", delay_ms=60_000 * (i + 1)) for i in range(3)]
     await broker.enqueue(due, 0)
-    assert await broker.promote_due(now + 10_000, 2) == due[2].run_at_ms
+    next_due = await broker.promote_due(2, early=True)
+    assert next_due is not None
+    assert 170.0 < next_due <= 180.0
     assert await broker.counts() == QueueCounts(ready=2, pending=0, delayed=1, dead=0)
     assert ids(await broker.fetch("c1", 5, 1.0, 5)) == ["d0", "d1"]
 
 
 async def test_a_job_due_now_or_in_the_past_is_ready_at_once(broker: Broker) -> None:
-    await broker.enqueue([job("past", now_ms() - 1_000), job("now", 0)], 0)
+    await broker.enqueue([job("past", now_ms() - 1_000), job("now", 0, delay_ms=0)], 0)
     assert await broker.counts() == QueueCounts(ready=2, pending=0, delayed=0, dead=0)
-    assert await broker.promote_due(now_ms(), 10) is None
+    assert await broker.promote_due(10) is None
+
+
+async def test_a_delay_counts_from_the_broker_clock_and_never_shortens_run_at(
+    broker: Broker,
+) -> None:
+    before = await broker.now_ms()
+    far = before + 600_000
+    await broker.enqueue(
+        [
+            job("delayed", delay_ms=60_000),
+            job("far", far, delay_ms=60_000),
+            job("past", before - 1_000, delay_ms=60_000),
+        ],
+        0,
+    )
+    after = await broker.now_ms()
+    runs = {}
+    for job_id in ("delayed", "far", "past"):
+        record = await broker.record(job_id)
+        assert record is not None
+        assert record.status == "scheduled"
+        runs[job_id] = record.run_at_ms
+    assert runs["far"] == far
+    for job_id in ("delayed", "past"):
+        run_at = runs[job_id]
+        assert run_at is not None
+        assert before + 60_000 <= run_at <= after + 60_000
+    assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=3, dead=0)
+
+
+async def test_the_broker_clock_is_the_wall_clock(broker: Broker) -> None:
+    before = now_ms()
+    clock = await broker.now_ms()
+    after = now_ms()
+    # Redis runs on this machine here: its clock and ours agree within a little slack.
+    assert before - 1_000 <= clock <= after + 1_000
 
 
 # -- abort ---------------------------------------------------------------------------------
@@ -518,14 +770,13 @@ async def test_aborting_a_queued_job_takes_it_out_of_the_ready_queue(broker: Bro
 async def test_aborting_a_scheduled_or_retrying_job_takes_it_out_of_the_delayed_set(
     broker: Broker,
 ) -> None:
-    run_at = now_ms() + 60_000
-    await broker.enqueue([job("scheduled", run_at), job("retrying")], 0)
+    await broker.enqueue([job("scheduled", delay_ms=60_000), job("retrying")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    await broker.settle("c1", [Again(delivery, run_at, b"err", "ValueError")])
+    assert await broker.settle("c1", [Again(delivery, 60_000, b"err", "ValueError")]) == [True]
     assert await broker.abort("scheduled") == "scheduled"
     assert await broker.abort("retrying") == "retrying"
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=0, dead=0)
-    assert await broker.promote_due(run_at, 10) is None
+    assert await broker.promote_due(10, early=True) is None
     assert await broker.fetch("c1", 5, 0.05, 5) == []
 
 
@@ -651,8 +902,8 @@ async def test_asking_for_no_dead_letters_lists_none(broker: Broker) -> None:
 async def test_requeued_dead_jobs_run_again_from_attempt_one(broker: Broker) -> None:
     await broker.enqueue([job("a"), job("alive")], 0)
     delivery, _ = await broker.fetch("c1", 2, 1.0, 5)
-    await broker.settle("c1", [Again(delivery, now_ms(), b"e1", "ValueError")])
-    await broker.promote_due(now_ms(), 10)
+    assert await broker.settle("c1", [Again(delivery, 0, b"e1", "ValueError")]) == [True]
+    assert await broker.promote_due(10, early=True) is None
     (second,) = await broker.fetch("c1", 1, 1.0, 5)
     await broker.settle("c1", [Finished(second, "dead", b"e2", "retries used up")])
     assert await broker.requeue_dead(["a", "alive", "missing"]) == 1
@@ -660,6 +911,7 @@ async def test_requeued_dead_jobs_run_again_from_attempt_one(broker: Broker) -> 
     assert record is not None
     assert (record.status, record.attempt, record.deliveries) == ("queued", 1, 0)
     assert (record.finished_ms, record.started_ms, record.run_at_ms) == (None, None, None)
+    assert record.worker == ""
     assert (record.error, record.reason) == (b"e2", "retries used up")
     assert await broker.counts() == QueueCounts(ready=1, pending=1, delayed=0, dead=0)
     (again,) = await broker.fetch("c1", 1, 1.0, 5)
@@ -686,73 +938,72 @@ def tick(name: str, fire_ms: int) -> NewJob:
     return job(f"cron:{name}:{fire_ms}")
 
 
+async def claim(
+    broker: Broker, name: str, fire_ms: int, unique: bool = True, lease_ms: int = LEASE_MS
+) -> CronClaim:
+    return await broker.claim_tick(name, fire_ms, tick(name, fire_ms), unique, lease_ms)
+
+
 async def test_each_cron_tick_is_claimed_exactly_once(brokers: Brokers) -> None:
-    workers = [await brokers.open() for _ in range(3)]
+    workers = [await brokers.open() for _ in range(6)]
     fire = 1_000_000
-    claims = await asyncio.gather(
-        *(w.claim_tick("beat", fire, tick("beat", fire), True) for w in workers * 2)
-    )
+    claims = await asyncio.gather(*(claim(w, "beat", fire) for w in workers))
     assert sorted(c.value for c in claims) == ["claimed"] + ["taken"] * 5
-    broker = workers[0]
-    assert await broker.claim_tick("beat", fire, tick("beat", fire), True) is CronClaim.TAKEN
-    earlier = fire - 1_000
-    assert await broker.claim_tick("beat", earlier, tick("beat", earlier), True) is (
-        CronClaim.TAKEN
-    )
-    assert await broker.counts() == QueueCounts(ready=1, pending=0, delayed=0, dead=0)
-    run = (await broker.cron_runs(["beat", "unknown"]))["beat"]
+    claimer = workers[claims.index(CronClaim.CLAIMED)]
+    other = workers[claims.index(CronClaim.TAKEN)]
+    # The claimer repeating its call (a lost reply) hears its own answer again; nobody else.
+    assert await claim(claimer, "beat", fire) is CronClaim.CLAIMED
+    assert await claim(other, "beat", fire) is CronClaim.TAKEN
+    assert await claim(claimer, "beat", fire - 1_000) is CronClaim.TAKEN
+    assert await claimer.counts() == QueueCounts(ready=1, pending=0, delayed=0, dead=0)
+    run = (await claimer.cron_runs(["beat", "unknown"]))["beat"]
     assert (run.fire_ms, run.job_id) == (fire, "cron:beat:1000000")
     assert run.record is not None
     assert run.record.status == "queued"
-    assert (await broker.cron_runs(["unknown"]))["unknown"] == CronRun(None, None, None)
-    assert await broker.cron_runs([]) == {}
+    assert (await claimer.cron_runs(["unknown"]))["unknown"] == CronRun(None, None, None)
+    assert await claimer.cron_runs([]) == {}
+
+
+async def test_a_tick_not_due_yet_on_the_broker_clock_is_not_claimed(broker: Broker) -> None:
+    fire = await broker.now_ms() + 60_000
+    assert await claim(broker, "soon", fire) is CronClaim.EARLY
+    assert await broker.cron_runs(["soon"]) == {"soon": CronRun(None, None, None)}
+    assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=0, dead=0)
+    assert await claim(broker, "soon", 1_000) is CronClaim.CLAIMED
 
 
 async def test_a_unique_cron_job_skips_ticks_while_its_previous_run_is_unfinished(
     broker: Broker,
 ) -> None:
     fires = [1_000_000 + 1_000 * i for i in range(5)]
-    assert await broker.claim_tick("u", fires[0], tick("u", fires[0]), True) is CronClaim.CLAIMED
+    assert await claim(broker, "u", fires[0]) is CronClaim.CLAIMED
     # Queued: the next tick is claimed but its run skipped.
-    assert await broker.claim_tick("u", fires[1], tick("u", fires[1]), True) is CronClaim.OVERLAP
+    assert await claim(broker, "u", fires[1]) is CronClaim.OVERLAP
     run = (await broker.cron_runs(["u"]))["u"]
     assert (run.fire_ms, run.job_id) == (fires[1], f"cron:u:{fires[0]}")
     assert await broker.record(f"cron:u:{fires[1]}") is None
-    # Running on a worker with a live heartbeat: still skipped.
+    # Running within its lease: still skipped.
     (delivery,) = await broker.fetch("w1", 1, 1.0, 5)
-    await broker.heartbeat("w1", {"pid": 1}, 30.0)
-    assert await broker.claim_tick("u", fires[2], tick("u", fires[2]), True) is CronClaim.OVERLAP
+    assert await claim(broker, "u", fires[2]) is CronClaim.OVERLAP
     # Finished: the next tick runs.
-    await broker.settle("w1", [Done(delivery, b"")])
-    assert await broker.claim_tick("u", fires[3], tick("u", fires[3]), True) is CronClaim.CLAIMED
+    assert await broker.settle("w1", [Done(delivery, b"")]) == [True]
+    assert await claim(broker, "u", fires[3]) is CronClaim.CLAIMED
     assert (await broker.cron_runs(["u"]))["u"].job_id == f"cron:u:{fires[3]}"
     assert await broker.counts() == QueueCounts(ready=1, pending=0, delayed=0, dead=0)
 
 
-async def test_a_previous_run_on_a_worker_that_left_does_not_block_the_next_tick(
+async def test_a_previous_run_whose_lease_expired_does_not_block_the_next_tick(
     broker: Broker,
 ) -> None:
-    assert await broker.claim_tick("u", 1_000, tick("u", 1_000), True) is CronClaim.CLAIMED
+    assert await claim(broker, "u", 1_000) is CronClaim.CLAIMED
     await broker.fetch("w1", 1, 1.0, 5)
-    await broker.heartbeat("w1", {"pid": 1}, 30.0)
-    assert await broker.claim_tick("u", 2_000, tick("u", 2_000), True) is CronClaim.OVERLAP
-    await broker.forget_worker("w1")
-    assert await broker.claim_tick("u", 3_000, tick("u", 3_000), True) is CronClaim.CLAIMED
-
-
-async def test_a_previous_run_on_a_worker_whose_heartbeat_expired_does_not_block(
-    broker: Broker,
-) -> None:
-    assert await broker.claim_tick("u", 1_000, tick("u", 1_000), True) is CronClaim.CLAIMED
-    await broker.fetch("w1", 1, 1.0, 5)
-    await broker.heartbeat("w1", {"pid": 1}, 0.3)
     fire = 1_000
     claims: list[CronClaim] = []
 
     async def next_tick_claimed() -> bool:
         nonlocal fire
         fire += 1_000
-        claims.append(await broker.claim_tick("u", fire, tick("u", fire), True))
+        claims.append(await claim(broker, "u", fire, lease_ms=300))
         return claims[-1] is CronClaim.CLAIMED
 
     await eventually(next_tick_claimed, timeout=WAIT)
@@ -763,7 +1014,7 @@ async def test_a_non_unique_cron_job_runs_every_tick_even_while_the_last_one_wai
     broker: Broker,
 ) -> None:
     for fire in (1_000, 2_000, 3_000):
-        assert await broker.claim_tick("n", fire, tick("n", fire), False) is CronClaim.CLAIMED
+        assert await claim(broker, "n", fire, unique=False) is CronClaim.CLAIMED
     assert await broker.counts() == QueueCounts(ready=3, pending=0, delayed=0, dead=0)
 
 
@@ -808,7 +1059,7 @@ async def test_purge_queue_deletes_every_job_and_all_state(broker: Broker) -> No
     await dead_letter(broker, "dead")
     await broker.enqueue([job("ready"), job("running"), job("later", now_ms() + 60_000)], 0)
     await broker.fetch("c1", 1, 1.0, 5)
-    await broker.claim_tick("beat", 1_000, tick("beat", 1_000), True)
+    assert await claim(broker, "beat", 1_000) is CronClaim.CLAIMED
     assert await broker.purge_queue() >= 5
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=0, dead=0)
     for job_id in ("dead", "ready", "running", "later", "cron:beat:1000"):

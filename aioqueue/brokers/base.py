@@ -8,18 +8,21 @@ so a job is never half-settled. :mod:`aioqueue.brokers.redis` implements it on R
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job about to be written: its id, encoded envelope and when it may run (ms, 0 = now)."""
+    """A job about to be written: its id, its encoded envelope, and when it may run: at
+    ``run_at_ms`` (0 = now) and no sooner than ``delay_ms`` from now, both on the broker's
+    clock, so a producer's clock cannot move a due time."""
 
     job_id: str
     envelope: bytes
     run_at_ms: int = 0
+    delay_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +46,11 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Again:
-    """Settle as retrying: run again at ``run_at_ms`` (attempt + 1)."""
+    """Settle as retrying: run again ``delay_ms`` from now on the broker's clock (attempt
+    + 1)."""
 
     delivery: Delivery
-    run_at_ms: int
+    delay_ms: int
     error: bytes
     reason: str
 
@@ -102,6 +106,8 @@ class CronClaim(enum.Enum):
     """Another worker had claimed it already."""
     OVERLAP = "overlap"
     """Claimed, but the run was skipped: the previous run of a unique job is unfinished."""
+    EARLY = "early"
+    """Not claimed: the tick is not due yet on the broker's clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +119,18 @@ class CronRun:
     record: JobRecord | None
 
 
-class Broker(Protocol):
-    """What aioqueue needs from storage. Every method is one atomic step per job."""
+class WorkerBroker(Protocol):
+    """What producers and workers need: the job lifecycle. Every method is one atomic step
+    per job, and safe to repeat when a reply was lost."""
 
     async def connect(self) -> None:
         """Open connections and check the server; idempotent."""
 
     async def close(self) -> None:
         """Close every connection."""
+
+    async def now_ms(self) -> int:
+        """The broker's clock in ms: the one clock every worker agrees on."""
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
         """Write jobs; True per job that is new, False if one with that id already exists.
@@ -140,23 +150,33 @@ class Broker(Protocol):
     async def reclaim(
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
     ) -> list[Delivery]:
-        """Take over up to ``count`` jobs whose lease expired and mark them running."""
+        """Take over up to ``count`` jobs whose lease expired and mark them running. May
+        return entries this consumer already runs (idle after an outage): the caller keeps
+        the copy it has."""
 
-    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
-        """Record outcomes and remove the jobs from the ready stream, in one round trip."""
+    async def adopt(
+        self, consumer: str, known: Collection[str], count: int, max_deliveries: int
+    ) -> list[Delivery]:
+        """Mark running up to ``count`` entries this consumer holds but are not in ``known``
+        (delivered by a read or begun by a call whose reply was lost)."""
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+        """Record outcomes and remove the jobs from the ready stream, in one round trip.
+        Returns per settlement whether it was recorded (False: the lease was lost)."""
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]
     ) -> tuple[list[str], list[str]]:
-        """Renew leases; returns (job ids no longer owned, job ids aborted meanwhile)."""
+        """Renew leases; returns (entry ids no longer owned, entry ids of jobs aborted)."""
 
     async def listen_aborts(
         self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
     ) -> None:
         """Call ``on_abort(job_id)`` for each abort request until cancelled."""
 
-    async def release(self, consumer: str) -> int:
-        """Hand every job this consumer still holds back at once; returns how many."""
+    async def release(self, consumer: str, keep: Collection[str] = ()) -> int:
+        """Hand every job this consumer still holds back at once, except the entries in
+        ``keep``; returns how many."""
 
     async def heartbeat(
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
@@ -164,10 +184,23 @@ class Broker(Protocol):
         """Record that a worker is alive; the record expires after ``ttl`` seconds."""
 
     async def forget_worker(self, worker_id: str) -> None:
-        """Remove a stopping worker's record."""
+        """Remove a stopping worker's record (and its consumer, if it holds nothing)."""
 
-    async def promote_due(self, now_ms: int, limit: int) -> int | None:
-        """Move due delayed jobs to the ready stream; returns the next due time (ms) or None."""
+    async def forget_dead_consumers(self, min_idle: float) -> int:
+        """Remove consumers of workers that are gone and hold nothing; returns how many."""
+
+    async def promote_due(self, limit: int, *, early: bool = False) -> float | None:
+        """Move due delayed jobs (``early``: all delayed jobs) to the ready stream; returns
+        the seconds until the next one is due, or None."""
+
+    async def claim_tick(
+        self, name: str, fire_ms: int, job: NewJob, unique: bool, lease_ms: int
+    ) -> CronClaim:
+        """Claim one cron tick and enqueue its run, exactly once across workers."""
+
+
+class AdminBroker(Protocol):
+    """What job handles, the CLI and the operations API need: looking and administering."""
 
     async def record(self, job_id: str) -> JobRecord | None:
         """One job's stored state, or None."""
@@ -193,9 +226,6 @@ class Broker(Protocol):
     async def purge_queue(self) -> int:
         """Delete everything stored for the queue; returns how many records went."""
 
-    async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
-        """Claim one cron tick and enqueue its run, exactly once across workers."""
-
     async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
         """The last claimed tick and its run, per cron job name."""
 
@@ -210,3 +240,7 @@ class Broker(Protocol):
 
     async def purge_dead(self, job_ids: Sequence[str]) -> int:
         """Delete dead jobs; returns how many were deleted."""
+
+
+class Broker(WorkerBroker, AdminBroker, Protocol):
+    """A whole broker: the worker-facing lifecycle plus inspection and administration."""

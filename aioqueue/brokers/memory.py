@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from aioqueue.brokers.base import (
     Again,
@@ -45,6 +45,9 @@ from aioqueue.brokers.memory_store import (
 from aioqueue.errors import QueueFull
 
 __all__ = ["MemoryBroker", "reset_stores"]
+
+END_OF_TIME_MS = 2**63
+"""A due time no delayed job has: promoting ``early`` takes every one."""
 
 
 class MemoryBroker:
@@ -86,34 +89,48 @@ class MemoryBroker:
         """Nothing to create: a queue's state exists from its first use."""
         await self._state()
 
+    async def now_ms(self) -> int:
+        """The broker's clock in ms: this process's wall clock, shared by every broker in it."""
+        await self._state()
+        return now_ms()
+
     # -- producing -------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
-        """Write jobs (``enqueue.lua``): True per new id, False per id that exists (or repeats
-        in the batch). Raises QueueFull, writing nothing, if the new jobs would take ready +
-        pending + delayed past ``max_size``."""
+        """Write jobs (``enqueue.lua``): True per new id, and per id whose stored envelope is
+        byte-for-byte the one given (the same enqueue, repeated); False per other id that
+        exists (or repeats in the batch). A job runs at ``run_at_ms`` and no sooner than
+        ``delay_ms`` from now. Raises QueueFull, writing nothing, if the new jobs would take
+        ready + pending + delayed past ``max_size``."""
         state = await self._state()
-        now = now_ms()
         fresh: list[bool] = []
+        created: list[bool] = []
         seen: set[str] = set()
         for job in jobs:
-            fresh.append(job.job_id not in seen and state.job(job.job_id) is None)
+            stored = None if job.job_id in seen else state.job(job.job_id)
+            is_new = job.job_id not in seen and stored is None
+            fresh.append(is_new)
+            created.append(is_new or (stored is not None and stored.envelope == job.envelope))
             seen.add(job.job_id)
         new = sum(fresh)
         if max_size > 0 and new > 0 and state.size() + new > max_size:
             raise QueueFull(self.queue, max_size)
+        now = now_ms()
         for job, is_new in zip(jobs, fresh, strict=True):
             if not is_new:
                 continue
+            run_at = job.run_at_ms
+            if job.delay_ms > 0:
+                run_at = max(run_at, now + job.delay_ms)
             stored = StoredJob(job.envelope, "queued", now)
             state.jobs[job.job_id] = stored
-            if job.run_at_ms > now:
+            if run_at > now:
                 stored.status = "scheduled"
-                stored.run_at_ms = job.run_at_ms
-                state.delayed.add(job.job_id, job.run_at_ms)
+                stored.run_at_ms = run_at
+                state.delayed.add(job.job_id, run_at)
             else:
                 stored.entry = state.add_entry(job.job_id)
-        return fresh
+        return created
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -139,7 +156,8 @@ class MemoryBroker:
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
     ) -> list[Delivery]:
         """Take over up to ``count`` pending entries idle for ``min_idle`` seconds or more
-        (XAUTOCLAIM) and begin them."""
+        (XAUTOCLAIM) and begin them. This consumer's own idle entries are taken too; begin
+        hands those back as they stand, without counting a delivery."""
         state = await self._state()
         if count <= 0:
             return []
@@ -152,74 +170,104 @@ class MemoryBroker:
                 row.consumer = consumer
                 row.delivered_at = now
                 taken.append((entry, row.job_id))
+        if taken:
+            state.consumers[consumer] = now
         return state.begin(consumer, taken, max_deliveries, check=True)
 
-    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> None:
-        """Record outcomes (``settle_done``/``settle_retry``/``settle_fail.lua``) of jobs whose
-        record still names this consumer and entry, and drop their entries. Other outcomes
-        are ignored; an aborted job stays aborted unless settled as aborted."""
+    async def adopt(
+        self, consumer: str, known: Collection[str], count: int, max_deliveries: int
+    ) -> list[Delivery]:
+        """Begin up to ``count`` entries in this consumer's pending list that are not in
+        ``known`` (delivered by a read, or begun by a call, whose reply was lost)."""
+        state = await self._state()
+        unknown = [(e, j) for e, j in state.own_pending(consumer) if e not in known]
+        adopted: list[Delivery] = []
+        start = 0
+        while start < len(unknown) and len(adopted) < count:
+            batch = unknown[start : start + count - len(adopted)]
+            start += len(batch)
+            adopted += state.begin(consumer, batch, max_deliveries, check=True)
+        return adopted
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+        """Record outcomes (``settle.lua``), in order. A settlement is accepted only from the
+        consumer and entry that began the job (False otherwise: the lease was lost). An
+        accepted outcome is applied only to a running job (an aborted job takes only
+        'aborted'); one already settled (a repeat) changes nothing. The entries of accepted
+        settlements are dropped."""
         state = await self._state()
         now = now_ms()
-        # The Redis broker runs one script per kind, in this order.
-        ordered: list[Settlement] = [s for s in settlements if isinstance(s, Done)]
-        ordered += [s for s in settlements if isinstance(s, Again)]
-        ordered += [s for s in settlements if isinstance(s, Finished)]
-        for settlement in ordered:
+        out: list[bool] = []
+        for settlement in settlements:
             delivery = settlement.delivery
             job_id = delivery.job_id
             job = state.job(job_id)
             if job is None or job.worker != consumer or job.entry != delivery.entry_id:
+                out.append(False)
                 continue
-            if isinstance(settlement, Done):
-                if job.status != "aborted":
-                    job.status = "complete"
-                    job.result = settlement.result
-                    job.finished_ms = now
-                    state.expire(job_id, job, self.result_ttl)
-                    state.finalized(job_id)
-            elif isinstance(settlement, Again):
-                if job.status != "aborted":
-                    job.status = "retrying"
-                    job.error = settlement.error
-                    job.reason = settlement.reason
-                    job.run_at_ms = settlement.run_at_ms
-                    job.deliveries = 0
-                    job.finished_ms = now
-                    job.attempt += 1
-                    state.delayed.add(job_id, settlement.run_at_ms)
-            elif job.status != "aborted" or settlement.status == "aborted":
-                job.status = settlement.status
-                job.error = settlement.error
-                job.reason = settlement.reason
-                job.finished_ms = now
-                if settlement.status == "dead":
-                    job.expires_at = None
-                    state.dead.add(job_id, now)
-                else:
-                    state.expire(job_id, job, self.result_ttl)
-                state.finalized(job_id)
+            aborting = isinstance(settlement, Finished) and settlement.status == "aborted"
+            if job.status == "running" or (job.status == "aborted" and aborting):
+                self._apply(state, job_id, job, settlement, now)
             state.drop_entry(delivery.entry_id)
+            out.append(True)
+        return out
+
+    def _apply(
+        self, state: QueueState, job_id: str, job: StoredJob, settlement: Settlement, now: int
+    ) -> None:
+        """Write one accepted outcome to its job."""
+        if isinstance(settlement, Done):
+            job.status = "complete"
+            job.result = settlement.result
+            job.finished_ms = now
+            state.expire(job_id, job, self.result_ttl)
+            state.finalized(job_id)
+        elif isinstance(settlement, Again):
+            run_at = now + settlement.delay_ms
+            job.status = "retrying"
+            job.error = settlement.error
+            job.reason = settlement.reason
+            job.run_at_ms = run_at
+            job.deliveries = 0
+            job.finished_ms = now
+            job.attempt += 1
+            state.delayed.add(job_id, run_at)
+        else:
+            job.status = settlement.status
+            job.error = settlement.error
+            job.reason = settlement.reason
+            job.finished_ms = now
+            if settlement.status == "dead":
+                job.expires_at = None
+                state.dead.add(job_id, now)
+            else:
+                state.expire(job_id, job, self.result_ttl)
+            state.finalized(job_id)
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]
     ) -> tuple[list[str], list[str]]:
         """Reset the idle time of the entries this consumer still owns (``renew.lua``).
 
-        Returns the job ids it no longer owns and the ids of jobs aborted meanwhile.
+        Returns the entry ids it no longer owns and the entry ids of jobs aborted meanwhile.
         """
         state = await self._state()
         now = time.monotonic()
         lost: list[str] = []
         aborted: list[str] = []
+        claimed = False
         for delivery in deliveries:
             row = state.pending.get(delivery.entry_id)
             if row is None or row.consumer != consumer:
-                lost.append(delivery.job_id)
+                lost.append(delivery.entry_id)
                 continue
             row.delivered_at = now
+            claimed = True
             job = state.job(delivery.job_id)
             if job is not None and job.status == "aborted":
-                aborted.append(delivery.job_id)
+                aborted.append(delivery.entry_id)
+        if claimed:
+            state.consumers[consumer] = now
         return lost, aborted
 
     async def listen_aborts(
@@ -237,22 +285,29 @@ class MemoryBroker:
         finally:
             state.abort_listeners.discard(inbox)
 
-    async def release(self, consumer: str) -> int:
-        """Hand back every entry this consumer holds as a fresh ready entry (``release.lua``);
-        the cut-short delivery of a running job is not counted. Returns how many."""
+    async def release(self, consumer: str, keep: Collection[str] = ()) -> int:
+        """Hand back every entry this consumer holds, except those in ``keep``, as a fresh
+        ready entry (``release.lua``). Each entry is dropped; its job is re-queued only if the
+        entry is still the job's current one and the job is queued or running; the
+        cut-short delivery of a job running under this consumer is not counted. Returns how
+        many jobs were handed back."""
         state = await self._state()
         released = 0
-        for entry, row in list(state.pending.items()):
-            if row.consumer != consumer:
+        for entry, job_id in state.own_pending(consumer):
+            if entry in keep:
                 continue
             state.drop_entry(entry)
-            job = state.job(row.job_id)
-            if job is not None and job.status in ("running", "queued"):
-                if job.status == "running":
-                    job.deliveries -= 1
-                job.status = "queued"
-                job.entry = state.add_entry(row.job_id)
-                released += 1
+            job = state.job(job_id)
+            # A job with no entry recorded counts as held by this one (as in release.lua).
+            if job is None or job.entry not in ("", entry):
+                continue
+            if job.status not in ("queued", "running"):
+                continue
+            if job.status == "running" and job.worker == consumer:
+                job.deliveries -= 1
+            job.status = "queued"
+            job.entry = state.add_entry(job_id)
+            released += 1
         return released
 
     async def heartbeat(
@@ -260,26 +315,40 @@ class MemoryBroker:
     ) -> None:
         """Record that a worker is alive, with its description; expires after ``ttl``."""
         state = await self._state()
+        state.drop_expired_workers()
         text = {k: v if isinstance(v, str) else repr(v) for k, v in info.items()}
         if state.worker_alive(worker_id):
             text = {**state.workers[worker_id].info, **text}
         state.workers[worker_id] = Heartbeat(text, now_ms(), time.monotonic() + ttl)
 
     async def forget_worker(self, worker_id: str) -> None:
-        """Remove a stopping worker's heartbeat."""
-        (await self._state()).workers.pop(worker_id, None)
-
-    async def promote_due(self, now_ms: int, limit: int) -> int | None:
-        """Move up to ``limit`` delayed jobs due at ``now_ms`` to the ready queue
-        (``promote.lua``); returns the earliest remaining run-at time (ms) or None."""
+        """Remove a stopping worker's heartbeat, and its consumer if it holds no entries."""
         state = await self._state()
-        for job_id in state.delayed.pop_due(now_ms, limit):
+        state.workers.pop(worker_id, None)
+        state.forget_consumers([worker_id])
+
+    async def forget_dead_consumers(self, min_idle: float) -> int:
+        """Remove the consumers of workers that are gone (heartbeat expired), idle for
+        ``min_idle`` seconds or more and holding no entries (``forget_consumers.lua``).
+        Returns how many were removed."""
+        state = await self._state()
+        now = time.monotonic()
+        idle = [name for name, seen in state.consumers.items() if now - seen >= min_idle]
+        return state.forget_consumers(idle)
+
+    async def promote_due(self, limit: int, *, early: bool = False) -> float | None:
+        """Move up to ``limit`` due delayed jobs (``early``: the earliest ``limit`` delayed
+        jobs, due or not) to the ready queue (``promote.lua``); returns the seconds until
+        the next delayed job is due, or None if none is left."""
+        state = await self._state()
+        now = now_ms()
+        for job_id in state.delayed.pop_due(END_OF_TIME_MS if early else now, limit):
             job = state.job(job_id)
             if job is not None and job.status in ("scheduled", "retrying"):
                 job.status = "queued"
                 job.entry = state.add_entry(job_id)
         head = state.delayed.head()
-        return None if head is None else head[1]
+        return None if head is None else max(head[1] - now, 0) / 1000
 
     # -- looking at jobs -------------------------------------------------------------------
 
@@ -358,9 +427,10 @@ class MemoryBroker:
         return max(now_ms() - int(oldest.split("-")[0]), 0)
 
     async def workers(self) -> list[dict[str, str]]:
-        """Live workers (heartbeat not expired) with their description, oldest beat first."""
+        """Live workers (heartbeat not expired) with their description, oldest beat first.
+        Read-only."""
         state = await self._state()
-        alive = [w for w in list(state.workers) if state.worker_alive(w)]
+        alive = [w for w in state.workers if state.worker_alive(w)]
         alive.sort(key=lambda w: (state.workers[w].beat_ms, w))
         return [{"id": w, **state.workers[w].info} for w in alive]
 
@@ -368,6 +438,7 @@ class MemoryBroker:
         """Delete everything stored for the queue; returns how many job records and other
         non-empty structures (ready queue, delayed, dead, cron state, heartbeats) went."""
         state = await self._state()
+        state.drop_expired_workers()
         structures = (
             bool(state.ready or state.pending),
             bool(state.delayed),
@@ -386,38 +457,58 @@ class MemoryBroker:
         state.cron.clear()
         state.cron_runs.clear()
         state.workers.clear()
+        state.consumers.clear()
         for job_id in job_ids:
             state.finalized(job_id)
         return gone
 
     # -- cron ------------------------------------------------------------------------------
 
-    async def claim_tick(self, name: str, fire_ms: int, job: NewJob, unique: bool) -> CronClaim:
-        """Claim one cron tick and enqueue its run, at most once per tick (``cron_claim.lua``).
+    async def claim_tick(
+        self, name: str, fire_ms: int, job: NewJob, unique: bool, lease_ms: int
+    ) -> CronClaim:
+        """Claim one cron tick and enqueue its run in the same step (``cron_claim.lua``).
 
-        A unique job's tick is skipped (OVERLAP) while the previous run is queued, delayed,
-        or running on a worker whose heartbeat is alive.
+        EARLY while ``fire_ms`` is later than the broker's clock (nothing written); TAKEN
+        when this tick or a later one was claimed by another broker; OVERLAP when claimed
+        but the run skipped, because ``unique`` and the previous run is queued, delayed, or
+        running with its entry pending and idle for less than ``lease_ms``; else CLAIMED.
+        The same call repeated by this broker answers the same and writes nothing more.
         """
         state = await self._state()
+        claimer: object = getattr(self, "_cron_claimer", None)
+        if claimer is None:
+            claimer = self._cron_claimer = object()
         current = state.cron.get(name)
         if current is not None and current >= fire_ms:
+            last_claim = state.cron_claims.get(name)
+            if current == fire_ms and last_claim is not None:
+                at, by, answer = last_claim
+                if at == fire_ms and by is claimer:
+                    return answer
             return CronClaim.TAKEN
+        now = now_ms()
+        if fire_ms > now:
+            return CronClaim.EARLY
         state.cron[name] = fire_ms
         last = state.cron_runs.get(name)
         if unique and last is not None and last != job.job_id:
             previous = state.job(last)
             status = None if previous is None else previous.status
-            if status in ("queued", "retrying", "scheduled"):
-                return CronClaim.OVERLAP
+            unfinished = status in ("queued", "retrying", "scheduled")
             if previous is not None and status == "running":
-                dead = previous.worker != "" and not state.worker_alive(previous.worker)
-                if not dead:
-                    return CronClaim.OVERLAP
+                row = state.pending.get(previous.entry)
+                idle_ms = None if row is None else (time.monotonic() - row.delivered_at) * 1000
+                unfinished = idle_ms is not None and idle_ms < lease_ms
+            if unfinished:
+                state.cron_claims[name] = (fire_ms, claimer, CronClaim.OVERLAP)
+                return CronClaim.OVERLAP
         if state.job(job.job_id) is None:
-            stored = StoredJob(job.envelope, "queued", now_ms())
+            stored = StoredJob(job.envelope, "queued", now)
             state.jobs[job.job_id] = stored
             stored.entry = state.add_entry(job.job_id)
         state.cron_runs[name] = job.job_id
+        state.cron_claims[name] = (fire_ms, claimer, CronClaim.CLAIMED)
         return CronClaim.CLAIMED
 
     async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
@@ -465,6 +556,7 @@ class MemoryBroker:
             job.deliveries = 0
             job.enqueued_ms = now
             job.finished_ms = job.run_at_ms = job.started_ms = None
+            job.worker = ""
             job.entry = state.add_entry(job_id)
             requeued += 1
         return requeued

@@ -7,11 +7,13 @@ line:
 Redis                       here
 ==========================  ========================================================
 job hash (with TTL)         :class:`StoredJob` in :attr:`QueueState.jobs`, ``expires_at``
-stream + consumer group     :attr:`QueueState.ready` (entries not yet delivered) and
+stream + consumer group     :attr:`QueueState.ready` (entries not yet delivered),
                             :attr:`QueueState.pending` (the pending list: owner and
-                            last delivery or claim, hence idle time)
+                            last delivery or claim, hence idle time) and
+                            :attr:`QueueState.consumers` (the group's consumers)
 delayed / dead zsets        :class:`ScoredSet`
 cron zset / cron-runs hash  :attr:`QueueState.cron` / :attr:`QueueState.cron_runs`
+cron-claims hash            :attr:`QueueState.cron_claims`
 worker heartbeat keys       :attr:`QueueState.workers`, each with an expiry
 pub/sub channels            :class:`Waiters` (result waits, blocked fetches) and one
                             :class:`asyncio.Queue` per abort listener
@@ -37,7 +39,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aioqueue.brokers.base import Delivery, JobRecord
+from aioqueue.brokers.base import CronClaim, Delivery, JobRecord
 
 __all__ = [
     "FINAL",
@@ -226,10 +228,17 @@ class QueueState:
     """Entries not yet delivered, oldest first: entry id -> job id."""
     pending: dict[str, PendingEntry] = field(default_factory=dict)
     """Delivered, unacknowledged entries in entry order (the consumer group's pending list)."""
+    consumers: dict[str, float] = field(default_factory=dict)
+    """The group's consumers: name -> ``time.monotonic()`` it was last handed an entry (as
+    Redis 7.0 does, a consumer is created, and its idle time reset, only by being handed
+    entries: a read that returns some, a claim that takes some)."""
     delayed: ScoredSet = field(default_factory=ScoredSet)
     dead: ScoredSet = field(default_factory=ScoredSet)
     cron: dict[str, int] = field(default_factory=dict)
     cron_runs: dict[str, str] = field(default_factory=dict)
+    cron_claims: dict[str, tuple[int, object, CronClaim]] = field(default_factory=dict)
+    """The cron-claims hash: name -> (fire ms, claiming broker's token, answer) of its last
+    claim, so a repeated call is answered as the first one was."""
     workers: dict[str, Heartbeat] = field(default_factory=dict)
     ready_waiters: Waiters = field(default_factory=Waiters)
     final_waiters: dict[str, Waiters] = field(default_factory=dict)
@@ -284,7 +293,19 @@ class QueueState:
             entry, job_id = self.ready.popitem(last=False)
             self.pending[entry] = PendingEntry(job_id, consumer, now)
             taken.append((entry, job_id))
+        if taken:
+            self.consumers[consumer] = now
         return taken
+
+    def own_pending(self, consumer: str) -> list[tuple[str, str]]:
+        """(entry id, job id) of every entry in ``consumer``'s pending list, oldest first
+        (XPENDING ... consumer)."""
+        return [(e, row.job_id) for e, row in self.pending.items() if row.consumer == consumer]
+
+    def owns(self, consumer: str, entry: str) -> bool:
+        """True if ``entry`` is in ``consumer``'s pending list."""
+        row = self.pending.get(entry)
+        return row is not None and row.consumer == consumer
 
     def drop_entry(self, entry: str) -> None:
         """Acknowledge and delete an entry (XACK + XDEL)."""
@@ -301,33 +322,41 @@ class QueueState:
     ) -> list[Delivery]:
         """``begin.lua``: count the delivery of each entry, then run, skip or dead-letter its job.
 
-        With ``check``, entries another consumer owns by now are left alone (lost).
+        With ``check``, entries another consumer owns by now are left alone (lost). A
+        delivery is identified by (consumer, entry): a job already running under this pair
+        is returned as it stands without counting another delivery, and one dead-lettered
+        under it answers dead again. An entry that is not its job's current one (stale or
+        forged) is skipped and dropped.
         """
         now = now_ms()
         deliveries: list[Delivery] = []
         for entry, job_id in entries:
-            row = self.pending.get(entry)
-            if check and (row is None or row.consumer != consumer):
+            if check and not self.owns(consumer, entry):
                 continue  # lost: another consumer owns the entry now
             job = self.job(job_id)
-            if job is None or job.status in FINAL:
+            mine = job is not None and job.worker == consumer and job.entry == entry
+            if job is not None and mine and job.status == "running":
+                envelope = job.envelope if job.envelope is not None else b""
+                deliveries.append(Delivery(job_id, entry, envelope, job.attempt, job.deliveries))
+                continue
+            if job is not None and mine and job.status == "dead":
+                self.drop_entry(entry)
+                _log_dead(job_id, job.deliveries)
+                continue
+            if job is None or job.status in FINAL or job.entry != entry:
                 self.drop_entry(entry)
                 continue
             job.deliveries += 1
             if job.deliveries > max_deliveries:
                 job.status = "dead"
                 job.finished_ms = now
+                job.worker = consumer
                 job.reason = f"worker lost {job.deliveries - 1} times"
                 job.expires_at = None
                 self.dead.add(job_id, now)
                 self.drop_entry(entry)
                 self.finalized(job_id)
-                logger.error(
-                    "job %s dead-lettered: its worker was lost %d times",
-                    job_id,
-                    job.deliveries - 1,
-                    extra={"job_id": job_id},
-                )
+                _log_dead(job_id, job.deliveries)
                 continue
             job.status = "running"
             job.started_ms = now
@@ -359,14 +388,38 @@ class QueueState:
     # -- workers ---------------------------------------------------------------------------
 
     def worker_alive(self, worker_id: str) -> bool:
-        """True while the worker's last heartbeat has not expired (EXISTS on its key)."""
+        """True while the worker's last heartbeat has not expired (EXISTS on its key).
+        Read-only: an expired heartbeat is dropped by :meth:`drop_expired_workers`."""
         beat = self.workers.get(worker_id)
-        if beat is None:
-            return False
-        if beat.expires_at <= time.monotonic():
+        return beat is not None and beat.expires_at > time.monotonic()
+
+    def drop_expired_workers(self) -> None:
+        """Forget heartbeats that have expired (Redis expires their keys by itself)."""
+        now = time.monotonic()
+        for worker_id in [w for w, beat in self.workers.items() if beat.expires_at <= now]:
             del self.workers[worker_id]
-            return False
-        return True
+
+    def forget_consumers(self, names: Sequence[str]) -> int:
+        """``forget_consumers.lua``: remove the consumers whose worker's heartbeat is gone and
+        whose pending list is empty; returns how many were removed."""
+        removed = 0
+        for name in names:
+            if name not in self.consumers or self.worker_alive(name):
+                continue
+            if any(row.consumer == name for row in self.pending.values()):
+                continue
+            del self.consumers[name]
+            removed += 1
+        return removed
+
+
+def _log_dead(job_id: str, deliveries: int) -> None:
+    logger.error(
+        "job %s dead-lettered: its worker was lost %d times",
+        job_id,
+        deliveries - 1,
+        extra={"job_id": job_id},
+    )
 
 
 class MemoryStore:

@@ -56,11 +56,6 @@ class Keys:
         """Hash describing one live worker (host, pid, concurrency, counters); expires."""
         return f"{self.prefix}:worker:{worker_id}"
 
-    @property
-    def stats(self) -> str:
-        """Hash of per-second completed/failed counters for throughput figures."""
-        return f"{self.prefix}:stats"
-
     def job(self, job_id: str) -> str:
         """Hash holding one job's envelope, status, counters and outcome."""
         return f"{self.prefix}:job:{job_id}"
@@ -69,6 +64,11 @@ class Keys:
     def job_prefix(self) -> str:
         """Common prefix of job keys, for scans."""
         return f"{self.prefix}:job:"
+
+    def memo(self, request_id: str) -> str:
+        """A script's answer to one request, kept a few minutes so a re-sent request (its
+        reply was lost) gets the same answer after the first run destroyed what it read."""
+        return f"{self.prefix}:memo:{request_id}"
 
     def done_channel(self, client_id: str) -> str:
         """Pub/sub channel of one client process, announcing ids of watched jobs that ended."""

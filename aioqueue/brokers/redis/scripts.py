@@ -1,7 +1,9 @@
 """The Lua scripts, one per state change, loaded from the ``lua/`` directory.
 
 Each file starts with a header giving its KEYS, ARGV, return value and the invariant it
-keeps. :class:`~aioqueue.brokers.redis.broker.RedisBroker` holds one typed method per script.
+keeps. ``lua/_prelude.lua`` holds the helpers they share; it is put in front of every script
+here, so each script is still one self-contained EVALSHA (no Redis Functions library to
+install or version). The broker's modules hold one typed method per script.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ NAMES = (
     "begin",
     "cron_claim",
     "enqueue",
+    "forget_consumers",
     "promote",
     "purge_dead",
     "release",
     "renew",
     "requeue",
-    "settle_done",
-    "settle_fail",
-    "settle_retry",
+    "settle",
     "watch",
 )
+
+PRELUDE = "_prelude"
+"""Helpers every script shares (Redis's clock, ack, notify), put in front of each script."""
 
 
 @cache
@@ -31,4 +35,8 @@ def source(name: str) -> str:
     """The Lua source of script ``name``."""
     if name not in NAMES:
         raise KeyError(name)
+    return _read(PRELUDE) + _read(name)
+
+
+def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")

@@ -1,14 +1,20 @@
 -- abort.lua: abort a queued, delayed or running job.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] hash of the job
--- ARGV[1] job id, ARGV[2] group, ARGV[3] now (ms), ARGV[4] result TTL (ms),
---   ARGV[5] abort channel
+-- ARGV[1] job id, ARGV[2] group, ARGV[3] result TTL (ms), ARGV[4] abort channel,
+--   ARGV[5] a token unique to this abort request
 -- Returns the status the job had ('not_found' if none).
 -- Invariant: a queued or delayed job leaves the stream / zset here; a running job is
 -- marked aborted and its worker is told on the abort channel to cancel it. The settle
--- scripts never overwrite 'aborted', so a run that finishes anyway cannot resurrect it.
-local status = redis.call('HGET', KEYS[3], 'status')
+-- script never overwrites 'aborted', so a run that finishes anyway cannot resurrect it.
+-- Repeat-safe: the request's token and the status it found are kept on the job, so the
+-- same request re-sent after a lost reply answers what it answered the first time.
+local status, token, found = unpack(redis.call('HMGET', KEYS[3], 'status', 'abort_token',
+  'aborted_from'))
 if not status then
   return 'not_found'
+end
+if status == 'aborted' and token == ARGV[5] then
+  return found
 end
 if status == 'complete' or status == 'failed' or status == 'dead' or status == 'aborted' then
   return status
@@ -23,15 +29,11 @@ elseif status == 'queued' then
     redis.call('XDEL', KEYS[1], entry)
   end
 end
-redis.call('HSET', KEYS[3], 'status', 'aborted', 'finished', ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[3], 'status', 'aborted', 'finished', redis_now(),
+  'abort_token', ARGV[5], 'aborted_from', status)
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if status == 'running' then
-  redis.call('PUBLISH', ARGV[5], ARGV[1])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
 end
-local watchers = redis.call('HGET', KEYS[3], 'watch')
-if watchers then
-  for channel in string.gmatch(watchers, '%S+') do
-    redis.call('PUBLISH', channel, ARGV[1])
-  end
-end
+notify(KEYS[3], ARGV[1], redis.call('HGET', KEYS[3], 'watchers'))
 return status

@@ -1,47 +1,56 @@
 -- begin.lua: turn delivered stream entries into running jobs, counting every delivery.
 -- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries, ARGV[4] now (ms),
---   ARGV[5] '1' to check that the consumer still owns each entry (entries taken over with
---   XAUTOCLAIM), '0' for entries XREADGROUP handed over in the same breath,
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries,
+--   ARGV[4] '1' to check that the consumer still owns each entry (entries taken over with
+--   XAUTOCLAIM or found in its pending list), '0' for entries XREADGROUP handed over in the
+--   same breath,
 --   then per job i: job id, stream entry id
 -- Returns per job one of:
 --   {'run', envelope or false, attempt, deliveries}  the caller owns the job and runs it
---   {'skip'}   the job is gone, aborted or already final: its entry was acked and deleted
+--   {'skip'}   the job is gone, aborted, already final, or the job names another entry as
+--              its current one (a stale or forged duplicate): the entry was acked and
+--              deleted
 --   {'lost'}   another consumer owns the entry now: leave it alone
 --   {'dead', deliveries}  delivered more than max_deliveries times: dead-lettered
 -- Invariant: deliveries counts every hand-over of the current attempt, crash redeliveries
 -- included, so a job that kills its worker cannot loop forever. The hash records the
 -- consumer and entry that began the job; settle scripts accept outcomes only from them.
+-- Repeat-safe: a delivery is identified by (consumer, entry). A job already running under
+-- the same pair was begun by this very call before its reply was lost (or this consumer
+-- re-adopts an entry it holds): it is returned as it stands, without counting again.
 local group, consumer = ARGV[1], ARGV[2]
 local max_deliveries = tonumber(ARGV[3])
-local now = ARGV[4]
-local check = ARGV[5] == '1'
+local check = ARGV[4] == '1'
 local final = {complete = true, failed = true, dead = true, aborted = true}
+local now = redis_now()
 local out, acked = {}, {}
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
-  local id, entry = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  local id, entry = ARGV[3 + i * 2], ARGV[4 + i * 2]
   if check and #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) == 0 then
     out[i] = {'lost'}
   else
-    local job = redis.call('HMGET', key, 'status', 'env', 'attempt')
-    if not job[1] or final[job[1]] then
+    local job = redis.call('HMGET', key, 'status', 'env', 'attempt', 'deliveries', 'worker',
+      'entry', 'watchers')
+    local status = job[1]
+    local mine = job[5] == consumer and job[6] == entry
+    if mine and status == 'running' then
+      out[i] = {'run', job[2], tonumber(job[3]) or 1, tonumber(job[4]) or 0}
+    elseif mine and status == 'dead' then
+      acked[#acked + 1] = entry
+      out[i] = {'dead', tonumber(job[4]) or 0}
+    elseif not status or final[status] or (job[6] and job[6] ~= entry) then
       acked[#acked + 1] = entry
       out[i] = {'skip'}
     else
       local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
       if deliveries > max_deliveries then
-        redis.call('HSET', key, 'status', 'dead', 'finished', now,
+        redis.call('HSET', key, 'status', 'dead', 'finished', now, 'worker', consumer,
           'reason', 'worker lost ' .. (deliveries - 1) .. ' times')
         redis.call('PERSIST', key)
         redis.call('ZADD', KEYS[2], now, id)
         acked[#acked + 1] = entry
-        local watchers = redis.call('HGET', key, 'watch')
-        if watchers then
-          for channel in string.gmatch(watchers, '%S+') do
-            redis.call('PUBLISH', channel, id)
-          end
-        end
+        notify(key, id, job[7])
         out[i] = {'dead', deliveries}
       else
         redis.call('HSET', key, 'status', 'running', 'started', now, 'worker', consumer,
@@ -51,8 +60,5 @@ for i = 1, #KEYS - 2 do
     end
   end
 end
-if #acked > 0 then
-  redis.call('XACK', KEYS[1], group, unpack(acked))
-  redis.call('XDEL', KEYS[1], unpack(acked))
-end
+ack(KEYS[1], ARGV[1], acked)
 return out

@@ -1,15 +1,20 @@
 -- promote.lua: move due jobs from the delayed zset to the ready stream.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[2 + i] hash of job i
--- ARGV[1] now (ms), then per job i: job id
--- Returns the score (ms) of the earliest job still delayed, or false if none.
--- Invariant: ZREM decides which worker promotes a job, so concurrent promoters never add it
--- to the stream twice; a job whose hash is gone or aborted is dropped instead.
-local now = tonumber(ARGV[1])
+-- ARGV[1] '1' to promote the given jobs whether due or not (aioqueue.testing's drain),
+--   else '0'; ARGV[1 + i] job id i (candidates the caller found due by its estimate of
+--   Redis's clock)
+-- Returns {earliest score (ms) still delayed or false, Redis's clock (ms)}.
+-- Invariant: a job is due by Redis's clock, never a caller's, so a worker whose clock runs
+-- ahead cannot start delayed jobs early. ZREM decides which worker promotes a job, so
+-- concurrent promoters (or a repeat of this call) never add it to the stream twice; a job
+-- whose hash is gone or aborted is dropped instead.
+local now = redis_now()
+local early = ARGV[1] == '1'
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   local id = ARGV[1 + i]
   local score = redis.call('ZSCORE', KEYS[2], id)
-  if score and tonumber(score) <= now and redis.call('ZREM', KEYS[2], id) == 1 then
+  if score and (early or tonumber(score) <= now) and redis.call('ZREM', KEYS[2], id) == 1 then
     local status = redis.call('HGET', key, 'status')
     if status == 'scheduled' or status == 'retrying' then
       local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
@@ -18,7 +23,4 @@ for i = 1, #KEYS - 2 do
   end
 end
 local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #head == 0 then
-  return false
-end
-return head[2]
+return {head[2] or false, now}

@@ -1,5 +1,5 @@
 -- release.lua: hand unfinished jobs back at shutdown so another worker starts them at once.
--- KEYS[1] stream, KEYS[1 + i] hash of job i
+-- KEYS[1] stream, KEYS[2] this request's reply memo, KEYS[2 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, then per job i: job id, stream entry id
 -- Covers jobs that were running and entries delivered but never started (a read cut short).
 -- Returns the number of jobs released.
@@ -7,24 +7,29 @@
 -- worker's next XAUTOCLAIM sweep. A fresh entry instead wakes a worker blocked in
 -- XREADGROUP immediately. The old entry is acked and deleted in the same step, and the
 -- delivery that was cut short is not counted against max_deliveries.
+-- Repeat-safe: only entries still in this consumer's pending list are handed back, and
+-- handing one back acks it, so a repeat finds nothing left to do; it answers the count
+-- kept in the request's memo.
+local memo = remembered(KEYS[2])
+if memo then
+  return memo
+end
 local group, consumer = ARGV[1], ARGV[2]
 local released = 0
-for i = 1, #KEYS - 1 do
-  local key = KEYS[1 + i]
+for i = 1, #KEYS - 2 do
+  local key = KEYS[2 + i]
   local id, entry = ARGV[1 + i * 2], ARGV[2 + i * 2]
-  local owner = redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer)
-  if #owner > 0 then
-    redis.call('XACK', KEYS[1], group, entry)
-    redis.call('XDEL', KEYS[1], entry)
-    local status = redis.call('HGET', key, 'status')
-    if status == 'running' or status == 'queued' then
+  if #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) > 0 then
+    ack(KEYS[1], group, {entry})
+    local job = redis.call('HMGET', key, 'status', 'entry', 'worker')
+    if (not job[2] or job[2] == entry) and (job[1] == 'queued' or job[1] == 'running') then
       local fresh = redis.call('XADD', KEYS[1], '*', 'j', id)
       redis.call('HSET', key, 'status', 'queued', 'entry', fresh)
-      if status == 'running' then
+      if job[1] == 'running' and job[3] == consumer then
         redis.call('HINCRBY', key, 'deliveries', -1)
       end
       released = released + 1
     end
   end
 end
-return released
+return remember(KEYS[2], released)

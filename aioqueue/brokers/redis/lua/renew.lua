@@ -4,23 +4,16 @@
 -- Returns {lost, aborted}: entry ids this consumer no longer owns (taken over after an
 -- expired lease), and entry ids of jobs aborted meanwhile (a backstop for an abort message
 -- the worker missed while disconnected).
--- Invariant: XCLAIM with min-idle 0 would steal an entry from whoever owns it now, so only
--- entries still in this consumer's pending list are claimed; JUSTID resets their idle time
--- without counting a delivery.
+-- Invariant: XCLAIM with min-idle 0 would steal an entry from whoever owns it now, so each
+-- entry's owner is checked first (one XPENDING per entry: however long the pending list,
+-- no window of it can miss an entry); JUSTID resets the idle time without counting a
+-- delivery. Repeat-safe: claiming an entry one owns again only resets its idle time again.
 local group, consumer = ARGV[1], ARGV[2]
-local wanted = #KEYS - 1
-if wanted == 0 then
-  return {{}, {}}
-end
-local owned = {}
-local pending = redis.call('XPENDING', KEYS[1], group, '-', '+', wanted * 2 + 100, consumer)
-for _, row in ipairs(pending) do
-  owned[row[1]] = true
-end
-local claim, lost, aborted = {}, {}, {}
-for i = 1, wanted do
+local claim = {KEYS[1], group, consumer, 0}
+local lost, aborted = {}, {}
+for i = 1, #KEYS - 1 do
   local entry = ARGV[2 + i]
-  if owned[entry] then
+  if #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) > 0 then
     claim[#claim + 1] = entry
     if redis.call('HGET', KEYS[1 + i], 'status') == 'aborted' then
       aborted[#aborted + 1] = entry
@@ -29,7 +22,8 @@ for i = 1, wanted do
     lost[#lost + 1] = entry
   end
 end
-if #claim > 0 then
-  redis.call('XCLAIM', KEYS[1], group, consumer, 0, unpack(claim), 'JUSTID')
+if #claim > 4 then
+  claim[#claim + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(claim))
 end
 return {lost, aborted}

@@ -1,0 +1,242 @@
+"""Looking at a queue and administering it on Redis: job records, result waits, abort,
+counts, workers, dead letters, purges.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import redis.exceptions as rexc
+
+from aioqueue.brokers.base import CronRun, JobRecord, QueueCounts
+from aioqueue.brokers.redis.connection import (
+    CHUNK,
+    FINAL,
+    RedisConnection,
+    redis_errors,
+    text,
+)
+from aioqueue.brokers.redis.keys import GROUP
+
+__all__ = ["Admin"]
+
+
+class Admin(RedisConnection):
+    """What the queue's handles, the CLI and the operations API ask of Redis."""
+
+    # -- looking at jobs -------------------------------------------------------------------
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """Everything stored about one job, or None."""
+        with redis_errors("reading a job"):
+            async with self._slots:
+                fields = cast(dict[bytes, bytes], await self.client.hgetall(self.keys.job(job_id)))
+        if not fields:
+            return None
+        return _record(job_id, fields)
+
+    async def wait_final(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait until the job is final: check, then subscribe-and-watch, then wait for the
+        notification; never a poll loop (see ``waiter.py``)."""
+        record = await self.record(job_id)
+        if record is None or record.status in FINAL:
+            return record
+        if self._waiter is None:
+            raise RuntimeError("broker is not connected")
+        key = self.keys.job(job_id)
+        channel = self._waiter.channel
+
+        async def watch() -> bool:
+            status = await self._eval("watch", [key], [channel])
+            return status is None or text(status) in FINAL
+
+        with redis_errors("waiting for a job"):
+            await self._waiter.wait(job_id, watch, timeout)
+        return await self.record(job_id)
+
+    async def abort(self, job_id: str) -> str:
+        """Abort one job; see ``abort.lua``."""
+        keys = [self.keys.stream, self.keys.delayed, self.keys.job(job_id)]
+        # The token lets a re-sent request (lost reply) answer what it answered first.
+        args = [job_id, GROUP, self.result_ttl_ms, self.keys.abort_channel, uuid.uuid4().hex]
+        with redis_errors("aborting a job"):
+            return text(await self._eval("abort", keys, args))
+
+    async def counts(self) -> QueueCounts:
+        """Ready, pending (delivered, unsettled), delayed and dead job counts."""
+        with redis_errors("counting jobs"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xlen(self.keys.stream)
+            pipe.zcard(self.keys.delayed)
+            pipe.zcard(self.keys.dead)
+            pipe.xpending(self.keys.stream, GROUP)
+            length, delayed, dead, pending = await pipe.execute(raise_on_error=False)
+        pending_count = 0 if isinstance(pending, Exception) else int(pending["pending"])
+        return QueueCounts(
+            ready=int(length) - pending_count,
+            pending=pending_count,
+            delayed=int(delayed),
+            dead=int(dead),
+        )
+
+    async def _unfetched(self, count: int) -> list[Any]:
+        """The first ``count`` stream entries after the group's last-delivered id."""
+        try:
+            groups = await self.client.xinfo_groups(self.keys.stream)
+        except rexc.ResponseError:
+            return []  # no stream or group yet: nothing was ever enqueued
+        last = next(
+            (text(g["last-delivered-id"]) for g in groups if text(g["name"]) == GROUP), "0-0"
+        )
+        return cast(
+            list[Any], await self.client.xrange(self.keys.stream, f"({last}", "+", count=count)
+        )
+
+    async def lag_ms(self) -> int | None:
+        """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
+        with redis_errors("measuring queue lag"):
+            waiting = await self._unfetched(1)
+        if not waiting:
+            return None
+        born = int(text(waiting[0][0]).split("-")[0])
+        return max(self.server_now_ms() - born, 0)
+
+    async def waiting(self, limit: int) -> list[JobRecord]:
+        """Jobs not fetched by any worker yet: ready ones in order, then delayed ones by due
+        time; at most ``limit`` of each."""
+        if limit <= 0:
+            return []
+        with redis_errors("listing waiting jobs"):
+            entries = await self._unfetched(limit)
+            ids = [text(fields[b"j"]) for _, fields in entries if fields and b"j" in fields]
+            ids += [text(i) for i in await self.client.zrange(self.keys.delayed, 0, limit - 1)]
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            rows = await pipe.execute()
+        return [_record(i, row) for i, row in zip(ids, rows, strict=True) if row]
+
+    async def workers(self) -> list[dict[str, str]]:
+        """Live workers (those whose heartbeat has not expired), with their description.
+
+        Read-only: workers' own heartbeats prune the set of those long gone."""
+        with redis_errors("listing workers"):
+            ids = [text(i) for i in await self.client.zrange(self.keys.workers, 0, -1)]
+            if not ids:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for worker_id in ids:
+                pipe.hgetall(self.keys.worker(worker_id))
+            rows = await pipe.execute()
+        return [
+            {"id": worker_id, **{text(k): text(v) for k, v in row.items()}}
+            for worker_id, row in zip(ids, rows, strict=True)
+            if row
+        ]
+
+    async def purge_queue(self) -> int:
+        """Delete every key of the queue (jobs, stream, delayed, dead, cron state)."""
+        deleted = 0
+        with redis_errors("purging the queue"):
+            batch: list[Any] = []
+            pattern = _glob_escape(self.keys.prefix) + ":*"
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self.client.unlink(*batch))
+        return deleted
+
+    # -- cron ------------------------------------------------------------------------------
+
+    async def cron_runs(self, names: Sequence[str]) -> dict[str, CronRun]:
+        """The last claimed tick and the record of its run, per cron job name."""
+        if not names:
+            return {}
+        with redis_errors("reading cron state"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zmscore(self.keys.cron, list(names))
+            pipe.hmget(self.keys.cron_runs, list(names))
+            fires, job_ids = await pipe.execute()
+            records = [await self.record(text(i)) if i else None for i in job_ids]
+        return {
+            name: CronRun(
+                None if fire is None else int(fire), text(job_id) if job_id else None, record
+            )
+            for name, fire, job_id, record in zip(names, fires, job_ids, records, strict=True)
+        }
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead(self, offset: int, limit: int) -> list[JobRecord]:
+        """Dead-lettered jobs, most recent first."""
+        if limit <= 0:
+            return []
+        with redis_errors("listing dead letters"):
+            ids = await self.client.zrevrange(self.keys.dead, offset, offset + limit - 1)
+            if not ids:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(text(job_id)))
+            rows = await pipe.execute()
+        return [_record(text(job_id), row) for job_id, row in zip(ids, rows, strict=True) if row]
+
+    async def dead_ids(self) -> list[str]:
+        """Every dead-lettered job id, oldest first."""
+        with redis_errors("listing dead letters"):
+            return [text(i) for i in await self.client.zrange(self.keys.dead, 0, -1)]
+
+    async def requeue_dead(self, job_ids: Sequence[str]) -> int:
+        """Put dead jobs back on the stream with fresh counters; returns how many."""
+        requeued = 0
+        token = uuid.uuid4().hex
+        with redis_errors("requeueing dead letters"):
+            for start in range(0, len(job_ids), CHUNK):
+                chunk = job_ids[start : start + CHUNK]
+                keys = [self.keys.stream, self.keys.dead, *(self.keys.job(i) for i in chunk)]
+                requeued += int(await self._eval("requeue", keys, [token, *chunk]))
+        return requeued
+
+    async def purge_dead(self, job_ids: Sequence[str]) -> int:
+        """Delete dead jobs and their records; ids that are not dead are left alone."""
+        purged = 0
+        with redis_errors("purging dead letters"):
+            for start in range(0, len(job_ids), CHUNK):
+                chunk = list(job_ids[start : start + CHUNK])
+                memo = self.keys.memo(uuid.uuid4().hex)
+                keys = [self.keys.dead, memo, *(self.keys.job(i) for i in chunk)]
+                purged += int(await self._eval("purge_dead", keys, chunk))
+        return purged
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters SCAN MATCH treats as a pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:
+    value = fields.get(name)
+    return int(value) if value is not None else None
+
+
+def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        status=text(fields.get(b"status", b"unknown")),
+        envelope=fields.get(b"env"),
+        attempt=_int(fields, b"attempt") or 1,
+        deliveries=_int(fields, b"deliveries") or 0,
+        enqueued_ms=_int(fields, b"enqueued"),
+        started_ms=_int(fields, b"started"),
+        finished_ms=_int(fields, b"finished"),
+        run_at_ms=_int(fields, b"run_at"),
+        result=fields.get(b"result"),
+        error=fields.get(b"error"),
+        reason=text(fields.get(b"reason", b"")),
+        worker=text(fields.get(b"worker", b"")),
+    )

@@ -1,0 +1,432 @@
+"""The job lifecycle the worker drives on Redis: enqueue, fetch, begin, settle, renew,
+take over, release, promote, heartbeats.
+
+Every state change is one Lua script (see ``lua/``), batched over many jobs, so a job is
+never half-settled and many jobs cost one round trip; every script is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from typing import Any, cast
+
+import redis.exceptions as rexc
+
+from aioqueue.brokers.base import Again, Delivery, Done, NewJob, Settlement
+from aioqueue.brokers.redis.connection import (
+    CHUNK,
+    Call,
+    RedisConnection,
+    is_nogroup,
+    redis_errors,
+    text,
+)
+from aioqueue.brokers.redis.keys import GROUP
+from aioqueue.brokers.redis.waiter import pubsub_messages
+from aioqueue.errors import QueueFull
+from aioqueue.serialization import ErrorInfo, encode
+
+__all__ = ["Lifecycle"]
+
+logger = logging.getLogger(__name__)
+
+# How much of a foreign stream entry is copied into its dead-letter record.
+FOREIGN_PREVIEW = 512
+
+
+class Lifecycle(RedisConnection):
+    """What producers and workers do to jobs."""
+
+    _reclaim_cursor = "0-0"
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
+        """Write jobs in chunks of one script call each, pipelined; see ``enqueue.lua``."""
+        calls: list[Call] = []
+        # With a max_size the whole batch is one script call, so QueueFull is all or nothing;
+        # without one, chunks keep each call short.
+        size = len(jobs) if max_size > 0 else CHUNK
+        skip = len(self.keys.job_prefix.encode())  # Lua counts bytes
+        for start in range(0, len(jobs), max(size, 1)):
+            chunk = jobs[start : start + size]
+            timed = any(job.run_at_ms or job.delay_ms for job in chunk)
+            keys = [self.keys.stream, self.keys.delayed]
+            args: list[Any] = [max_size, skip, "1" if timed else "0"]
+            job_key = self.keys.job
+            if timed:
+                for job in chunk:
+                    keys.append(job_key(job.job_id))
+                    args += [job.envelope, job.run_at_ms, job.delay_ms]
+            else:
+                keys += [job_key(job.job_id) for job in chunk]
+                args += [job.envelope for job in chunk]
+            calls.append(("enqueue", keys, args))
+        with redis_errors("enqueuing"):
+            results = await self._eval_many(calls)
+        created: list[bool] = []
+        for result in results:
+            if result == -1:
+                raise QueueFull(self.keys.queue, max_size)
+            created += [flag == 1 for flag in result]
+        return created
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (after a FLUSHALL too)."""
+        with redis_errors("creating the consumer group"):
+            try:
+                await self.client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def fetch(
+        self, consumer: str, count: int, block: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Blocking XREADGROUP of up to ``count`` new entries, then ``begin.lua`` on them."""
+        with redis_errors("reading the stream"):
+            try:
+                response = await self.client.xreadgroup(
+                    GROUP,
+                    consumer,
+                    {self.keys.stream: ">"},
+                    count=count,
+                    # BLOCK 0 would mean "forever": never round a short wait down to it.
+                    block=max(int(block * 1000), 1),
+                )
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                logger.warning("consumer group of %s is missing; recreating it", self.keys.stream)
+                await self.ensure_group()
+                return []
+            if not response:
+                return []
+            entries = cast(Any, response)[0][1]
+            return await self._begin(consumer, entries, max_deliveries, check=False)
+
+    async def reclaim(
+        self, consumer: str, count: int, min_idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """XAUTOCLAIM entries idle longer than ``min_idle`` (their lease expired).
+
+        The sweep can return this consumer's own entries too (idle after an outage); begin
+        hands those back unchanged, and the worker keeps running the copy it has.
+        """
+        with redis_errors("reclaiming expired leases"):
+            try:
+                response = await self.client.xautoclaim(
+                    self.keys.stream,
+                    GROUP,
+                    consumer,
+                    min_idle_time=int(min_idle * 1000),
+                    start_id=self._reclaim_cursor,
+                    count=count,
+                )
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                await self.ensure_group()
+                return []
+            self._reclaim_cursor = text(response[0])
+            entries = [entry for entry in response[1] if entry and entry[1] is not None]
+            if not entries:
+                return []
+            return await self._begin(consumer, entries, max_deliveries, check=True)
+
+    async def adopt(
+        self, consumer: str, known: Collection[str], count: int, max_deliveries: int
+    ) -> list[Delivery]:
+        """Take up at once entries this consumer holds but does not know of (``known`` are
+        the entry ids it runs): a read or a begin whose reply was lost in an outage.
+
+        Without this they would sit out a whole lease before anyone took them over.
+        """
+        adopted: list[Delivery] = []
+        with redis_errors("adopting pending entries"):
+            async for page in self._own_pending(consumer):
+                unknown = [(e, j) for e, j in page if e not in known]
+                entries = [(e, {b"j": j.encode()}) for e, j in unknown if j is not None]
+                entries = entries[: count - len(adopted)]
+                if entries:
+                    adopted += await self._begin(consumer, entries, max_deliveries, check=True)
+                if len(adopted) >= count:
+                    break
+        return adopted
+
+    async def _own_pending(self, consumer: str) -> AsyncIterator[list[tuple[str, str | None]]]:
+        """Pages of (entry id, job id) this consumer holds in its pending list. Entries that
+        are pending but gone from the stream (deleted under it) are acked and left out."""
+        start = "-"
+        while True:
+            try:
+                pending = await self.client.xpending_range(
+                    self.keys.stream, GROUP, start, "+", CHUNK, consumer
+                )
+            except rexc.ResponseError as exc:
+                if is_nogroup(exc):
+                    return
+                raise
+            if not pending:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for row in pending:
+                entry = text(row["message_id"])
+                pipe.xrange(self.keys.stream, entry, entry)
+            ranges = await pipe.execute()
+            page: list[tuple[str, str | None]] = []
+            orphans: list[str] = []
+            for row, found in zip(pending, ranges, strict=True):
+                entry = text(row["message_id"])
+                fields = found[0][1] if found else None
+                if not fields:
+                    orphans.append(entry)
+                else:
+                    job_id = fields.get(b"j")
+                    page.append((entry, None if job_id is None else text(job_id)))
+            if orphans:
+                await self.client.xack(self.keys.stream, GROUP, *orphans)
+            yield page
+            if len(pending) < CHUNK:
+                return
+            start = "(" + text(pending[-1]["message_id"])
+
+    async def _begin(
+        self, consumer: str, entries: Sequence[Any], max_deliveries: int, *, check: bool
+    ) -> list[Delivery]:
+        known: list[tuple[str, str]] = []
+        for entry_id, fields in entries:
+            entry = text(entry_id)
+            job_id = fields.get(b"j") if fields else None
+            if job_id is None:
+                await self._dead_letter_foreign(entry, fields)
+            else:
+                known.append((text(job_id), entry))
+        if not known:
+            return []
+        keys = [self.keys.stream, self.keys.dead]
+        args: list[Any] = [GROUP, consumer, max_deliveries, "1" if check else "0"]
+        for job_id, entry in known:
+            keys.append(self.keys.job(job_id))
+            args += [job_id, entry]
+        results = await self._eval("begin", keys, args)
+        deliveries: list[Delivery] = []
+        for (job_id, entry), result in zip(known, results, strict=True):
+            verdict = text(result[0])
+            if verdict == "run":
+                envelope = result[1] if isinstance(result[1], bytes) else b""
+                deliveries.append(Delivery(job_id, entry, envelope, int(result[2]), int(result[3])))
+            elif verdict == "dead":
+                logger.error(
+                    "job %s dead-lettered: its worker was lost %d times",
+                    job_id,
+                    int(result[1]) - 1,
+                    extra={"job_id": job_id},
+                )
+        return deliveries
+
+    async def _dead_letter_foreign(self, entry: str, fields: dict[bytes, bytes] | None) -> None:
+        """Keep a stream entry aioqueue did not write as a dead letter, and drop it from the
+        stream, in one MULTI (the entry was just delivered to this consumer). A repeat
+        writes the same record under the same id."""
+        job_id = f"foreign-{entry}"
+        preview = repr(fields)[:FOREIGN_PREVIEW]
+        error = ErrorInfo("ForeignEntry", f"stream entry {entry} has no job id: {preview}")
+        now = self.server_now_ms()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.job(job_id),
+            mapping={
+                "status": "dead",
+                "reason": "foreign stream entry",
+                "error": encode(error),
+                "enqueued": now,
+                "finished": now,
+            },
+        )
+        pipe.zadd(self.keys.dead, {job_id: now})
+        pipe.xack(self.keys.stream, GROUP, entry)
+        pipe.xdel(self.keys.stream, entry)
+        await pipe.execute()
+        logger.error("dead-lettered foreign stream entry %s", entry)
+
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+        """Record every outcome and ack the entries: one script call per chunk, one round
+        trip. Returns per settlement whether it was recorded (False: the lease was lost and
+        another worker's run counts)."""
+        calls: list[Call] = []
+        for start in range(0, len(settlements), CHUNK):
+            keys = [self.keys.stream, self.keys.delayed, self.keys.dead]
+            args: list[Any] = [GROUP, consumer, self.result_ttl_ms]
+            for item in settlements[start : start + CHUNK]:
+                delivery = item.delivery
+                keys.append(self.keys.job(delivery.job_id))
+                args += [delivery.job_id, delivery.entry_id]
+                if isinstance(item, Done):
+                    args += ["complete", item.result, "", 0]
+                elif isinstance(item, Again):
+                    args += ["retry", item.error, item.reason, item.delay_ms]
+                else:
+                    args += [item.status, item.error, item.reason, 0]
+            calls.append(("settle", keys, args))
+        if not calls:
+            return []
+        with redis_errors("settling jobs"):
+            try:
+                results = await self._eval_many(calls)
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                # The stream was flushed under us; the jobs went with it.
+                logger.warning("stream %s vanished while settling; recreating it", self.keys.stream)
+                await self.ensure_group()
+                return [False] * len(settlements)
+        return [flag == 1 for result in results for flag in result]
+
+    async def renew(
+        self, consumer: str, deliveries: Sequence[Delivery]
+    ) -> tuple[list[str], list[str]]:
+        """Reset the idle time of every entry this consumer still owns.
+
+        Returns the entry ids it no longer owns and the entry ids of jobs aborted meanwhile.
+        """
+        lost: list[str] = []
+        aborted: list[str] = []
+        with redis_errors("renewing leases"):
+            for start in range(0, len(deliveries), CHUNK):
+                chunk = deliveries[start : start + CHUNK]
+                keys = [self.keys.stream, *(self.keys.job(d.job_id) for d in chunk)]
+                try:
+                    gone, stopped = await self._eval(
+                        "renew", keys, [GROUP, consumer, *(d.entry_id for d in chunk)]
+                    )
+                except rexc.ResponseError as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    await self.ensure_group()
+                    gone, stopped = [d.entry_id for d in chunk], []
+                lost += [text(entry) for entry in gone]
+                aborted += [text(entry) for entry in stopped]
+        return lost, aborted
+
+    async def listen_aborts(
+        self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """Call ``on_abort(job_id)`` for every abort request; ``on_ready()`` once subscribed.
+
+        Runs until cancelled. Messages sent while disconnected are lost; the lease renewal
+        notices aborted jobs as a backstop.
+        """
+        pubsub = self.client.pubsub()
+        try:
+            with redis_errors("subscribing to abort requests"):
+                await pubsub.subscribe(self.keys.abort_channel)
+            ready = False
+            async for message in pubsub_messages(pubsub, "abort listener"):
+                if message["type"] == "subscribe" and not ready:
+                    ready = True
+                    on_ready()
+                elif message["type"] == "message":
+                    on_abort(text(message["data"]))
+        finally:
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def release(self, consumer: str, keep: Collection[str] = ()) -> int:
+        """Give back every entry this consumer still holds, as fresh stream entries, except
+        the entries in ``keep`` (their outcome is known but not yet written, or their job
+        would not stop).
+
+        Sweeps the consumer's whole pending list, so entries delivered by a read that was cut
+        short at shutdown are handed back too (see ``release.lua``).
+        """
+        released = 0
+        with redis_errors("releasing jobs"):
+            async for page in self._own_pending(consumer):
+                jobs = [(e, j) for e, j in page if j is not None and e not in keep]
+                if not jobs:
+                    continue
+                memo = self.keys.memo(uuid.uuid4().hex)
+                keys = [self.keys.stream, memo, *(self.keys.job(j) for _, j in jobs)]
+                args: list[Any] = [GROUP, consumer]
+                for entry, job_id in jobs:
+                    args += [job_id, entry]
+                released += int(await self._eval("release", keys, args))
+        return released
+
+    async def heartbeat(
+        self, worker_id: str, info: dict[str, str | int | float], ttl: float
+    ) -> None:
+        """Record that a worker is alive, with its description; expires after ``ttl``.
+        Workers whose heartbeat stopped long ago (killed) leave the workers set here."""
+        key = self.keys.worker(worker_id)
+        now = self.server_now_ms()
+        with redis_errors("sending a heartbeat"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(key, mapping=cast(Any, info))
+            pipe.pexpire(key, int(ttl * 1000))
+            pipe.zadd(self.keys.workers, {worker_id: now})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - int(ttl * 3000))
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a stopping worker's heartbeat, and its consumer if it holds no entries."""
+        with redis_errors("removing a heartbeat"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.zrem(self.keys.workers, worker_id)
+            await pipe.execute()
+            await self._forget_consumers([worker_id])
+
+    async def forget_dead_consumers(self, min_idle: float) -> int:
+        """Remove from the consumer group the consumers of workers that are gone (heartbeat
+        expired), idle for ``min_idle`` seconds, holding no entries. Returns how many."""
+        with redis_errors("removing dead consumers"):
+            try:
+                consumers = await self.client.xinfo_consumers(self.keys.stream, GROUP)
+            except rexc.ResponseError:
+                return 0  # no stream or group yet
+            names = [
+                text(c["name"])
+                for c in consumers
+                if int(c["pending"]) == 0 and int(c["idle"]) >= min_idle * 1000
+            ]
+            return await self._forget_consumers(names)
+
+    async def _forget_consumers(self, names: Sequence[str]) -> int:
+        removed = 0
+        for start in range(0, len(names), CHUNK):
+            chunk = names[start : start + CHUNK]
+            memo = self.keys.memo(uuid.uuid4().hex)
+            keys = [self.keys.stream, memo, *(self.keys.worker(name) for name in chunk)]
+            try:
+                removed += int(await self._eval("forget_consumers", keys, [GROUP, *chunk]))
+            except rexc.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+        return removed
+
+    async def promote_due(self, limit: int, *, early: bool = False) -> float | None:
+        """Promote up to ``limit`` jobs due by Redis's clock (``early``: whether due or not);
+        return the seconds until the next delayed job is due (None if nothing is delayed)."""
+        with redis_errors("promoting delayed jobs"):
+            pipe = self.client.pipeline(transaction=False)
+            until = "+inf" if early else self.server_now_ms()
+            pipe.zrangebyscore(self.keys.delayed, "-inf", until, start=0, num=limit)
+            pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
+            due, head = await pipe.execute()
+            if not due:
+                return self._until(float(head[0][1])) if head else None
+            ids = [text(job_id) for job_id in due]
+            keys = [self.keys.stream, self.keys.delayed, *(self.keys.job(i) for i in ids)]
+            nxt, now = await self._eval("promote", keys, ["1" if early else "0", *ids])
+            self._observe_clock(int(now))
+            return self._until(float(nxt)) if nxt else None
+
+    def _until(self, due_ms: float) -> float:
+        return max(due_ms - self.server_now_ms(), 0) / 1000

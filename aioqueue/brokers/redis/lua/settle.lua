@@ -1,0 +1,59 @@
+-- settle.lua: record the outcomes of finished jobs and remove their entries from the stream
+-- in the same step.
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] dead zset, KEYS[3 + i] hash of job i
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] result TTL (ms),
+--   then per job i: job id, stream entry id, outcome, data, reason, retry delay (ms)
+--   outcome 'complete' (data = encoded result), 'retry' (data = encoded error; the job runs
+--   again after the delay, attempt + 1), or 'failed' / 'dead' / 'aborted' (data = encoded
+--   error)
+-- Returns per job 1 if the outcome is recorded, 0 if this consumer no longer owned the job
+-- (its lease expired and another worker began it: that run's outcome counts).
+-- Invariants: an entry leaves the stream only together with its outcome (at-least-once);
+-- backoff lives in the delayed zset, never in worker memory; dead jobs are listed in the
+-- dead zset and kept (no TTL) until requeued or purged; complete, failed and aborted jobs
+-- expire after the result TTL. A job aborted while it ran stays 'aborted'.
+-- Ownership: the hash records which consumer began the job and from which entry; only that
+-- pair may settle it. Repeat-safe: the first settle moves the job out of 'running', so a
+-- repeat from the same pair (the reply was lost and the client re-sent the call) finds the
+-- outcome recorded and changes nothing: one failure uses up one attempt, never two.
+local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
+local now = redis_now()
+local out, acked = {}, {}
+for i = 1, #KEYS - 3 do
+  local key = KEYS[3 + i]
+  local at = 3 + (i - 1) * 6
+  local id, entry, outcome, data = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'attempt')
+  if job[2] ~= consumer or job[3] ~= entry then
+    out[i] = 0
+  else
+    if job[1] == 'running' or (job[1] == 'aborted' and outcome == 'aborted') then
+      if outcome == 'complete' then
+        redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now)
+        redis.call('PEXPIRE', key, ttl)
+        notify(key, id, job[4])
+      elseif outcome == 'retry' then
+        local run_at = now + tonumber(ARGV[at + 6])
+        -- A job that never failed before has no 'attempt' field yet: it was attempt 1.
+        redis.call('HSET', key, 'status', 'retrying', 'error', data, 'reason', ARGV[at + 5],
+          'run_at', run_at, 'deliveries', 0, 'finished', now,
+          'attempt', (tonumber(job[5]) or 1) + 1)
+        redis.call('ZADD', KEYS[2], run_at, id)
+      else
+        redis.call('HSET', key, 'status', outcome, 'error', data, 'reason', ARGV[at + 5],
+          'finished', now)
+        if outcome == 'dead' then
+          redis.call('PERSIST', key)
+          redis.call('ZADD', KEYS[3], now, id)
+        else
+          redis.call('PEXPIRE', key, ttl)
+        end
+        notify(key, id, job[4])
+      end
+    end
+    acked[#acked + 1] = entry
+    out[i] = 1
+  end
+end
+ack(KEYS[1], group, acked)
+return out

@@ -1,0 +1,219 @@
+"""Every state change is safe to repeat: the reply of each script is lost on its way back
+(the fault-injecting proxy closes the connection after Redis ran it), redis-py re-sends the
+call, and the state and the answer are what a single run gives."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from faultproxy import FaultProxy
+
+from aioqueue.brokers.base import Again, Delivery, Done, Finished, NewJob
+from aioqueue.brokers.redis import RedisBroker
+from aioqueue.brokers.redis.keys import GROUP, Keys
+from aioqueue.serialization import Envelope, encode
+
+pytestmark = pytest.mark.timeout(30)
+
+CONSUMER = "worker-a"
+
+
+@pytest.fixture
+async def broker(fault_proxy: FaultProxy, queue_name: str) -> AsyncIterator[RedisBroker]:
+    broker = RedisBroker(fault_proxy.url, queue_name, result_ttl=60)
+    await broker.connect()
+    await broker.ensure_group()
+    yield broker
+    await broker.close()
+
+
+def sha(broker: RedisBroker, script: str) -> bytes:
+    return broker._scripts[script].sha.encode()
+
+
+def envelope(n: int = 1) -> bytes:
+    return encode(Envelope("task", (n,), {}, 1_700_000_000_000, None, None, None))
+
+
+async def lose_reply(proxy: FaultProxy, broker: RedisBroker, script: str) -> bytes:
+    match = sha(broker, script)
+    proxy.lose_reply(match)
+    return match
+
+
+def job(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
+    fields = client.hgetall(keys.job(job_id))
+    return {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+
+
+async def running_job(broker: RedisBroker, job_id: str = "j1") -> Delivery:
+    await broker.enqueue([NewJob(job_id, envelope())], 0)
+    (delivery,) = await broker.fetch(CONSUMER, 1, 0.1, 5)
+    return delivery
+
+
+async def test_enqueue_repeated_writes_one_job_and_answers_created(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    match = await lose_reply(fault_proxy, broker, "enqueue")
+    assert await broker.enqueue([NewJob("j1", envelope()), NewJob("j2", envelope(2))], 0) == [
+        True,
+        True,
+    ]
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.xlen(broker.keys.stream) == 2
+    # A different job under an existing id is still refused.
+    assert await broker.enqueue([NewJob("j1", envelope(3))], 0) == [False]
+
+
+async def test_begin_repeated_counts_one_delivery(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await broker.enqueue([NewJob("j1", envelope())], 0)
+    match = await lose_reply(fault_proxy, broker, "begin")
+    (delivery,) = await broker.fetch(CONSUMER, 1, 0.1, 5)
+    assert fault_proxy.fired(match) == 1
+    assert (delivery.attempt, delivery.deliveries) == (1, 1)
+    record = job(redis_client, broker.keys, "j1")
+    assert (record["status"], record["deliveries"]) == ("running", "1")
+
+
+async def test_begin_repeated_at_max_deliveries_does_not_dead_letter(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await broker.enqueue([NewJob("j1", envelope())], 0)
+    match = await lose_reply(fault_proxy, broker, "begin")
+    (delivery,) = await broker.fetch(CONSUMER, 1, 0.1, max_deliveries=1)
+    assert fault_proxy.fired(match) == 1
+    assert delivery.deliveries == 1
+    assert redis_client.zcard(broker.keys.dead) == 0
+
+
+async def test_settle_retry_repeated_uses_one_attempt(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    delivery = await running_job(broker)
+    match = await lose_reply(fault_proxy, broker, "settle")
+    assert await broker.settle(CONSUMER, [Again(delivery, 60_000, b"err", "ValueError")]) == [True]
+    assert fault_proxy.fired(match) == 1
+    record = job(redis_client, broker.keys, "j1")
+    assert (record["status"], record["attempt"]) == ("retrying", "2")
+    assert redis_client.zcard(broker.keys.delayed) == 1
+    assert redis_client.xlen(broker.keys.stream) == 0
+    assert redis_client.xpending(broker.keys.stream, GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("outcome", ["complete", "failed", "dead"])
+async def test_settle_repeated_records_one_outcome(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis, outcome: str
+) -> None:
+    delivery = await running_job(broker)
+    settlement = (
+        Done(delivery, encode(42))
+        if outcome == "complete"
+        else Finished(delivery, outcome, b"err", "because")
+    )
+    match = await lose_reply(fault_proxy, broker, "settle")
+    assert await broker.settle(CONSUMER, [settlement]) == [True]
+    assert fault_proxy.fired(match) == 1
+    assert job(redis_client, broker.keys, "j1")["status"] == outcome
+    assert redis_client.zcard(broker.keys.dead) == (1 if outcome == "dead" else 0)
+    assert redis_client.xlen(broker.keys.stream) == 0
+
+
+async def test_settle_from_a_consumer_that_lost_the_job_is_refused(
+    broker: RedisBroker, redis_client: redis.Redis
+) -> None:
+    delivery = await running_job(broker)
+    # Another worker took the entry over after the lease expired and began it.
+    redis_client.xclaim(broker.keys.stream, GROUP, "worker-b", 0, [delivery.entry_id])
+    (taken,) = await broker.reclaim("worker-b", 1, 0, 5)
+    assert taken.deliveries == 2
+    assert await broker.settle(CONSUMER, [Done(delivery, encode(1))]) == [False]
+    assert job(redis_client, broker.keys, "j1")["status"] == "running"
+    assert await broker.settle("worker-b", [Done(taken, encode(2))]) == [True]
+
+
+async def test_abort_repeated_answers_the_status_it_found(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await broker.enqueue([NewJob("queued", envelope())], 0)
+    match = await lose_reply(fault_proxy, broker, "abort")
+    assert await broker.abort("queued") == "queued"
+    assert fault_proxy.fired(match) == 1
+    assert job(redis_client, broker.keys, "queued")["status"] == "aborted"
+    assert redis_client.xlen(broker.keys.stream) == 0
+    # A second, separate request finds the job aborted.
+    assert await broker.abort("queued") == "aborted"
+
+
+async def test_requeue_and_purge_repeated_answer_their_counts(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    for job_id in ("d1", "d2"):
+        delivery = await running_job(broker, job_id)
+        await broker.settle(CONSUMER, [Finished(delivery, "dead", b"err", "why")])
+    match = await lose_reply(fault_proxy, broker, "requeue")
+    assert await broker.requeue_dead(["d1"]) == 1
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.xlen(broker.keys.stream) == 1
+    match = await lose_reply(fault_proxy, broker, "purge_dead")
+    assert await broker.purge_dead(["d2"]) == 1
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.zcard(broker.keys.dead) == 0
+
+
+async def test_promote_repeated_adds_one_entry(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await broker.enqueue([NewJob("later", envelope(), delay_ms=60_000)], 0)
+    match = await lose_reply(fault_proxy, broker, "promote")
+    assert await broker.promote_due(10, early=True) is None
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.xlen(broker.keys.stream) == 1
+    assert job(redis_client, broker.keys, "later")["status"] == "queued"
+
+
+async def test_renew_repeated_keeps_every_lease(
+    broker: RedisBroker, fault_proxy: FaultProxy
+) -> None:
+    deliveries = [await running_job(broker, f"j{i}") for i in range(3)]
+    match = await lose_reply(fault_proxy, broker, "renew")
+    assert await broker.renew(CONSUMER, deliveries) == ([], [])
+    assert fault_proxy.fired(match) == 1
+
+
+async def test_release_repeated_hands_each_job_back_once(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await running_job(broker)
+    match = await lose_reply(fault_proxy, broker, "release")
+    assert await broker.release(CONSUMER) == 1
+    assert fault_proxy.fired(match) == 1
+    record = job(redis_client, broker.keys, "j1")
+    assert (record["status"], record["deliveries"]) == ("queued", "0")
+    assert redis_client.xlen(broker.keys.stream) == 1
+
+
+async def test_watch_repeated_registers_one_watcher(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    await broker.enqueue([NewJob("j1", envelope())], 0)
+    key = broker.keys.job("j1")
+    match = await lose_reply(fault_proxy, broker, "watch")
+    for _ in range(2):
+        await broker._eval("watch", [key], ["chan"])
+    assert fault_proxy.fired(match) == 1
+    assert job(redis_client, broker.keys, "j1")["watchers"] == "1"
+
+
+async def test_forget_consumers_repeated_answers_its_count(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    redis_client.xgroup_createconsumer(broker.keys.stream, GROUP, "gone-worker")
+    match = await lose_reply(fault_proxy, broker, "forget_consumers")
+    assert await broker.forget_dead_consumers(min_idle=0) == 1
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.xinfo_consumers(broker.keys.stream, GROUP) == []
