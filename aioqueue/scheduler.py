@@ -6,16 +6,24 @@ claim (``cron_claim.lua``) is atomic in Redis, so exactly one worker enqueues ea
 under the deterministic job id ``cron:<name>:<fire ms>``. Workers joining, leaving or dying
 do not matter: any live worker claims the next tick.
 
-Missed ticks are skipped: a worker starting up schedules only ticks after its start, and one
-that wakes late claims the latest due tick, never a backlog.
+Ticks are decided on one clock that every worker shares, the broker's (Redis ``TIME``), read
+once per wake-up; a worker's own clock plays no part, so a worker whose clock runs ahead
+neither claims ticks early nor blocks the others. A claim that fails because Redis is
+unreachable is tried again, with backoff, until Redis answers: a tick is never dropped
+because of an outage.
+
+Missed ticks are skipped, counted on the broker's clock: a worker starting up schedules only
+ticks after its start, and one that wakes late, or that Redis kept waiting past several
+ticks, claims the latest due tick, never a backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from aioqueue.brokers.base import Broker, CronClaim, NewJob
@@ -27,69 +35,134 @@ if TYPE_CHECKING:
     from aioqueue.queue import Queue
     from aioqueue.task import Task
 
-__all__ = ["CronScheduler"]
+__all__ = ["CronScheduler", "next_wake", "retry_delay"]
 
 logger = logging.getLogger(__name__)
 
 # Never sleep less than this between checks, so clock jitter cannot spin the loop.
 MIN_SLEEP = 0.001
+# After an 'early' answer (the broker's clock was behind the reading the tick was decided
+# on, e.g. after a failover to a server whose clock lags), look again this soon.
+EARLY_PAUSE = 0.05
+# Backoff between attempts while Redis is unreachable. Capped low: one attempt per second
+# costs nothing, and a tick should be claimed soon after Redis returns.
+RETRY_BASE = 0.1
+RETRY_CAP = 1.0
+# The default lease (Settings.lease) in ms; the worker passes its own.
+DEFAULT_LEASE_MS = 30_000
+
+_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+def retry_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` consecutive failed attempts (>= 1): doubling from
+    RETRY_BASE up to RETRY_CAP, the upper half of it jittered, so workers do not retry in
+    lock-step and never spin."""
+    ceiling = min(RETRY_CAP, RETRY_BASE * 2.0 ** max(failures - 1, 0))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def next_wake(jobs: Sequence[CronJob], last: Mapping[str, datetime], now: datetime) -> datetime:
+    """The earliest tick still to claim: each job's first fire after both its last claimed
+    (or skipped) tick and ``now``."""
+    return min(job.next_fire(max(last[job.name], now)) for job in jobs)
+
+
+def from_ms(epoch_ms: int) -> datetime:
+    """Unix milliseconds as an aware UTC datetime."""
+    return _EPOCH + epoch_ms * _ONE_MS
+
+
+def to_ms(moment: datetime) -> int:
+    """An aware datetime as Unix milliseconds."""
+    return (moment - _EPOCH) // _ONE_MS
 
 
 class CronScheduler:
-    """Claims and enqueues the ticks of a worker's cron jobs."""
+    """Claims and enqueues the ticks of a worker's cron jobs.
+
+    ``sleep`` waits a number of seconds (``asyncio.sleep``); tests pass one that advances a
+    fake clock instead.
+    """
 
     def __init__(
-        self,
-        queue: Queue,
-        jobs: Sequence[CronJob],
-        *,
-        clock: Callable[[], datetime] = _utc_now,
+        self, queue: Queue, jobs: Sequence[CronJob], *, sleep: Sleep = asyncio.sleep
     ) -> None:
         self.queue = queue
         self.jobs = list(jobs)
-        self.clock = clock
+        self.sleep = sleep
         self.tasks: dict[str, Task[Any, Any]] = {job.name: task_for(queue, job) for job in jobs}
+        # The run of each job's tick being claimed, built once, so every attempt at a tick
+        # (after a failure, or an 'early' answer) sends the same call.
+        self._runs: dict[str, NewJob] = {}
 
-    async def run(self, broker: Broker) -> None:
-        """Claim every tick from now on, sleeping until the next one is due. Runs until
-        cancelled."""
+    async def run(self, broker: Broker, lease_ms: int = DEFAULT_LEASE_MS) -> None:
+        """Claim every tick from now on (the broker's clock), sleeping until the next one is
+        due. ``lease_ms`` is the worker's lease: a unique job's previous run whose entry has
+        been idle that long belongs to a worker that is gone. Runs until cancelled."""
         if not self.jobs:
             return
-        started = self.clock()
-        last: dict[str, datetime] = {job.name: started for job in self.jobs}
+        last: dict[str, datetime] | None = None
+        failures = 0
         while True:
-            now = self.clock()
-            for job in self.jobs:
-                tick = due_tick(job, last[job.name], now)
-                if tick is not None:
-                    last[job.name] = tick
-                    await self._claim(broker, job, tick)
-            now = self.clock()
-            upcoming = min(job.next_fire(max(last[job.name], now)) for job in self.jobs)
-            await asyncio.sleep(max((upcoming - now).total_seconds(), MIN_SLEEP))
+            early = False
+            try:
+                now = from_ms(await broker.now_ms())
+                if last is None:
+                    # Only ticks after the start, on the shared clock.
+                    last = {job.name: now for job in self.jobs}
+                for job in self.jobs:
+                    tick = due_tick(job, last[job.name], now)
+                    if tick is None:
+                        continue
+                    claim = await self._claim(broker, job, tick, now, lease_ms)
+                    if claim is CronClaim.EARLY:
+                        early = True
+                    else:
+                        last[job.name] = tick
+            except RedisUnavailable as exc:
+                # Nothing advanced for the jobs not claimed yet: when Redis answers again,
+                # each claims its latest due tick then.
+                failures += 1
+                if failures == 1:
+                    logger.warning("cron: %s; retrying with backoff until Redis answers", exc)
+                await self.sleep(retry_delay(failures))
+                continue
+            if failures:
+                logger.info("cron: Redis answers again after %d failed attempts", failures)
+                failures = 0
+            delay = (next_wake(self.jobs, last, now) - now).total_seconds()
+            if early:
+                delay = min(delay, EARLY_PAUSE)  # that tick is still to claim: look again soon
+            await self.sleep(max(delay, MIN_SLEEP))
 
-    async def _claim(self, broker: Broker, job: CronJob, fire: datetime) -> None:
-        fire_ms = int(fire.timestamp() * 1000)
-        task = self.tasks[job.name]
-        envelope = Envelope(
-            task.name,
-            tuple(job.args),
-            dict(job.kwargs),
-            enqueued_ms=int(self.clock().timestamp() * 1000),
-            retries=job.retries,
-            timeout=job.timeout,
-            fire_ms=fire_ms,
-        )
-        new_job = NewJob(job.tick_id(fire), encode(envelope))
-        try:
-            claim = await broker.claim_tick(job.name, fire_ms, new_job, job.unique)
-        except RedisUnavailable as exc:
-            logger.warning("cron %s: could not claim the tick at %s: %s", job.name, fire, exc)
-            return
+    async def _claim(
+        self, broker: Broker, job: CronJob, fire: datetime, now: datetime, lease_ms: int
+    ) -> CronClaim:
+        """Claim the tick of ``job`` at ``fire``; RedisUnavailable propagates."""
+        tick_id = job.tick_id(fire)
+        new_job = self._runs.get(job.name)
+        if new_job is None or new_job.job_id != tick_id:
+            task = self.tasks[job.name]
+            envelope = Envelope(
+                task.name,
+                tuple(job.args),
+                dict(job.kwargs),
+                enqueued_ms=to_ms(now),
+                retries=job.retries,
+                timeout=job.timeout,
+                fire_ms=to_ms(fire),
+            )
+            new_job = self._runs[job.name] = NewJob(tick_id, encode(envelope))
+        claim = await broker.claim_tick(job.name, to_ms(fire), new_job, job.unique, lease_ms)
+        if claim is CronClaim.EARLY:
+            logger.debug("cron %s: the tick at %s is not due yet", job.name, fire.isoformat())
+            return claim
+        del self._runs[job.name]
         if claim is CronClaim.CLAIMED:
             logger.info("cron %s: enqueued the run for %s", job.name, fire.isoformat())
         elif claim is CronClaim.OVERLAP:
@@ -98,6 +171,7 @@ class CronScheduler:
                 job.name,
                 fire.isoformat(),
             )
+        return claim
 
 
 def task_for(queue: Queue, job: CronJob) -> Task[Any, Any]:

@@ -233,7 +233,7 @@ class Worker:
                 tg.start_soon(self._reclaim_loop, broker)
                 tg.start_soon(self._promote_loop, broker)
                 tg.start_soon(self._heartbeat_loop, broker)
-                tg.start_soon(self.scheduler.run, broker)
+                tg.start_soon(self.scheduler.run, broker, int(self.settings.lease * 1000))
                 if self.metrics is not None:
                     tg.start_soon(self._gauge_loop, broker, self.metrics)
                 if consuming is not None:

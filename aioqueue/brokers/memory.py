@@ -445,6 +445,7 @@ class MemoryBroker:
             bool(state.dead),
             bool(state.cron),
             bool(state.cron_runs),
+            bool(state.cron_claims),
             bool(state.workers),
         )
         gone = len(state.jobs) + len(state.workers) + sum(structures)
@@ -456,6 +457,7 @@ class MemoryBroker:
         state.dead = ScoredSet()
         state.cron.clear()
         state.cron_runs.clear()
+        state.cron_claims.clear()
         state.workers.clear()
         state.consumers.clear()
         for job_id in job_ids:

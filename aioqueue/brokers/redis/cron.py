@@ -11,15 +11,9 @@ import uuid
 
 from aioqueue.brokers.base import CronClaim, NewJob
 from aioqueue.brokers.redis.connection import RedisConnection, redis_errors, text
-from aioqueue.brokers.redis.keys import GROUP, Keys
+from aioqueue.brokers.redis.keys import GROUP
 
-__all__ = ["CronClaims", "cron_claims_key"]
-
-
-def cron_claims_key(keys: Keys) -> str:
-    """Hash: cron job name -> ``'<fire ms> <answer> <claimer>'`` of its last claim, which lets
-    ``cron_claim.lua`` answer a re-sent call as it answered the first one."""
-    return f"{keys.prefix}:cron-claims"
+__all__ = ["CronClaims"]
 
 
 class CronClaims(RedisConnection):
@@ -61,7 +55,7 @@ class CronClaims(RedisConnection):
                 script_keys = [
                     keys.cron,
                     keys.cron_runs,
-                    cron_claims_key(keys),
+                    keys.cron_claims,
                     keys.stream,
                     new_key,
                     keys.job(previous) if previous else new_key,

@@ -48,6 +48,12 @@ class Keys:
         return f"{self.prefix}:cron-runs"
 
     @property
+    def cron_claims(self) -> str:
+        """Hash: cron job name -> ``'<fire ms> <answer> <claimer>'`` of its last claim, which
+        lets ``cron_claim.lua`` answer a re-sent call as it answered the first one."""
+        return f"{self.prefix}:cron-claims"
+
+    @property
     def workers(self) -> str:
         """Sorted set: worker id -> last heartbeat in ms."""
         return f"{self.prefix}:workers"
