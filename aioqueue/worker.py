@@ -95,6 +95,9 @@ class Worker:
         # Slots promised to a fetch or takeover whose reply has not arrived yet, so the two
         # cannot both hand out the same free slots.
         self._reserved = 0
+        # Set when a read that hands entries over failed: its reply may have been lost
+        # after Redis handed entries to this consumer, which the fetch loop then adopts.
+        self._must_adopt = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
 
@@ -285,7 +288,10 @@ class Worker:
         settings = self.settings
         block = min(settings.block, 0.1) if settings.burst else settings.block
         failures = 0
-        while True:
+        # Checked on every turn, not only left to cancellation: a cancellation that a
+        # client library swallows while reading (seen with redis-py when it lands on a
+        # read being torn down) must not keep the loop fetching after a stop.
+        while not self._stopping.is_set():
             free = self._free_slots()
             if free <= 0:
                 self._slot_free.clear()
@@ -297,15 +303,13 @@ class Worker:
             count = min(free, max(settings.concurrency // 4, 1))
             try:
                 with self._reserving(count):
-                    if failures:
-                        # Back after an outage: a read or begin whose reply was lost left
-                        # entries in this consumer's pending list; take them up now rather
-                        # than after a whole lease.
+                    if self._must_adopt:
+                        # A read or begin whose reply was lost left entries in this
+                        # consumer's pending list; take them up now, not a lease later.
                         deliveries = await broker.adopt(
                             self.id, set(self._in_flight), count, settings.max_deliveries
                         )
-                        logger.info("fetching jobs again after %d failed attempts", failures)
-                        failures = 0
+                        self._must_adopt = False
                     else:
                         deliveries = await broker.fetch(
                             self.id, count, block, settings.max_deliveries
@@ -314,10 +318,14 @@ class Worker:
                         self._start(delivery)
             except RedisUnavailable as exc:
                 failures += 1
+                self._must_adopt = True
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
                 await asyncio.sleep(reconnect_delay(failures))
                 continue
+            if failures:
+                logger.info("fetching jobs again after %d failed attempts", failures)
+                failures = 0
             if deliveries:
                 # Let the new jobs take their first step before the next read is sent: a job
                 # then starts one round-trip's worth of client work earlier.
@@ -530,6 +538,7 @@ class Worker:
                                 )
                                 self._start(delivery)
                 except RedisUnavailable as exc:
+                    self._must_adopt = True
                     logger.warning("reclaiming expired leases: %s", exc)
             sweeps += 1
             if sweeps % CONSUMER_SWEEP_EVERY == 0:

@@ -107,6 +107,7 @@ class RedisConnection:
         # thousands of enqueues or result waits queues here instead of opening sockets.
         self._slots = asyncio.Semaphore(max_connections)
         self._client: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
         self._connect_lock = asyncio.Lock()
@@ -121,34 +122,52 @@ class RedisConnection:
             raise RuntimeError("broker is not connected")
         return self._client
 
+    @property
+    def reader(self) -> aioredis.Redis:
+        """A client that never re-sends a command: for the reads that hand entries over
+        (``XREADGROUP``, ``XAUTOCLAIM``). Re-sending one whose reply was lost would leave
+        the entries it handed over unseen in this consumer's pending list for a whole lease;
+        the caller gets :class:`RedisUnavailable` instead and adopts them."""
+        if self._reader is None:
+            raise RuntimeError("broker is not connected")
+        return self._reader
+
     async def connect(self) -> None:
         """Open the connection pool and check the server version; idempotent."""
         async with self._connect_lock:
             if self._client is not None:
                 return
+            options: dict[str, Any] = {
+                "socket_connect_timeout": 5.0,
+                "socket_timeout": self._socket_timeout,
+                "socket_keepalive": True,
+                "health_check_interval": 30,
+            }
             pool = aioredis.ConnectionPool.from_url(
                 self.url,
-                socket_connect_timeout=5.0,
-                socket_timeout=self._socket_timeout,
-                socket_keepalive=True,
-                health_check_interval=30,
                 # A pooled connection that went stale (Redis restarted), or one that dropped
                 # after Redis ran a command, is replaced and the command re-sent: every script
                 # is safe to repeat (each recognises the event it records).
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
                 retry_on_error=[rexc.ConnectionError],
+                **options,
             )
             client = aioredis.Redis.from_pool(pool)
+            reader_pool = aioredis.ConnectionPool.from_url(
+                self.url, retry=Retry(ExponentialWithJitterBackoff(), 0), **options
+            )
             try:
                 with redis_errors("connecting"):
                     info = await client.info("server")
                     self._set_offset(await client.time())
             except BaseException:
                 await client.aclose()
+                await reader_pool.aclose()
                 raise
             version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
             if version < MIN_REDIS:
                 await client.aclose()
+                await reader_pool.aclose()
                 raise UnsupportedRedis(
                     f"aioqueue needs Redis >= 7.0, the server at {self.url} runs "
                     f"{info.get('redis_version')}: upgrade Redis"
@@ -158,6 +177,7 @@ class RedisConnection:
             }
             self._waiter = DoneWaiter(client, self.keys.done_channel(uuid.uuid4().hex))
             self._client = client
+            self._reader = aioredis.Redis.from_pool(reader_pool)
 
     async def close(self) -> None:
         """Close the pub/sub listener and the connection pool."""
@@ -167,6 +187,9 @@ class RedisConnection:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._reader is not None:
+            await self._reader.aclose()
+            self._reader = None
 
     def _set_offset(self, reply: tuple[int, int]) -> None:
         seconds, micros = reply

@@ -91,7 +91,7 @@ class Lifecycle(RedisConnection):
         """Blocking XREADGROUP of up to ``count`` new entries, then ``begin.lua`` on them."""
         with redis_errors("reading the stream"):
             try:
-                response = await self.client.xreadgroup(
+                response = await self.reader.xreadgroup(
                     GROUP,
                     consumer,
                     {self.keys.stream: ">"},
@@ -120,7 +120,7 @@ class Lifecycle(RedisConnection):
         """
         with redis_errors("reclaiming expired leases"):
             try:
-                response = await self.client.xautoclaim(
+                response = await self.reader.xautoclaim(
                     self.keys.stream,
                     GROUP,
                     consumer,
