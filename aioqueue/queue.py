@@ -120,6 +120,7 @@ class Queue:
             result_ttl=settings.result_ttl,
             block=settings.block,
             max_connections=settings.max_connections,
+            max_payload_bytes=settings.max_payload_bytes,
         )
 
     async def close(self) -> None:

@@ -10,23 +10,39 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from aioqueue.errors import InvalidArguments, SerializationError
 
 
-class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
-    """What a producer writes for one job. Field names never reach the wire (array-like)."""
+MAX_RETRIES = 10_000
+"""Most retries a job may ask for."""
+MAX_TIMEOUT = 31_536_000.0
+"""Longest per-job timeout in seconds (a year)."""
+TASK_NAME = r"^[^\x00-\x1f\x7f]{1,200}$"
+"""A task name: 1 to 200 characters, none of them a control character (a newline in a name
+read from Redis would forge log lines)."""
 
-    task: str
+TaskName = Annotated[str, msgspec.Meta(pattern=TASK_NAME)]
+Retries = Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRIES)]
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+    """What a producer writes for one job. Field names never reach the wire (array-like).
+
+    Anyone who can write to Redis can write an envelope, so decoding checks the bounds of
+    every field the worker acts on (a NaN timeout or 10^18 retries is undecodable)."""
+
+    task: TaskName
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
     enqueued_ms: int = 0
     # Per-job overrides of the task's options; None means "use the task's".
-    retries: int | None = None
-    timeout: float | None = None
+    retries: Retries | None = None
+    timeout: Timeout | None = None
     # Opaque tracing context (W3C traceparent and friends) propagated to the worker.
     trace: dict[str, str] | None = None
     # For cron runs: the scheduled fire time of the tick, in Unix ms.
@@ -61,7 +77,7 @@ def decode(data: bytes, type_: Any = Any) -> Any:
         if type_ is Any:
             return _any_decoder.decode(data)
         return msgspec.msgpack.decode(data, type=type_)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise SerializationError(f"cannot decode {type_!r}: {exc}") from exc
 
 
@@ -69,7 +85,7 @@ def decode_envelope(data: bytes) -> Envelope:
     """Decode a job envelope, raising :class:`SerializationError` for anything else."""
     try:
         return _envelope_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise SerializationError(f"undecodable job envelope: {exc}") from exc
 
 
@@ -77,7 +93,7 @@ def decode_error(data: bytes) -> ErrorInfo:
     """Decode a recorded error; unreadable records become a descriptive ErrorInfo."""
     try:
         return _error_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return ErrorInfo("UnreadableError", repr(data[:200]))
 
 

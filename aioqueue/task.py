@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from aioqueue.errors import ConfigurationError
 from aioqueue.retry import Backoff
-from aioqueue.serialization import Signature
+from aioqueue.serialization import MAX_RETRIES, MAX_TIMEOUT, TASK_NAME, Signature
 
 if TYPE_CHECKING:
     from aioqueue.context import Context
@@ -43,10 +44,7 @@ class JobOptions:
             raise ConfigurationError("give either delay or at, not both")
         if self.at is not None and self.at.tzinfo is None:
             raise ConfigurationError("at must be a timezone-aware datetime")
-        if self.retries is not None and self.retries < 0:
-            raise ConfigurationError("retries must be >= 0")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigurationError("timeout must be > 0")
+        check_limits("", self.retries, self.timeout)
         if self.job_id is not None and not self.job_id:
             raise ConfigurationError("job_id must not be empty")
 
@@ -60,6 +58,14 @@ class JobOptions:
             return 0, 0
         seconds = self.delay.total_seconds() if isinstance(self.delay, timedelta) else self.delay
         return 0, max(int(seconds * 1000), 0)
+
+
+def check_limits(prefix: str, retries: int | None, timeout: float | None) -> None:
+    """Refuse retries and timeouts a worker would refuse to decode (see ``Envelope``)."""
+    if retries is not None and not 0 <= retries <= MAX_RETRIES:
+        raise ConfigurationError(f"{prefix}retries must be between 0 and {MAX_RETRIES}")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:  # NaN fails too
+        raise ConfigurationError(f"{prefix}timeout must be > 0 and at most {MAX_TIMEOUT:g} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +100,11 @@ class Task(Generic[P, R]):
     ) -> None:
         if not inspect.iscoroutinefunction(func):
             raise ConfigurationError(f"task {name!r} must be an async function (async def)")
-        if retries < 0:
-            raise ConfigurationError(f"task {name!r}: retries must be >= 0")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"task {name!r}: timeout must be > 0")
+        if not re.fullmatch(TASK_NAME, name):
+            raise ConfigurationError(
+                f"task name {name!r}: 1 to 200 characters, no control characters"
+            )
+        check_limits(f"task {name!r}: ", retries, timeout)
         self.queue = queue
         self.func = func
         self.name = name

@@ -95,10 +95,13 @@ class RedisConnection:
         result_ttl: float,
         block: float = 5.0,
         max_connections: int = 64,
+        max_payload_bytes: int = 1_048_576,
     ) -> None:
         self.url = url
         self.keys = Keys(queue)
         self.result_ttl_ms = int(result_ttl * 1000)
+        # A worker refuses larger jobs itself: anyone who can write to Redis can write one.
+        self.max_payload_bytes = max_payload_bytes
         # A blocking read must never look like a dead connection: the socket timeout is
         # well above the longest BLOCK the worker issues.
         self._socket_timeout = block + 10.0

@@ -210,7 +210,13 @@ class Lifecycle(RedisConnection):
         if not known:
             return []
         keys = [self.keys.stream, self.keys.dead]
-        args: list[Any] = [GROUP, consumer, max_deliveries, "1" if check else "0"]
+        args: list[Any] = [
+            GROUP,
+            consumer,
+            max_deliveries,
+            "1" if check else "0",
+            self.max_payload_bytes,
+        ]
         for job_id, entry in known:
             keys.append(self.keys.job(job_id))
             args += [job_id, entry]
@@ -226,6 +232,23 @@ class Lifecycle(RedisConnection):
                     "job %s dead-lettered: its worker was lost %d times",
                     job_id,
                     int(result[1]) - 1,
+                    extra={"job_id": job_id},
+                )
+            elif verdict == "big":
+                logger.error(
+                    "job %s dead-lettered: %d bytes, more than max_payload_bytes (%d)",
+                    job_id,
+                    int(result[1]),
+                    self.max_payload_bytes,
+                    extra={"job_id": job_id},
+                )
+            elif text(result[1]) == "missing":
+                # Only a deleted or evicted record does this: say so, never skip silently.
+                logger.warning(
+                    "stream entry %s names job %s, which has no record (deleted, or evicted "
+                    "by Redis's maxmemory-policy): skipped",
+                    entry,
+                    job_id,
                     extra={"job_id": job_id},
                 )
         return deliveries

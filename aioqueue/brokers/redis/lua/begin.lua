@@ -3,15 +3,18 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries,
 --   ARGV[4] '1' to check that the consumer still owns each entry (entries taken over with
 --   XAUTOCLAIM or found in its pending list), '0' for entries XREADGROUP handed over in the
---   same breath,
+--   same breath, ARGV[5] largest envelope in bytes the worker accepts,
 --   then per job i: job id, stream entry id
 -- Returns per job one of:
 --   {'run', envelope or false, attempt, deliveries}  the caller owns the job and runs it
---   {'skip'}   the job is gone, aborted, already final, or the job names another entry as
---              its current one (a stale or forged duplicate): the entry was acked and
---              deleted
+--   {'skip', why}  the entry was acked and deleted without running anything: why is
+--              'missing' (no job record: deleted, or evicted by a misconfigured Redis),
+--              'final' (aborted or already finished) or 'stale' (the job names another
+--              entry as its current one: a stale or forged duplicate)
 --   {'lost'}   another consumer owns the entry now: leave it alone
 --   {'dead', deliveries}  delivered more than max_deliveries times: dead-lettered
+--   {'big', size}  the envelope is larger than the worker accepts: dead-lettered without
+--              reading it (anyone who can write to Redis can write a job)
 -- Invariant: deliveries counts every hand-over of the current attempt, crash redeliveries
 -- included, so a job that kills its worker cannot loop forever. The hash records the
 -- consumer and entry that began the job; settle scripts accept outcomes only from them.
@@ -21,41 +24,61 @@
 local group, consumer = ARGV[1], ARGV[2]
 local max_deliveries = tonumber(ARGV[3])
 local check = ARGV[4] == '1'
+local max_payload = tonumber(ARGV[5])
 local final = {complete = true, failed = true, dead = true, aborted = true}
 local now = redis_now()
 local out, acked = {}, {}
+
+-- Dead-letter a job without running it; the error is an ErrorInfo (msgpack array).
+local function bury(key, id, entry, reason, kind, message, watchers)
+  redis.call('HSET', key, 'status', 'dead', 'finished', now, 'worker', consumer,
+    'entry', entry, 'reason', reason, 'error', cmsgpack.pack({kind, message, ''}))
+  redis.call('PERSIST', key)
+  redis.call('ZADD', KEYS[2], now, id)
+  acked[#acked + 1] = entry
+  notify(key, id, watchers)
+end
+
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
-  local id, entry = ARGV[3 + i * 2], ARGV[4 + i * 2]
+  local id, entry = ARGV[4 + i * 2], ARGV[5 + i * 2]
   if check and #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) == 0 then
     out[i] = {'lost'}
   else
-    local job = redis.call('HMGET', key, 'status', 'env', 'attempt', 'deliveries', 'worker',
-      'entry', 'watchers')
+    -- The envelope is read last, once it is known to be wanted and not too large.
+    local job = redis.call('HMGET', key, 'status', 'attempt', 'deliveries', 'worker', 'entry',
+      'watchers')
     local status = job[1]
-    local mine = job[5] == consumer and job[6] == entry
+    local mine = job[4] == consumer and job[5] == entry
     if mine and status == 'running' then
-      out[i] = {'run', job[2], tonumber(job[3]) or 1, tonumber(job[4]) or 0}
+      out[i] = {'run', redis.call('HGET', key, 'env'), tonumber(job[2]) or 1,
+        tonumber(job[3]) or 0}
     elseif mine and status == 'dead' then
       acked[#acked + 1] = entry
-      out[i] = {'dead', tonumber(job[4]) or 0}
-    elseif not status or final[status] or (job[6] and job[6] ~= entry) then
+      out[i] = {'dead', tonumber(job[3]) or 0}
+    elseif not status then
       acked[#acked + 1] = entry
-      out[i] = {'skip'}
+      out[i] = {'skip', 'missing'}
+    elseif final[status] or (job[5] and job[5] ~= entry) then
+      acked[#acked + 1] = entry
+      out[i] = {'skip', final[status] and 'final' or 'stale'}
+    elseif redis.call('HSTRLEN', key, 'env') > max_payload then
+      local size = redis.call('HSTRLEN', key, 'env')
+      bury(key, id, entry, 'payload too large', 'PayloadTooLarge',
+        'the job is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')',
+        job[6])
+      out[i] = {'big', size}
     else
       local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
       if deliveries > max_deliveries then
-        redis.call('HSET', key, 'status', 'dead', 'finished', now, 'worker', consumer,
-          'reason', 'worker lost ' .. (deliveries - 1) .. ' times')
-        redis.call('PERSIST', key)
-        redis.call('ZADD', KEYS[2], now, id)
-        acked[#acked + 1] = entry
-        notify(key, id, job[7])
+        local reason = 'worker lost ' .. (deliveries - 1) .. ' times'
+        bury(key, id, entry, reason, 'WorkerLost',
+          'the job was handed out ' .. deliveries .. ' times; each time its worker died', job[6])
         out[i] = {'dead', deliveries}
       else
         redis.call('HSET', key, 'status', 'running', 'started', now, 'worker', consumer,
           'entry', entry)
-        out[i] = {'run', job[2], tonumber(job[3]) or 1, deliveries}
+        out[i] = {'run', redis.call('HGET', key, 'env'), tonumber(job[2]) or 1, deliveries}
       end
     end
   end
