@@ -16,7 +16,6 @@ import msgspec
 
 from aioqueue.errors import InvalidArguments, SerializationError
 
-
 MAX_RETRIES = 10_000
 """Most retries a job may ask for."""
 MAX_TIMEOUT = 31_536_000.0
