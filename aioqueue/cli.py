@@ -61,12 +61,19 @@ def run(
         int | None,
         typer.Option(help="Serve Prometheus /metrics here (process i of N uses port + i)"),
     ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address /metrics binds (default 127.0.0.1)")
+    ] = None,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or until the queue is empty with --burst)."""
     try:
         worker = load_worker(target)
         worker.configure(
-            concurrency=concurrency, burst=burst, log_level=log_level, metrics_port=metrics_port
+            concurrency=concurrency,
+            burst=burst,
+            log_level=log_level,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
     except AioqueueError as exc:
         raise fail(exc) from None
@@ -88,6 +95,7 @@ def _supervise(
         common += ["--concurrency", str(concurrency)]
     if burst:
         common.append("--burst")
+    common += ["--metrics-host", worker.settings.metrics_host]
     port = worker.settings.metrics_port
     slots = [
         [*common, *(["--metrics-port", str(port + i)] if port else [])] for i in range(processes)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from aioqueue.brokers.base import CronRun
 from aioqueue.cli_support import TargetArg, fail, load_queue, load_worker, when, with_queue
@@ -159,9 +160,10 @@ def _stats_view(stats: QueueStats) -> Group:
             _age(uptime(worker, now)),
             f"{_age(now - worker.last_heartbeat)} ago",
         )
-    if not stats.workers:
-        return Group(summary, "[yellow]no live workers[/yellow]")
-    return Group(summary, workers)
+    parts: list[Any] = [summary, workers if stats.workers else "[yellow]no live workers[/yellow]"]
+    if stats.eviction_problem:
+        parts.append(Text(stats.eviction_problem, style="bold red"))
+    return Group(*parts)
 
 
 def info(
@@ -236,8 +238,15 @@ def check(
 ) -> None:
     """Exit 0 when at least --min-workers workers heartbeat on the queue, 1 otherwise
     (for container health checks)."""
-    stats = with_queue(target, lambda q: q.stats())
+
+    async def health(queue: Queue) -> tuple[QueueStats, bool]:
+        return await queue.stats(), queue.settings.allow_eviction
+
+    stats, eviction_allowed = with_queue(target, health)
     alive = len([w for w in stats.workers if host is None or w.host == host])
+    if stats.eviction_problem and not eviction_allowed:
+        typer.echo(f"unhealthy: {stats.eviction_problem}", err=True)
+        raise typer.Exit(code=1)
     if alive < min_workers:
         typer.echo(f"unhealthy: {alive} live workers on queue {stats.queue!r}", err=True)
         raise typer.Exit(code=1)

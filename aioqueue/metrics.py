@@ -91,7 +91,7 @@ class PrometheusMetrics:
             registry=self.registry,
         )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``host:port`` from a background thread."""
         self._prom.start_http_server(port, addr=host, registry=self.registry)
 

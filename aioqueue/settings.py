@@ -24,6 +24,7 @@ ENV_PREFIX = "AIOQUEUE_"
 
 _Positive = msgspec.Meta(gt=0)
 QUEUE_NAME = r"^[\w.:-]{1,100}$"
+LOG_LEVEL = r"(?i)^(debug|info|warning|error|critical)$"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,8 +61,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     """Serve Prometheus metrics on this port from each worker (0 = off; needs the
     ``prometheus`` extra)."""
-    log_level: str = "INFO"
-    """Log level of ``aioqueue run``."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds: loopback unless you choose otherwise (``0.0.0.0``
+    for a scraper on another machine)."""
+    log_level: Annotated[str, msgspec.Meta(pattern=LOG_LEVEL)] = "INFO"
+    """Log level of ``aioqueue run``: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or
+    ``CRITICAL`` (any case)."""
+    allow_eviction: bool = False
+    """Start workers even when Redis's ``maxmemory-policy`` evicts keys. Eviction deletes
+    jobs at random, so this breaks every guarantee; it exists for throwaway setups."""
 
 
 _FIELDS = frozenset(Settings.__struct_fields__)

@@ -48,6 +48,8 @@ class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
     failed_per_second: float
     """Attempts that failed per second over the last minute, summed over live workers."""
     workers: list[WorkerInfo]
+    eviction_problem: str | None = None
+    """Why Redis would lose jobs (an evicting ``maxmemory-policy``), or None."""
 
 
 def _number(row: dict[str, str], name: str) -> float:
@@ -61,6 +63,7 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
     """Read one snapshot of a queue from its broker."""
     counts = await broker.counts()
     lag = await broker.lag_ms()
+    facts = await broker.server_facts()
     workers = [
         WorkerInfo(
             id=row["id"],
@@ -87,6 +90,7 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
         completed_per_second=sum(w.completed_last_minute for w in workers) / 60,
         failed_per_second=sum(w.failed_last_minute for w in workers) / 60,
         workers=sorted(workers, key=lambda w: w.id),
+        eviction_problem=facts.eviction_problem(),
     )
 
 

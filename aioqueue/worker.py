@@ -24,9 +24,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from aioqueue.brokers.base import Again, Broker, Delivery, Done, Finished, Settlement
+from aioqueue.brokers.base import (
+    Again,
+    Broker,
+    Delivery,
+    Done,
+    Finished,
+    ServerFacts,
+    Settlement,
+)
 from aioqueue.cron import CronJob, validate_unique_names
-from aioqueue.errors import RedisUnavailable, UnsupportedRedis
+from aioqueue.errors import ConfigurationError, RedisUnavailable, UnsupportedRedis
 from aioqueue.execution import Running, execute
 from aioqueue.metrics import PrometheusMetrics, RateWindow
 from aioqueue.middleware import Middleware
@@ -198,6 +206,7 @@ class Worker:
         broker = self.queue.new_broker(self.settings)
         await self._retrying("connecting to Redis", broker.connect)
         try:
+            await self._check_server(broker)
             await self._retrying("creating the consumer group", broker.ensure_group)
             await self._serve(broker, loop, handle_signals, consuming)
         finally:
@@ -212,8 +221,12 @@ class Worker:
     ) -> None:
         if self.settings.metrics_port and self.metrics is None:
             self.metrics = PrometheusMetrics(self.queue.name)
-            self.metrics.serve(self.settings.metrics_port)
-            logger.info("serving Prometheus metrics on port %d", self.settings.metrics_port)
+            self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            logger.info(
+                "serving Prometheus metrics on %s:%d",
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+            )
         for hook in self.on_startup:
             await hook(self.state)
         installed = handle_signals and threading.current_thread() is threading.main_thread()
@@ -254,6 +267,23 @@ class Worker:
                 await hook(self.state)
             logger.info(
                 "worker %s stopped: %d complete, %d failed", self.id, self.completed, self.failed
+            )
+
+    async def _check_server(self, broker: Broker) -> None:
+        """Refuse an evicting Redis (it deletes jobs at random) unless allowed; warn when
+        nothing is persisted."""
+        facts: ServerFacts = await self._retrying(
+            "reading the Redis configuration", broker.server_facts
+        )
+        problem = facts.eviction_problem()
+        if problem and not self.settings.allow_eviction:
+            raise ConfigurationError(problem)
+        if problem:
+            logger.warning("%s; starting anyway (allow_eviction)", problem)
+        if facts.persistent is False:
+            logger.warning(
+                "Redis persistence (appendonly) is off: a restart of Redis loses every "
+                "queued job unless its RDB snapshots are recent enough for you"
             )
 
     async def _retrying(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
@@ -458,7 +488,10 @@ class Worker:
             )
         elapsed = time.monotonic() - running.started
         if self.metrics is not None:
-            self.metrics.observe(running.task_name, kind, elapsed)
+            # Only registered task names become label values: a job written into Redis
+            # with a made-up name must not create a new time series.
+            known = running.task_name in self.queue.tasks
+            self.metrics.observe(running.task_name if known else "unregistered", kind, elapsed)
         if job_logger.isEnabledFor(level):
             job = running.delivery
             job_logger.log(

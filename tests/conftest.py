@@ -34,10 +34,13 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server subprocess the tests own: start, kill, restart."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.appendonly = appendonly
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,6 +68,7 @@ class RedisServer:
                 "always",
                 "--protected-mode",
                 "no",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

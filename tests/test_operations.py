@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,10 +162,17 @@ async def test_metrics_endpoint_counts_jobs_during_a_run(queue: Queue) -> None:
 
     port = free_port()
     async with running(queue.worker(metrics_port=port)):
+        assert _listening_on(port) == "127.0.0.1"
         for _ in range(3):
             await (await ok.enqueue()).result(timeout=10)
         failing = await broken.enqueue()
         await eventually(lambda: _status(failing, JobStatus.DEAD))
+        # Job names nobody registered (from a producer without the code) share one label.
+        producer = Queue(queue.settings.redis_url, name=queue.name)
+        for n in range(5):
+            made_up = await producer.enqueue(f"made-up-{n}")
+            await eventually(lambda job=made_up: _status(job, JobStatus.DEAD))
+        await producer.close()
 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
@@ -176,6 +184,18 @@ async def test_metrics_endpoint_counts_jobs_during_a_run(queue: Queue) -> None:
     assert f'aioqueue_jobs_total{{outcome="dead",queue="{name}",task="broken"}} 1.0' in text
     assert "aioqueue_job_duration_seconds_bucket" in text
     assert "aioqueue_queue_lag_seconds" in text
+    assert f'aioqueue_jobs_total{{outcome="dead",queue="{name}",task="unregistered"}} 5.0' in text
+    assert "made-up" not in text
+
+
+def _listening_on(port: int) -> str:
+    """The address a local TCP socket listens on for ``port`` (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state = line.split()[1:4]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # 0A = LISTEN
+            return ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 async def test_middleware_wraps_jobs_and_sees_the_producer_trace(

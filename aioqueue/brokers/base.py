@@ -88,6 +88,27 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerFacts:
+    """What workers and health checks verify about the storage server."""
+
+    evicting_policy: str | None
+    """The ``maxmemory-policy`` when it lets the server delete keys on its own, else None."""
+    persistent: bool | None
+    """False when the server keeps data in memory only (no append-only file); None when
+    unknown."""
+
+    def eviction_problem(self) -> str | None:
+        """One line saying why an evicting server loses jobs, or None."""
+        if self.evicting_policy is None:
+            return None
+        return (
+            f"Redis evicts keys (maxmemory-policy {self.evicting_policy}): it would delete "
+            "jobs at random; set maxmemory-policy noeviction (or allow_eviction for a "
+            "throwaway setup)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class QueueCounts:
     """Sizes of one queue at one instant."""
 
@@ -131,6 +152,9 @@ class WorkerBroker(Protocol):
 
     async def now_ms(self) -> int:
         """The broker's clock in ms: the one clock every worker agrees on."""
+
+    async def server_facts(self) -> ServerFacts:
+        """Eviction policy and persistence of the storage server."""
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
         """Write jobs; True per job that is new, False if one with that id already exists.

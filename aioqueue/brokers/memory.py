@@ -29,6 +29,7 @@ from aioqueue.brokers.base import (
     JobRecord,
     NewJob,
     QueueCounts,
+    ServerFacts,
     Settlement,
 )
 from aioqueue.brokers.memory_store import (
@@ -93,6 +94,10 @@ class MemoryBroker:
         """The broker's clock in ms: this process's wall clock, shared by every broker in it."""
         await self._state()
         return now_ms()
+
+    async def server_facts(self) -> ServerFacts:
+        """An in-process store neither evicts nor persists."""
+        return ServerFacts(evicting_policy=None, persistent=None)
 
     # -- producing -------------------------------------------------------------------------
 

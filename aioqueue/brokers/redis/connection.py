@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 
+from aioqueue.brokers.base import ServerFacts
 from aioqueue.brokers.redis import scripts
 from aioqueue.brokers.redis.keys import Keys
 from aioqueue.brokers.redis.waiter import DoneWaiter
@@ -211,6 +212,18 @@ class RedisConnection:
         with redis_errors("reading the Redis clock"):
             self._set_offset(await self.client.time())
         return self.server_now_ms()
+
+    async def server_facts(self) -> ServerFacts:
+        """``maxmemory-policy`` and append-only persistence, from ``INFO`` (which needs no
+        CONFIG permission)."""
+        with redis_errors("reading the Redis configuration"):
+            memory = await self.client.info("memory")
+            persistence = await self.client.info("persistence")
+        policy = str(memory.get("maxmemory_policy", "noeviction"))
+        return ServerFacts(
+            evicting_policy=None if policy == "noeviction" else policy,
+            persistent=bool(int(persistence.get("aof_enabled", 0))),
+        )
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA one script; on NOSCRIPT (Redis restarted and lost its cache) load it and

@@ -19,11 +19,13 @@ end
 
 -- Tell every process waiting for this job (see watch.lua) that it is final. Watchers are
 -- hash fields 'w:<channel>' counted in 'watchers', so a job nobody waits for costs nothing.
+-- pcall: a channel this ACL user may not publish to must not abort the script half-way
+-- through recording an outcome (the waiter re-checks the job on its own).
 local function notify(key, id, watchers)
   if (tonumber(watchers) or 0) > 0 then
     for _, field in ipairs(redis.call('HKEYS', key)) do
       if string.sub(field, 1, 2) == 'w:' then
-        redis.call('PUBLISH', string.sub(field, 3), id)
+        redis.pcall('PUBLISH', string.sub(field, 3), id)
       end
     end
   end

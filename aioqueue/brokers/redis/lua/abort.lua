@@ -33,7 +33,9 @@ redis.call('HSET', KEYS[3], 'status', 'aborted', 'finished', redis_now(),
   'abort_token', ARGV[5], 'aborted_from', status)
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if status == 'running' then
-  redis.call('PUBLISH', ARGV[4], ARGV[1])
+  -- pcall: without the right to publish, the worker's lease renewal still finds the job
+  -- aborted and cancels it.
+  redis.pcall('PUBLISH', ARGV[4], ARGV[1])
 end
 notify(KEYS[3], ARGV[1], redis.call('HGET', KEYS[3], 'watchers'))
 return status
