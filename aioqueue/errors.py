@@ -4,7 +4,8 @@
 AioqueueError
 ├── ConfigurationError          bad settings, cron expression, import path or task definition
 ├── RedisUnavailable            Redis cannot be reached (also a builtin ConnectionError)
-│   └── UnsupportedRedis        the server is older than Redis 7.0
+│   ├── UnsupportedRedis        the server is older than Redis 7.0
+│   └── EnqueueIncomplete       a bulk enqueue failed part-way; says which jobs were written
 ├── EnqueueError                a job was refused at enqueue; nothing was written
 │   ├── QueueFull               the queue holds max_size unfinished jobs
 │   ├── PayloadTooLarge         the encoded job exceeds max_payload_bytes
@@ -42,6 +43,20 @@ class RedisUnavailable(AioqueueError, ConnectionError):
 
 class UnsupportedRedis(RedisUnavailable):
     """The Redis server is older than the 7.0 aioqueue needs."""
+
+
+class EnqueueIncomplete(RedisUnavailable):
+    """A bulk enqueue failed part-way (Redis ran out of memory or went away): ``written``
+    holds the ids of the jobs that are stored, ``not_written`` those that are not, so the
+    caller can retry exactly the rest."""
+
+    def __init__(self, cause: str, written: list[str], not_written: list[str]) -> None:
+        self.written = written
+        self.not_written = not_written
+        super().__init__(
+            f"{cause}; {len(written)} of {len(written) + len(not_written)} jobs were written "
+            "(see .written and .not_written)"
+        )
 
 
 class EnqueueError(AioqueueError):

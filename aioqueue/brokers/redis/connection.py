@@ -238,9 +238,10 @@ class RedisConnection:
                 script.sha = await self.client.script_load(script.script)
                 return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def _eval_many(self, calls: Sequence[Call]) -> list[Any]:
-        """Run several scripts in one round trip (a pipeline of EVALSHA)."""
-        if len(calls) == 1:
+    async def _eval_many(self, calls: Sequence[Call], *, errors: bool = False) -> list[Any]:
+        """Run several scripts in one round trip (a pipeline of EVALSHA). With ``errors``,
+        a call that failed has its exception in its place instead of raising it."""
+        if len(calls) == 1 and not errors:
             name, keys, args = calls[0]
             return [await self._eval(name, keys, args)]
         pipe = self.client.pipeline(transaction=False)
@@ -252,6 +253,6 @@ class RedisConnection:
                 # Redis restarted and lost its script cache: load and run just that call.
                 name, keys, args = calls[i]
                 results[i] = await self._eval(name, keys, args)
-            elif isinstance(result, Exception):
+            elif isinstance(result, Exception) and not errors:
                 raise result
         return results

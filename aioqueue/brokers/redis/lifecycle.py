@@ -26,7 +26,7 @@ from aioqueue.brokers.redis.connection import (
 )
 from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.waiter import pubsub_messages
-from aioqueue.errors import QueueFull
+from aioqueue.errors import EnqueueIncomplete, QueueFull
 from aioqueue.serialization import ErrorInfo, encode
 
 __all__ = ["Lifecycle"]
@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 # How much of a foreign stream entry is copied into its dead-letter record.
 FOREIGN_PREVIEW = 512
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return "Redis is out of memory (maxmemory) while enqueuing"
+    return f"Redis refused part of the enqueue: {exc}"
 
 
 class Lifecycle(RedisConnection):
@@ -66,24 +72,34 @@ class Lifecycle(RedisConnection):
                 args += [job.envelope for job in chunk]
             calls.append(("enqueue", keys, args))
         with redis_errors("enqueuing"):
-            results = await self._eval_many(calls)
+            results = await self._eval_many(calls, errors=len(calls) > 1)
         created: list[bool] = []
-        for result in results:
+        failed: list[str] = []
+        cause = ""
+        for (_, keys, _), result in zip(calls, results, strict=True):
             if result == -1:
                 raise QueueFull(self.keys.queue, max_size)
-            created += [flag == 1 for flag in result]
+            if isinstance(result, Exception):
+                # Chunks are separate script calls: the ones before and after a failed one
+                # may have been written. Say exactly which jobs are stored.
+                cause = cause or _describe(result)
+                failed += [key[len(self.keys.job_prefix) :] for key in keys[2:]]
+                created += [False] * (len(keys) - 2)
+            else:
+                created += [flag == 1 for flag in result]
+        if failed:
+            not_written = set(failed)
+            written = [job.job_id for job in jobs if job.job_id not in not_written]
+            raise EnqueueIncomplete(cause, written, failed)
         return created
 
     # -- consuming -------------------------------------------------------------------------
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (after a FLUSHALL too)."""
+        """Create the stream and its consumer group if missing (after a FLUSHALL too, and
+        when Redis is over maxmemory: see ``ensure_group.lua``)."""
         with redis_errors("creating the consumer group"):
-            try:
-                await self.client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
-            except rexc.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await self._eval("ensure_group", [self.keys.stream], [GROUP])
 
     async def fetch(
         self, consumer: str, count: int, block: float, max_deliveries: int

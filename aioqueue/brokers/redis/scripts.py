@@ -3,7 +3,10 @@
 Each file starts with a header giving its KEYS, ARGV, return value and the invariant it
 keeps. ``lua/_prelude.lua`` holds the helpers they share; it is put in front of every script
 here, so each script is still one self-contained EVALSHA (no Redis Functions library to
-install or version). The broker's modules hold one typed method per script.
+install or version). Scripts whose net effect frees memory (begin, settle, renew, ...) start
+with ``#!lua flags=allow-oom`` so workers can drain a Redis that hit ``maxmemory``; enqueue
+has no such flag, so producers get "out of memory" instead. The broker's modules hold one
+typed method per script.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ NAMES = (
     "begin",
     "cron_claim",
     "enqueue",
+    "ensure_group",
     "forget_consumers",
     "promote",
     "purge_dead",
@@ -35,7 +39,12 @@ def source(name: str) -> str:
     """The Lua source of script ``name``."""
     if name not in NAMES:
         raise KeyError(name)
-    return _read(PRELUDE) + _read(name)
+    body = _read(name)
+    # A shebang (script flags, e.g. allow-oom) must stay the first line.
+    if body.startswith("#!"):
+        flags, _, rest = body.partition("\n")
+        return f"{flags}\n{_read(PRELUDE)}{rest}"
+    return _read(PRELUDE) + body
 
 
 def _read(name: str) -> str:

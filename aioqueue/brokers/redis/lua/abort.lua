@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- abort.lua: abort a queued, delayed or running job.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] hash of the job
 -- ARGV[1] job id, ARGV[2] group, ARGV[3] result TTL (ms), ARGV[4] abort channel,

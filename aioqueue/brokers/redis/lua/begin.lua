@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- begin.lua: turn delivered stream entries into running jobs, counting every delivery.
 -- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] max_deliveries,

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- forget_consumers.lua: remove consumers of workers that are gone from the consumer group.
 -- KEYS[1] stream, KEYS[2] this request's reply memo, KEYS[2 + i] heartbeat key of the
 --   worker behind consumer i

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- promote.lua: move due jobs from the delayed zset to the ready stream.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[2 + i] hash of job i
 -- ARGV[1] '1' to promote the given jobs whether due or not (aioqueue.testing's drain),

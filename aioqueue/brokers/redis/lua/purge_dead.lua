@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- purge_dead.lua: delete dead-lettered jobs for good.
 -- KEYS[1] dead zset, KEYS[2] this request's reply memo, KEYS[2 + i] hash of job i
 -- ARGV[i] job id i

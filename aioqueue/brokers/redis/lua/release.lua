@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- release.lua: hand unfinished jobs back at shutdown so another worker starts them at once.
 -- KEYS[1] stream, KEYS[2] this request's reply memo, KEYS[2 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, then per job i: job id, stream entry id

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- renew.lua: renew the leases of this consumer's in-flight jobs.
 -- KEYS[1] stream, KEYS[1 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[2 + i] stream entry id of job i

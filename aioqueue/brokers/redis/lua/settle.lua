@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- settle.lua: record the outcomes of finished jobs and remove their entries from the stream
 -- in the same step.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] dead zset, KEYS[3 + i] hash of job i

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- watch.lua: ask for a notification when a job reaches a final state.
 -- KEYS[1] hash of the job
 -- ARGV[1] the caller's notification channel (one per client process, not per job)
