@@ -306,12 +306,13 @@ class Lifecycle(RedisConnection):
                 delivery = item.delivery
                 keys.append(self.keys.job(delivery.job_id))
                 args += [delivery.job_id, delivery.entry_id]
+                # Variable width (see settle.lua): a completion sends only its result.
                 if isinstance(item, Done):
-                    args += ["complete", item.result, "", 0]
+                    args += ["complete", item.result]
                 elif isinstance(item, Again):
                     args += ["retry", item.error, item.reason, item.delay_ms]
                 else:
-                    args += [item.status, item.error, item.reason, 0]
+                    args += [item.status, item.error, item.reason]
             calls.append(("settle", keys, args))
         if not calls:
             return []

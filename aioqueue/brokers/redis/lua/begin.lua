@@ -27,17 +27,17 @@ local max_deliveries = tonumber(ARGV[3])
 local check = ARGV[4] == '1'
 local max_payload = tonumber(ARGV[5])
 local final = {complete = true, failed = true, dead = true, aborted = true}
-local now = redis_now()
+local now = redis_now_text()
 local out, acked = {}, {}
 
 -- Dead-letter a job without running it; the error is an ErrorInfo (msgpack array).
-local function bury(key, id, entry, reason, kind, message, watchers)
+local function bury(key, id, entry, reason, kind, message)
   redis.call('HSET', key, 'status', 'dead', 'finished', now, 'worker', consumer,
     'entry', entry, 'reason', reason, 'error', cmsgpack.pack({kind, message, ''}))
   redis.call('PERSIST', key)
   redis.call('ZADD', KEYS[2], now, id)
   acked[#acked + 1] = entry
-  notify(key, id, watchers)
+  notify(key, id, redis.call('HGET', key, 'watchers'))
 end
 
 for i = 1, #KEYS - 2 do
@@ -47,34 +47,32 @@ for i = 1, #KEYS - 2 do
     out[i] = {'lost'}
   else
     -- The envelope is read last, once it is known to be wanted and not too large.
-    local job = redis.call('HMGET', key, 'status', 'attempt', 'deliveries', 'worker', 'entry',
-      'watchers')
+    local job = redis.call('HMGET', key, 'status', 'attempt', 'worker', 'entry')
     local status = job[1]
-    local mine = job[4] == consumer and job[5] == entry
+    local mine = job[3] == consumer and job[4] == entry
     if mine and status == 'running' then
-      out[i] = {'run', redis.call('HGET', key, 'env'), tonumber(job[2]) or 1,
-        tonumber(job[3]) or 0}
+      local env, deliveries = unpack(redis.call('HMGET', key, 'env', 'deliveries'))
+      out[i] = {'run', env, tonumber(job[2]) or 1, tonumber(deliveries) or 0}
     elseif mine and status == 'dead' then
       acked[#acked + 1] = entry
-      out[i] = {'dead', tonumber(job[3]) or 0}
+      out[i] = {'dead', tonumber(redis.call('HGET', key, 'deliveries')) or 0}
     elseif not status then
       acked[#acked + 1] = entry
       out[i] = {'skip', 'missing'}
-    elseif final[status] or (job[5] and job[5] ~= entry) then
+    elseif final[status] or (job[4] and job[4] ~= entry) then
       acked[#acked + 1] = entry
       out[i] = {'skip', final[status] and 'final' or 'stale'}
     elseif redis.call('HSTRLEN', key, 'env') > max_payload then
       local size = redis.call('HSTRLEN', key, 'env')
       bury(key, id, entry, 'payload too large', 'PayloadTooLarge',
-        'the job is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')',
-        job[6])
+        'the job is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')')
       out[i] = {'big', size}
     else
       local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
       if deliveries > max_deliveries then
         local reason = 'worker lost ' .. (deliveries - 1) .. ' times'
         bury(key, id, entry, reason, 'WorkerLost',
-          'the job was handed out ' .. deliveries .. ' times; each time its worker died', job[6])
+          'the job was handed out ' .. deliveries .. ' times; each time its worker died')
         out[i] = {'dead', deliveries}
       else
         redis.call('HSET', key, 'status', 'running', 'started', now, 'worker', consumer,

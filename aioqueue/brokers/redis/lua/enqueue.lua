@@ -26,11 +26,10 @@ local new = 0
 for i = 1, n do
   local key = KEYS[2 + i]
   if not seen[key] then
-    local stored = redis.call('HGET', key, 'env')
-    if not stored and redis.call('EXISTS', key) == 0 then
+    if redis.call('EXISTS', key) == 0 then
       fresh[i] = true
       new = new + 1
-    elseif stored == ARGV[4 + (i - 1) * step] then
+    elseif redis.call('HGET', key, 'env') == ARGV[4 + (i - 1) * step] then
       repeated[i] = true
     end
   end

@@ -3,10 +3,11 @@
 -- in the same step.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] dead zset, KEYS[3 + i] hash of job i
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] result TTL (ms),
---   then per job i: job id, stream entry id, outcome, data, reason, retry delay (ms)
---   outcome 'complete' (data = encoded result), 'retry' (data = encoded error; the job runs
---   again after the delay, attempt + 1), or 'failed' / 'dead' / 'aborted' (data = encoded
---   error)
+--   then per job i: job id, stream entry id, outcome, and by outcome:
+--   'complete': encoded result
+--   'retry': encoded error, reason, delay (ms): the job runs again after the delay,
+--     attempt + 1
+--   'failed' / 'dead' / 'aborted': encoded error, reason
 -- Returns per job 1 if the outcome is recorded, 0 if this consumer no longer owned the job
 -- (its lease expired and another worker began it: that run's outcome counts).
 -- Invariants: an entry leaves the stream only together with its outcome (at-least-once);
@@ -19,33 +20,36 @@
 -- outcome recorded and changes nothing: one failure uses up one attempt, never two.
 local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
 local now = redis_now()
+local now_text = tostring(now)
 local out, acked = {}, {}
+local at = 4
 for i = 1, #KEYS - 3 do
   local key = KEYS[3 + i]
-  local at = 3 + (i - 1) * 6
-  local id, entry, outcome, data = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
-  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'attempt')
+  local id, entry, outcome, data = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local reason, delay = ARGV[at + 4], ARGV[at + 5]
+  at = at + (outcome == 'complete' and 4 or (outcome == 'retry' and 6 or 5))
+  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'watchers')
   if job[2] ~= consumer or job[3] ~= entry then
     out[i] = 0
   else
     if job[1] == 'running' or (job[1] == 'aborted' and outcome == 'aborted') then
       if outcome == 'complete' then
-        redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now)
+        redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now_text)
         redis.call('PEXPIRE', key, ttl)
         notify(key, id, job[4])
       elseif outcome == 'retry' then
-        local run_at = now + tonumber(ARGV[at + 6])
+        local run_at = now + tonumber(delay)
         -- A job that never failed before has no 'attempt' field yet: it was attempt 1.
-        redis.call('HSET', key, 'status', 'retrying', 'error', data, 'reason', ARGV[at + 5],
-          'run_at', run_at, 'deliveries', 0, 'finished', now,
-          'attempt', (tonumber(job[5]) or 1) + 1)
+        local attempt = (tonumber(redis.call('HGET', key, 'attempt')) or 1) + 1
+        redis.call('HSET', key, 'status', 'retrying', 'error', data, 'reason', reason,
+          'run_at', run_at, 'deliveries', 0, 'finished', now_text, 'attempt', attempt)
         redis.call('ZADD', KEYS[2], run_at, id)
       else
-        redis.call('HSET', key, 'status', outcome, 'error', data, 'reason', ARGV[at + 5],
-          'finished', now)
+        redis.call('HSET', key, 'status', outcome, 'error', data, 'reason', reason,
+          'finished', now_text)
         if outcome == 'dead' then
           redis.call('PERSIST', key)
-          redis.call('ZADD', KEYS[3], now, id)
+          redis.call('ZADD', KEYS[3], now_text, id)
         else
           redis.call('PEXPIRE', key, ttl)
         end
