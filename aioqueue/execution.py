@@ -26,7 +26,7 @@ from aioqueue.errors import (
     SerializationError,
 )
 from aioqueue.middleware import Middleware, run_through
-from aioqueue.serialization import ErrorInfo, decode_envelope, encode
+from aioqueue.serialization import BadSignature, ErrorInfo, decode_envelope, encode
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
@@ -89,7 +89,9 @@ async def execute(
     """
     delivery = running.delivery
     try:
-        envelope = decode_envelope(delivery.envelope)
+        envelope = decode_envelope(queue.signer.open(delivery.job_id, delivery.envelope))
+    except BadSignature as exc:
+        return _dead(delivery, "BadSignature", str(exc), "bad signature")
     except SerializationError as exc:
         return _dead(delivery, "SerializationError", str(exc), "undecodable job")
     running.task_name = envelope.task

@@ -16,7 +16,7 @@ from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
 from aioqueue.job import Job, JobInfo
 from aioqueue.retry import Backoff
-from aioqueue.serialization import Envelope, encode
+from aioqueue.serialization import Envelope, Signer, encode
 from aioqueue.settings import Settings, resolve_settings
 from aioqueue.stats import QueueStats, collect_stats
 from aioqueue.task import JobOptions, JobRequest, Task
@@ -85,6 +85,7 @@ class Queue:
         self._broker = broker
         self._connected = False
         self.trace_context = trace_context
+        self.signer = Signer(self.settings.signing_key)
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
@@ -283,9 +284,10 @@ class Queue:
                     trace,
                 )
             )
+            job_id = options.job_id or new_job_id()
+            envelope = self.signer.seal(job_id, envelope)
             if len(envelope) > limit:
                 raise PayloadTooLarge(request.task, len(envelope), limit)
-            job_id = options.job_id or new_job_id()
             new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms()))
             jobs.append(self.job(job_id, task))
         if new_jobs:

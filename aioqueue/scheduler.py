@@ -157,7 +157,8 @@ class CronScheduler:
                 timeout=job.timeout,
                 fire_ms=to_ms(fire),
             )
-            new_job = self._runs[job.name] = NewJob(tick_id, encode(envelope))
+            sealed = self.queue.signer.seal(tick_id, encode(envelope))
+            new_job = self._runs[job.name] = NewJob(tick_id, sealed)
         claim = await broker.claim_tick(job.name, to_ms(fire), new_job, job.unique, lease_ms)
         if claim is CronClaim.EARLY:
             logger.debug("cron %s: the tick at %s is not due yet", job.name, fire.isoformat())

@@ -67,6 +67,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Annotated[str, msgspec.Meta(pattern=LOG_LEVEL)] = "INFO"
     """Log level of ``aioqueue run``: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or
     ``CRITICAL`` (any case)."""
+    signing_key: str = ""
+    """Sign every job with HMAC-SHA256, and have workers dead-letter unsigned or badly signed
+    jobs ("bad signature"). Several keys separated by commas: the first signs, each one is
+    accepted (key rotation). Producers and workers need the same keys."""
     allow_eviction: bool = False
     """Start workers even when Redis's ``maxmemory-policy`` evicts keys. Eviction deletes
     jobs at random, so this breaks every guarantee; it exists for throwaway setups."""
