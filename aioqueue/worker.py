@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -55,8 +55,7 @@ Hook = Callable[[dict[str, Any]], Awaitable[None]]
 # Reconnect backoff after Redis trouble: full jitter between 0 and this ceiling, doubling.
 RECONNECT_BASE = 0.2
 RECONNECT_CAP = 5.0
-# Every this many takeover sweeps (each lease/2), consumers of workers that are gone are
-# removed from the consumer group.
+# Every this many heartbeats, consumers of workers that are gone are removed from the group.
 CONSUMER_SWEEP_EVERY = 20
 # How long shutdown waits for cancelled jobs to end, and for computed outcomes to be written.
 SHUTDOWN_WAIT = 10.0
@@ -100,9 +99,6 @@ class Worker:
         # entry's lost lease must never cancel a newer run of the same job.
         self._in_flight: dict[str, Running] = {}
         self._executing = 0
-        # Slots promised to a fetch or takeover whose reply has not arrived yet, so the two
-        # cannot both hand out the same free slots.
-        self._reserved = 0
         # Set when a read that hands entries over failed: its reply may have been lost
         # after Redis handed entries to this consumer, which the fetch loop then adopts.
         self._must_adopt = False
@@ -246,7 +242,6 @@ class Worker:
                 await tg.start(self._abort_loop, broker)
                 tg.start_soon(self._settle_loop, broker)
                 tg.start_soon(self._renew_loop, broker)
-                tg.start_soon(self._reclaim_loop, broker)
                 tg.start_soon(self._promote_loop, broker)
                 tg.start_soon(self._heartbeat_loop, broker)
                 tg.start_soon(self.scheduler.run, broker, int(self.settings.lease * 1000))
@@ -315,8 +310,18 @@ class Worker:
                     await task
 
     async def _fetch_loop(self, broker: Broker) -> None:
+        """Start jobs while there are free slots: new entries (blocking XREADGROUP), every
+        lease/2 the entries of dead workers whose lease expired (XAUTOCLAIM), and after a
+        failed read the entries this consumer holds but does not know.
+
+        One loop does all three, one call at a time, so they can never hand out the same
+        free slots twice; a read blocks at most until the next takeover sweep is due.
+        """
         settings = self.settings
         block = min(settings.block, 0.1) if settings.burst else settings.block
+        sweep_every = settings.lease / 2
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         failures = 0
         # Checked on every turn, not only left to cancellation: a cancellation that a
         # client library swallows while reading (seen with redis-py when it lands on a
@@ -332,20 +337,24 @@ class Worker:
             # finishing) in one lock-step batch.
             count = min(free, max(settings.concurrency // 4, 1))
             try:
-                with self._reserving(count):
-                    if self._must_adopt:
-                        # A read or begin whose reply was lost left entries in this
-                        # consumer's pending list; take them up now, not a lease later.
-                        deliveries = await broker.adopt(
-                            self.id, set(self._in_flight), count, settings.max_deliveries
-                        )
-                        self._must_adopt = False
-                    else:
-                        deliveries = await broker.fetch(
-                            self.id, count, block, settings.max_deliveries
-                        )
+                if self._must_adopt:
+                    # A read or begin whose reply was lost left entries in this consumer's
+                    # pending list; take them up now, not a lease later.
+                    deliveries = await broker.adopt(
+                        self.id, set(self._in_flight), count, settings.max_deliveries
+                    )
+                    self._must_adopt = False
+                elif loop.time() >= next_sweep:
+                    next_sweep = loop.time() + sweep_every
+                    deliveries = await broker.reclaim(
+                        self.id, free, settings.lease, settings.max_deliveries
+                    )
                     for delivery in deliveries:
-                        self._start(delivery)
+                        if delivery.entry_id not in self._in_flight:
+                            logger.info("took over job %s after its lease expired", delivery.job_id)
+                else:
+                    wait = min(block, max(next_sweep - loop.time(), 0.001))
+                    deliveries = await broker.fetch(self.id, count, wait, settings.max_deliveries)
             except RedisUnavailable as exc:
                 failures += 1
                 self._must_adopt = True
@@ -353,6 +362,8 @@ class Worker:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
                 await asyncio.sleep(reconnect_delay(failures))
                 continue
+            for delivery in deliveries:
+                self._start(delivery)
             if failures:
                 logger.info("fetching jobs again after %d failed attempts", failures)
                 failures = 0
@@ -374,15 +385,6 @@ class Worker:
             return False
         return counts.ready == 0 and counts.pending == 0 and counts.delayed == 0
 
-    @contextlib.contextmanager
-    def _reserving(self, slots: int) -> Iterator[None]:
-        self._reserved += slots
-        try:
-            yield
-        finally:
-            self._reserved -= slots
-            self._slot_free.set()
-
     def _free_slots(self) -> int:
         """Jobs this worker may start now.
 
@@ -395,7 +397,7 @@ class Worker:
         unsettled = len(self._in_flight) - self._executing
         if unsettled >= concurrency:
             return 0
-        return concurrency - self._executing - self._reserved
+        return concurrency - self._executing
 
     def _start(self, delivery: Delivery) -> None:
         if delivery.entry_id in self._in_flight:
@@ -523,7 +525,10 @@ class Worker:
                     self._on_abort(job.delivery.job_id)
             for entry in lost:
                 job = self._in_flight.get(entry)
-                if job is not None:
+                # A job whose code already returned only waits for its settle, which may
+                # have acked the entry just now: nothing to cancel, and if the lease really
+                # was lost, the settle is refused and says so.
+                if job is not None and job.task is not None and not job.task.done():
                     logger.warning(
                         "lease of job %s was lost to another worker; cancelling it here",
                         job.delivery.job_id,
@@ -552,35 +557,6 @@ class Worker:
                 logger.info("aborting job %s on request", job_id)
                 running.cancel("abort")
 
-    async def _reclaim_loop(self, broker: Broker) -> None:
-        """Take over jobs of dead workers whose lease expired (every lease/2 seconds), and
-        now and then remove the consumers of workers that are gone."""
-        settings = self.settings
-        sweeps = 0
-        while True:
-            free = self._free_slots()
-            if free > 0 and not self._stopping.is_set():
-                try:
-                    with self._reserving(free):
-                        for delivery in await broker.reclaim(
-                            self.id, free, settings.lease, settings.max_deliveries
-                        ):
-                            if delivery.entry_id not in self._in_flight:
-                                logger.info(
-                                    "took over job %s after its lease expired", delivery.job_id
-                                )
-                                self._start(delivery)
-                except RedisUnavailable as exc:
-                    self._must_adopt = True
-                    logger.warning("reclaiming expired leases: %s", exc)
-            sweeps += 1
-            if sweeps % CONSUMER_SWEEP_EVERY == 0:
-                try:
-                    await broker.forget_dead_consumers(min_idle=settings.lease * 2)
-                except RedisUnavailable as exc:
-                    logger.debug("removing dead consumers: %s", exc)
-            await asyncio.sleep(settings.lease / 2)
-
     async def _promote_loop(self, broker: Broker) -> None:
         """Move due delayed jobs to the stream; sleep until the next one is due."""
         wake = self._promote_wake
@@ -598,7 +574,10 @@ class Worker:
                     await asyncio.wait_for(wake.wait(), pause)
 
     async def _heartbeat_loop(self, broker: Broker) -> None:
+        """Say this worker is alive; now and then remove the consumers of workers that are
+        gone (their heartbeat expired and they hold nothing)."""
         interval = min(self.settings.lease / 3, 5.0)
+        beats = 0
         while True:
             info: dict[str, str | int | float] = {
                 "host": socket.gethostname(),
@@ -615,6 +594,9 @@ class Worker:
             }
             try:
                 await broker.heartbeat(self.id, info, ttl=interval * 2)
+                beats += 1
+                if beats % CONSUMER_SWEEP_EVERY == 0:
+                    await broker.forget_dead_consumers(min_idle=self.settings.lease * 2)
             except RedisUnavailable as exc:
                 logger.debug("heartbeat: %s", exc)
             await asyncio.sleep(interval)
