@@ -2,12 +2,15 @@
 
 * a private ``redis-server`` on a free loopback port and a tiny RESP client to drive it;
 * per-library venvs under ``benchmarks/.venvs/<lib>``;
+* a snapshot of the working tree's aioqueue package, and a temporary git worktree of an older
+  revision for ``--baseline``;
 * runner subprocesses (``python -m runners.<lib>``) and their ``@@bench`` JSON lines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,29 @@ PEERS = ("arq", "saq", "streaq", "taskiq")
 INSTALL_MARKER = ".bench-installed"
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one row of results measures: ``runners/<lib>.py`` run by the python of ``lib``'s venv.
+
+    With ``checkout``, that directory (a snapshot of the working tree's package, or a git
+    worktree of ``commit`` for ``--baseline``) is put first on the runner's import path, so the
+    library is imported from it instead of from the venv's install; everything else
+    (interpreter, dependencies, runner) is the same.
+    """
+
+    lib: str
+    label: str
+    checkout: Path | None = None
+    commit: str | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.checkout is None:
+            return RUNNER_ENV
+        path = [str(self.checkout), *filter(None, [RUNNER_ENV.get("PYTHONPATH")])]
+        return {**RUNNER_ENV, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def venv_python(lib: str) -> Path:
     return VENVS_DIR / lib / "bin" / "python"
 
@@ -96,13 +123,20 @@ def ensure_venv(lib: str, *, skip_install: bool, reinstall: bool) -> str | None:
     return None
 
 
-def check_runner(lib: str) -> str | None:
-    """Import the runner (and so the library) in its venv; return an error message or None."""
+def check_runner(target: Target) -> str | None:
+    """Import the runner (and so the library) in its venv; return an error message or None.
+
+    For a target with a checkout, also check that the library really is imported from it.
+    """
+    if target.checkout is not None:
+        origin = _import_origin(target)
+        if not origin.startswith(str(target.checkout) + os.sep):
+            return f"{target.lib} is imported from {origin or '?'}, not from {target.checkout}"
     try:
         proc = subprocess.run(
-            [str(venv_python(lib)), "-m", f"runners.{lib}", "--role", "check"],
+            [str(venv_python(target.lib)), "-m", f"runners.{target.lib}", "--role", "check"],
             cwd=BENCH_DIR,
-            env=RUNNER_ENV,
+            env=target.env,
             capture_output=True,
             text=True,
             timeout=120,
@@ -114,7 +148,23 @@ def check_runner(lib: str) -> str | None:
     return None
 
 
-def versions(lib: str) -> dict[str, str | None]:
+def _import_origin(target: Target) -> str:
+    code = "import importlib, sys; print(importlib.import_module(sys.argv[1]).__file__)"
+    try:
+        proc = subprocess.run(
+            [str(venv_python(target.lib)), "-c", code, target.lib],
+            cwd=BENCH_DIR,
+            env=target.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def versions(target: Target) -> dict[str, str | None]:
     code = (
         "import importlib.metadata as m, json, sys\n"
         "out = {}\n"
@@ -127,19 +177,90 @@ def versions(lib: str) -> dict[str, str | None]:
     )
     try:
         proc = subprocess.run(
-            [str(venv_python(lib)), "-c", code, *LIBS[lib].dists],
+            [str(venv_python(target.lib)), "-c", code, *LIBS[target.lib].dists],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        return json.loads(proc.stdout)
+        out: dict[str, str | None] = json.loads(proc.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return {}
+    if target.commit is not None:  # the venv's metadata describes its own install, not this
+        out[target.lib] = f"git {target.commit[:12]}"
+    return out
 
 
 def _tail(text: str, n: int = 2) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-n:])[:400]
+
+
+# --------------------------------------------------------------------------- git
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"git {' '.join(args)} failed: {_tail(proc.stderr) or proc.returncode}")
+    return proc.stdout.rstrip()  # not strip(): porcelain status lines start with a space
+
+
+def resolve_rev(rev: str) -> str:
+    """The full commit hash ``rev`` names in the repository (SystemExit if none)."""
+    return _git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+
+
+def snapshot_package(dest: Path) -> dict[str, Any]:
+    """Copy the working tree's ``aioqueue`` package into ``dest`` (its import root).
+
+    The ``aioqueue`` row runs this copy, so edits made to the tree while the benchmark runs
+    cannot mix versions within a run. Returns the tree's HEAD, the package files modified
+    beside it, and a fingerprint of the copy (None for the git fields outside a checkout).
+    """
+    try:
+        head: str | None = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=all", "--", "aioqueue")
+        modified: list[str] | None = [ln[3:] for ln in status.splitlines()]
+    except (SystemExit, OSError, subprocess.TimeoutExpired):
+        head = modified = None
+    shutil.copytree(
+        REPO_ROOT / "aioqueue", dest / "aioqueue", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return {"head": head, "modified": modified, "sha256": package_digest(dest / "aioqueue")}
+
+
+def package_digest(root: Path) -> str:
+    """sha256 over the relative paths and contents of the files under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def git_worktree(commit: str) -> Iterator[Path]:
+    """Check ``commit`` out (detached) into a temporary git worktree; remove it on exit.
+
+    Touches neither the working tree nor the index of the repository itself.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="aioqueue-bench-baseline-"))
+    path = tmp / f"aioqueue-{commit[:12]}"
+    try:
+        _git("worktree", "add", "--detach", "--quiet", str(path), commit)
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "worktree", "prune"], capture_output=True, timeout=120
+        )
 
 
 # --------------------------------------------------------------------------- redis
@@ -278,7 +399,7 @@ class RedisServer:
 class Runner:
     """One runner subprocess; its ``@@bench`` lines arrive on a queue via a reader thread."""
 
-    lib: str
+    target: Target
     role: str
     workload: str
     url: str
@@ -292,9 +413,9 @@ class Runner:
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
-                str(venv_python(self.lib)),
+                str(venv_python(self.target.lib)),
                 "-m",
-                f"runners.{self.lib}",
+                f"runners.{self.target.lib}",
                 "--role",
                 self.role,
                 "--workload",
@@ -310,7 +431,7 @@ class Runner:
                 str(max(self.timeout - 10, self.timeout * 0.9)),
             ],
             cwd=BENCH_DIR,
-            env=RUNNER_ENV,
+            env=self.target.env,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             text=True,

@@ -2,17 +2,20 @@
 """Compare aioqueue with its peers (arq, SAQ, streaq, taskiq) on one private Redis.
 
     python benchmarks/run.py [--libs aioqueue,arq,...] [--workloads W1,W3] [--repeat 3]
-                             [--jobs 1.0] [--skip-install] [--reinstall]
+                             [--jobs 1.0] [--skip-install] [--reinstall] [--baseline REV]
 
 Starts its own ``redis-server`` on a free loopback port (``--save "" --appendonly no``), creates
 per-library venvs under ``benchmarks/.venvs/<lib>`` when missing, runs every figure ``--repeat``
 times (FLUSHALL before each run) and reports the median as a markdown table on stdout, plus
-``benchmarks/results/latest.json`` and ``latest.md``. See benchmarks/README.md.
+``benchmarks/results/latest.json`` and ``latest.md``. ``--baseline REV`` also measures aioqueue as
+of git revision REV (row ``aioqueue@REV``), interleaved with the working tree's aioqueue.
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -20,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     LIBS,
     PEERS,
+    REPO_ROOT,
     RESULTS_DIR,
     RedisServer,
     Runner,
+    Target,
     check_runner,
     ensure_venv,
+    git_worktree,
+    package_digest,
+    resolve_rev,
+    snapshot_package,
     versions,
 )
 
@@ -81,15 +91,15 @@ def _fail(stage: str, res: dict[str, Any]) -> dict[str, Any]:
     return {"status": status, "error": f"{stage}: {res.get('error') or status}"}
 
 
-def run_throughput(srv: RedisServer, lib: str, wl: str, n: int) -> dict[str, Any]:
+def run_throughput(srv: RedisServer, t: Target, wl: str, n: int) -> dict[str, Any]:
     """W1/W2/W5: enqueue everything (bulk where available), then start one worker."""
     srv.flushall()
-    prod = Runner(lib, "producer", wl, srv.url, n, timeout=60 + n / 500)
+    prod = Runner(t, "producer", wl, srv.url, n, timeout=60 + n / 500)
     pres = prod.result()
     if pres.get("status") != "ok":
         return _fail("producer", pres)
     redis_cpu0 = srv.cpu_seconds()
-    work = Runner(lib, "worker", wl, srv.url, n, timeout=60 + n / 200)
+    work = Runner(t, "worker", wl, srv.url, n, timeout=60 + n / 200)
     wres = work.result()
     redis_cpu = srv.cpu_seconds() - redis_cpu0
     run: dict[str, Any] = {
@@ -112,9 +122,9 @@ def run_throughput(srv: RedisServer, lib: str, wl: str, n: int) -> dict[str, Any
 
 
 def _start_idle_worker(
-    srv: RedisServer, lib: str, wl: str, n: int, timeout: float, settle: float, **kw: Any
+    srv: RedisServer, t: Target, wl: str, n: int, timeout: float, settle: float, **kw: Any
 ) -> tuple[Runner, dict[str, Any] | None]:
-    work = Runner(lib, "worker", wl, srv.url, n, timeout=timeout, **kw)
+    work = Runner(t, "worker", wl, srv.url, n, timeout=timeout, **kw)
     ready = work.wait_event("ready", 60)
     if ready.get("status") not in (None, "ok"):
         work.kill()
@@ -123,13 +133,13 @@ def _start_idle_worker(
     return work, None
 
 
-def run_latency(srv: RedisServer, lib: str, n: int, settle: float) -> dict[str, Any]:
+def run_latency(srv: RedisServer, t: Target, n: int, settle: float) -> dict[str, Any]:
     """W3: idle worker first; one job every 5 ms carrying time.time(); task records start - t0."""
     srv.flushall()
-    work, err = _start_idle_worker(srv, lib, "W3", n, settle + 90 + n * 0.02, settle)
+    work, err = _start_idle_worker(srv, t, "W3", n, settle + 90 + n * 0.02, settle)
     if err:
         return err
-    prod = Runner(lib, "producer", "W3", srv.url, n, timeout=60 + n * 0.02)
+    prod = Runner(t, "producer", "W3", srv.url, n, timeout=60 + n * 0.02)
     pres = prod.result()
     if pres.get("status") != "ok":
         work.kill()
@@ -145,27 +155,25 @@ def run_latency(srv: RedisServer, lib: str, n: int, settle: float) -> dict[str, 
     return run
 
 
-def run_enqueue(srv: RedisServer, lib: str, n: int) -> dict[str, Any]:
+def run_enqueue(srv: RedisServer, t: Target, n: int) -> dict[str, Any]:
     """W4: sequential ``await enqueue`` of n no-op jobs, no worker running."""
     srv.flushall()
-    pres = Runner(lib, "producer", "W4", srv.url, n, timeout=60 + n / 100).result()
+    pres = Runner(t, "producer", "W4", srv.url, n, timeout=60 + n / 100).result()
     if pres.get("status") != "ok":
         return _fail("producer", pres)
     return {"status": "ok", "rate": pres["rate"]}
 
 
-def run_soak(srv: RedisServer, n: int, settle: float, result_ttl: int) -> dict[str, Any]:
+def run_soak(srv: RedisServer, t: Target, n: int, settle: float, result_ttl: int) -> dict[str, Any]:
     """W6: n no-op jobs through one aioqueue worker (producer runs alongside, in bulk chunks)."""
     srv.flushall()
     mem_before = srv.used_memory()
     srv.client("CONFIG", "RESETSTAT")
-    work, err = _start_idle_worker(
-        srv, "aioqueue", "W6", n, 300 + n / 200, settle, result_ttl=result_ttl
-    )
+    work, err = _start_idle_worker(srv, t, "W6", n, 300 + n / 200, settle, result_ttl=result_ttl)
     if err:
         return err
     mem_idle = srv.used_memory()
-    prod = Runner("aioqueue", "producer", "W6", srv.url, n, timeout=120 + n / 500)
+    prod = Runner(t, "producer", "W6", srv.url, n, timeout=120 + n / 500)
     pres = prod.result()
     if pres.get("status") != "ok":
         work.kill()
@@ -214,7 +222,7 @@ METRICS = {
     "W3": ("p50", "p95", "p99"),
     "W4": ("rate",),
     "W5": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
-    "W6": (),
+    "W6": ("rate",),
 }
 
 
@@ -259,7 +267,7 @@ def _cell(res: dict[str, Any] | None, fmt: Callable[[dict[str, Any]], str]) -> s
 
 def render(report: dict[str, Any]) -> str:
     res = report["results"]
-    libs = [lib for lib in report["config"]["libs"] if lib in res]
+    libs = [label for label in report["config"]["rows"] if label in res]
     lines: list[str] = []
     if {"W1", "W2", "W3", "W4"} & set(report["config"]["workloads"]):
         lines += [
@@ -336,10 +344,12 @@ def render(report: dict[str, Any]) -> str:
                 f"- best peer W1 ({best}) / W5 ceiling: "
                 f"{peers[best] / ceiling['median']['rate']:.2f}"
             )
-    soak = res.get("aioqueue", {}).get("W6")
-    if soak is not None:
-        lines.append("")
-        lines.append(_render_soak(soak))
+    for lib in libs:
+        soak = res[lib].get("W6")
+        if soak is not None:
+            lines.append("")
+            lines.append(_render_soak(lib, soak))
+    lines += _render_baseline(report)
     notes = []
     for lib, r in res.items():
         if r.get("unavailable"):
@@ -352,16 +362,16 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines).strip()
 
 
-def _render_soak(soak: dict[str, Any]) -> str:
+def _render_soak(label: str, soak: dict[str, Any]) -> str:
     if soak.get("status") != "ok":
-        return f"**W6 soak** (aioqueue): {soak.get('status')}: {soak.get('error')}"
+        return f"**W6 soak** ({label}): {soak.get('status')}: {soak.get('error')}"
     r = soak["runs"][0]
 
     def mb(x: int | None, unit: int) -> str:
         return "?" if x is None else f"{x / unit:.1f} MB"
 
     return (
-        f"**W6 soak** (aioqueue, {r['jobs']:,} no-op jobs, result_ttl {r['result_ttl_s']} s): "
+        f"**W6 soak** ({label}, {r['jobs']:,} no-op jobs, result_ttl {r['result_ttl_s']} s): "
         f"{_num(r.get('rate'))} jobs/s; worker RSS {mb(r.get('rss_start_kb'), 1024)} → "
         f"{mb(r.get('rss_end_kb'), 1024)}; Redis used_memory "
         f"{mb(r['redis_used_memory_before'], 2**20)} before → "
@@ -369,6 +379,55 @@ def _render_soak(soak: dict[str, Any]) -> str:
         f"{mb(r['redis_used_memory_after'], 2**20)} after expiry "
         f"({r['redis_keys_after']} keys left)"
     )
+
+
+# (workload, metric, figure, format) compared between the baseline and the working tree
+COMPARED = (
+    ("W1", "rate", "W1 jobs/s", "{:,.0f}"),
+    ("W1", "enqueue_rate", "W1 enqueue/s", "{:,.0f}"),
+    ("W1", "cpu_us_per_job", "W1 worker CPU µs/job", "{:,.1f}"),
+    ("W1", "redis_cpu_us_per_job", "W1 redis-server CPU µs/job", "{:,.1f}"),
+    ("W2", "rate", "W2 jobs/s", "{:,.0f}"),
+    ("W3", "p50", "W3 p50 ms", "{:.2f}"),
+    ("W3", "p95", "W3 p95 ms", "{:.2f}"),
+    ("W3", "p99", "W3 p99 ms", "{:.2f}"),
+    ("W4", "rate", "W4 enqueue/s", "{:,.0f}"),
+    ("W6", "rate", "W6 jobs/s", "{:,.0f}"),
+)
+
+
+def _render_baseline(report: dict[str, Any]) -> list[str]:
+    """The working tree's aioqueue against ``--baseline``: medians, run ranges, change."""
+    base = report["config"].get("baseline")
+    if not base:
+        return []
+    old = report["results"].get(base["label"], {})
+    new = report["results"].get("aioqueue", {})
+
+    def cell(r: dict[str, Any], metric: str, fmt: str) -> str:
+        vals = [x[metric] for x in r["runs"] if x.get("status") == "ok" and x.get(metric)]
+        spread = f" ({fmt.format(min(vals))} to {fmt.format(max(vals))})" if len(vals) > 1 else ""
+        return fmt.format(r["median"][metric]) + spread
+
+    lines = [
+        "",
+        f"aioqueue (working tree) vs {base['label']} (commit {base['commit'][:12]}), same runs "
+        "interleaved: median (min to max); change = working tree / baseline - 1",
+        "",
+        f"| figure | {base['label']} | aioqueue | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for wl, metric, figure, fmt in COMPARED:
+        a, b = old.get(wl), new.get(wl)
+        if not (a and b and a.get("status") == "ok" and b.get("status") == "ok"):
+            continue
+        if not (a["median"].get(metric) and b["median"].get(metric)):
+            continue
+        change = b["median"][metric] / a["median"][metric] - 1
+        lines.append(
+            f"| {figure} | {cell(a, metric, fmt)} | {cell(b, metric, fmt)} | {change:+.1%} |"
+        )
+    return lines
 
 
 def machine_info(srv: RedisServer) -> dict[str, Any]:
@@ -415,6 +474,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=2.0, help="idle seconds before W3/W6 enqueue")
     p.add_argument("--soak-result-ttl", type=int, default=5, help="W6: aioqueue result_ttl (s)")
     p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure aioqueue at git revision REV (row aioqueue@REV), from a temporary\n"
+        "git worktree, interleaved with the working tree's aioqueue",
+    )
     args = p.parse_args()
     args.libs = [x.strip() for x in args.libs.split(",") if x.strip()]
     args.workloads = [x.strip().upper() for x in args.workloads.split(",") if x.strip()]
@@ -424,6 +489,8 @@ def parse_args() -> argparse.Namespace:
     for wl in args.workloads:
         if wl not in WORKLOADS:
             p.error(f"unknown workload {wl!r}")
+    if args.baseline is not None and "aioqueue" not in args.libs and "W6" not in args.workloads:
+        p.error("--baseline compares aioqueue versions: include aioqueue in --libs")
     return args
 
 
@@ -432,8 +499,46 @@ def libs_for(wl: str, libs: list[str]) -> list[str]:
     return list(fixed) if fixed is not None else list(libs)
 
 
+@dataclass(frozen=True)
+class Aioqueue:
+    """The aioqueue rows: the working tree (a snapshot taken at start), and the baseline."""
+
+    current: Target
+    tree: dict[str, Any]  # HEAD, modified files, sha256 of the snapshot
+    baseline: Target | None = None
+
+
+def targets_for(libs: list[str], aq: Aioqueue) -> list[Target]:
+    """One target (result row) per library, and the baseline, if any, right before aioqueue."""
+    targets: list[Target] = []
+    for lib in libs:
+        if lib == "aioqueue":
+            targets += [aq.current] if aq.baseline is None else [aq.baseline, aq.current]
+        else:
+            targets.append(Target(lib, lib))
+    return targets
+
+
+def labels_for(libs: list[str], aq: Aioqueue) -> list[str]:
+    return [t.label for t in targets_for(libs, aq)]
+
+
 def main() -> int:
     args = parse_args()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aioqueue-bench-")))
+        tree = snapshot_package(tmp)
+        baseline = None
+        if args.baseline is not None:
+            commit = resolve_rev(args.baseline)
+            checkout = stack.enter_context(git_worktree(commit))
+            print(f"[setup] baseline {args.baseline} = {commit[:12]}, checked out in {checkout}")
+            baseline = Target("aioqueue", f"aioqueue@{args.baseline}", checkout, commit)
+        return bench(args, Aioqueue(Target("aioqueue", "aioqueue", tmp), tree, baseline))
+
+
+def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
+    baseline = aq.baseline
     needed: list[str] = []
     for wl in args.workloads:
         if wl == "W6" and "aioqueue" not in args.libs:
@@ -441,18 +546,19 @@ def main() -> int:
         for lib in libs_for(wl, args.libs):
             if lib not in needed:
                 needed.append(lib)
+    targets = {t.label: t for t in targets_for(needed, aq)}
 
-    results: dict[str, dict[str, Any]] = {lib: {} for lib in needed}
+    results: dict[str, dict[str, Any]] = {label: {} for label in targets}
     available: list[str] = []
-    for lib in needed:
-        err = ensure_venv(lib, skip_install=args.skip_install, reinstall=args.reinstall)
-        err = err or check_runner(lib)
+    for label, target in targets.items():
+        err = ensure_venv(target.lib, skip_install=args.skip_install, reinstall=args.reinstall)
+        err = err or check_runner(target)
         if err:
-            print(f"[setup] {lib}: NOT benchmarked: {err}", flush=True)
-            results[lib]["unavailable"] = err
+            print(f"[setup] {label}: NOT benchmarked: {err}", flush=True)
+            results[label]["unavailable"] = err
         else:
-            available.append(lib)
-    lib_versions = {lib: versions(lib) for lib in available}
+            available.append(label)
+    lib_versions = {label: versions(targets[label]) for label in available}
 
     load1 = os.getloadavg()[0]
     if load1 > 0.5:
@@ -465,6 +571,11 @@ def main() -> int:
         "versions": lib_versions,
         "config": {
             "libs": args.libs,
+            "rows": labels_for(args.libs, aq),
+            "aioqueue_tree": aq.tree if "aioqueue" in needed else None,
+            "baseline": None
+            if baseline is None
+            else {"rev": args.baseline, "commit": baseline.commit, "label": baseline.label},
             "workloads": args.workloads,
             "repeat": args.repeat,
             "jobs_scale": args.jobs,
@@ -476,41 +587,58 @@ def main() -> int:
         },
         "results": results,
     }
+    width = max(9, *(len(label) for label in targets))
     try:
         for wl in args.workloads:
             n = report["config"]["job_counts"][wl]
             print(f"\n== {wl} ({n:,} jobs): {WORKLOADS[wl].title}", flush=True)
-            libs = [lib for lib in libs_for(wl, args.libs) if lib in available]
-            for lib in libs_for(wl, args.libs):
-                if lib not in available:
-                    results[lib][wl] = {"status": "unavailable"}
-            runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
+            labels = labels_for(libs_for(wl, args.libs), aq)
+            for label in labels:
+                if label not in available:
+                    results[label][wl] = {"status": "unavailable"}
+            labels = [label for label in labels if label in available]
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
             repeat = 1 if wl == "W6" else args.repeat
+            # Every repeat runs each row once, so load from other processes hits all rows alike.
             for rep in range(repeat):
-                for lib in libs:
+                for label in labels:
+                    t = targets[label]
                     t0 = time.monotonic()
                     if wl in ("W1", "W2", "W5"):
-                        run = run_throughput(srv, lib, wl, n)
+                        run = run_throughput(srv, t, wl, n)
                     elif wl == "W3":
-                        run = run_latency(srv, lib, n, args.settle)
+                        run = run_latency(srv, t, n, args.settle)
                     elif wl == "W4":
-                        run = run_enqueue(srv, lib, n)
+                        run = run_enqueue(srv, t, n)
                     else:
-                        run = run_soak(srv, n, args.settle, args.soak_result_ttl)
+                        run = run_soak(srv, t, n, args.settle, args.soak_result_ttl)
                     run["wall_s"] = round(time.monotonic() - t0, 2)
-                    runs[lib].append(run)
-                    print(f"  [{wl} {rep + 1}/{repeat}] {lib:9s} {describe(wl, run)}", flush=True)
-            for lib in libs:
-                results[lib][wl] = aggregate(wl, runs[lib])
+                    runs[label].append(run)
+                    print(
+                        f"  [{wl} {rep + 1}/{repeat}] {label:{width}s} {describe(wl, run)}",
+                        flush=True,
+                    )
+            for label in labels:
+                results[label][wl] = aggregate(wl, runs[label])
     finally:
         srv.stop()
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     table = render(report)
+    tree_note = ""
+    if "aioqueue" in needed:
+        tree_note = f"aioqueue: {describe_tree(aq.tree)}\n"
+        if package_digest(REPO_ROOT / "aioqueue") != aq.tree["sha256"]:
+            tree_note += (
+                "aioqueue: the working tree changed during the run; measured: as at start\n"
+            )
+    if baseline is not None:
+        tree_note += f"baseline: {baseline.label} = commit {baseline.commit}\n"
     header = (
         f"aioqueue benchmark — {report['date']} — {report['machine']['nproc']} cores, "
         f"Python {report['machine']['python']}, {report['machine']['redis_server']}\n"
         f"versions: {json.dumps(lib_versions)}\n"
+        f"{tree_note}"
         f"repeat={args.repeat} (median), job counts: {report['config']['job_counts']}, "
         f"load average at start/end: {report['machine']['loadavg_at_start'][0]} / "
         f"{report['machine']['loadavg_at_end'][0]}\n"
@@ -521,6 +649,16 @@ def main() -> int:
     args.output.with_suffix(".md").write_text(header + "\n" + table + "\n")
     print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}")
     return 0
+
+
+def describe_tree(tree: dict[str, Any]) -> str:
+    if tree["head"] is None:
+        return f"working tree (not a git checkout), sha256 {tree['sha256'][:12]}"
+    mods = tree["modified"]
+    changes = f" + uncommitted changes to {', '.join(mods)}" if mods else " (clean)"
+    return (
+        f"working tree at {tree['head'][:12]}{changes}, as at start (sha256 {tree['sha256'][:12]})"
+    )
 
 
 def describe(wl: str, run: dict[str, Any]) -> str:
