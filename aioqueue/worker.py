@@ -102,6 +102,8 @@ class Worker:
         # Set when a read that hands entries over failed: its reply may have been lost
         # after Redis handed entries to this consumer, which the fetch loop then adopts.
         self._must_adopt = False
+        # Loop time before which this worker takes nothing over (see _note_silence).
+        self._takeover_after = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
 
@@ -344,7 +346,7 @@ class Worker:
                         self.id, set(self._in_flight), count, settings.max_deliveries
                     )
                     self._must_adopt = False
-                elif loop.time() >= next_sweep:
+                elif loop.time() >= max(next_sweep, self._takeover_after):
                     next_sweep = loop.time() + sweep_every
                     deliveries = await broker.reclaim(
                         self.id, free, settings.lease, settings.max_deliveries
@@ -354,10 +356,14 @@ class Worker:
                             logger.info("took over job %s after its lease expired", delivery.job_id)
                 else:
                     wait = min(block, max(next_sweep - loop.time(), 0.001))
+                    sent = loop.time()
                     deliveries = await broker.fetch(self.id, count, wait, settings.max_deliveries)
+                    if loop.time() - sent > wait + settings.lease / 3:
+                        self._note_silence()  # Redis stalled, or this process did
             except RedisUnavailable as exc:
                 failures += 1
                 self._must_adopt = True
+                self._note_silence()
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
                 await asyncio.sleep(reconnect_delay(failures))
@@ -375,6 +381,18 @@ class Worker:
                 logger.info("burst mode: queue %r is empty, stopping", self.queue.name)
                 self._stopping.set()
                 return
+
+    def _note_silence(self) -> None:
+        """This worker could not talk to Redis for a while (an outage, a stall, a stop):
+        take nothing over for one lease.
+
+        Such a silence usually silenced every worker, and every lease looks expired when it
+        ends. Taking entries over at once would take them from live workers that have not
+        had a chance to renew yet (they renew every lease/3); after one lease, whatever is
+        still expired belongs to a worker that is really gone.
+        """
+        loop = asyncio.get_running_loop()
+        self._takeover_after = max(self._takeover_after, loop.time() + self.settings.lease)
 
     async def _queue_empty(self, broker: Broker) -> bool:
         """For burst mode: nothing ready, pending or delayed (False while Redis is away)."""
@@ -509,16 +527,21 @@ class Worker:
     async def _renew_loop(self, broker: Broker) -> None:
         """Renew the lease of every in-flight job every lease/3 seconds in one round trip."""
         interval = self.settings.lease / 3
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             running = list(self._in_flight.values())
             if not running:
                 continue
+            sent = loop.time()
             try:
                 lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
             except RedisUnavailable as exc:
+                self._note_silence()
                 logger.warning("renewing leases: %s", exc)
                 continue
+            if loop.time() - sent > interval:
+                self._note_silence()
             for entry in aborted:
                 job = self._in_flight.get(entry)
                 if job is not None:

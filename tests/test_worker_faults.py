@@ -16,7 +16,7 @@ from faultproxy import FaultProxy
 from helpers import eventually, running
 
 import aioqueue.worker
-from aioqueue import ConfigurationError, Context, JobStatus, Queue
+from aioqueue import ConfigurationError, Context, JobRequest, JobStatus, Queue
 from aioqueue.brokers.base import Broker
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
@@ -252,3 +252,35 @@ async def test_lost_read_replies_never_leave_jobs_behind_at_scale(
     assert fault_proxy.fired(b"XREADGROUP") == 10
     assert starts == dict.fromkeys(range(300), 1)
     await queue.close()
+
+
+async def test_after_an_outage_no_worker_takes_jobs_from_live_workers(
+    fault_proxy: FaultProxy, queue_name: str
+) -> None:
+    # Redis is away for every worker for longer than the lease: every lease looks expired
+    # when it returns. The idle worker must not take the busy one's jobs before the busy
+    # one has had a chance to renew them.
+    busy = Queue(fault_proxy.url, name=queue_name)
+    idle = Queue(fault_proxy.url, name=queue_name)
+    starts: dict[int, int] = {}
+    started = asyncio.Event()
+
+    async def body(ctx: Context, n: int) -> int:
+        starts[n] = starts.get(n, 0) + 1
+        if len(starts) == 5:
+            started.set()
+        await asyncio.sleep(4)
+        return n
+
+    for queue in (busy, idle):
+        queue.task(name="body")(body)
+    jobs = await busy.enqueue_many(JobRequest("body", (n,), {}) for n in range(5))
+    async with running(busy.worker(lease=1.5, concurrency=5)):
+        await asyncio.wait_for(started.wait(), 10)
+        async with running(idle.worker(lease=1.5, concurrency=5)):
+            fault_proxy.blackhole(2.5)
+            for job in jobs:
+                await job.result(timeout=30)
+    assert starts == dict.fromkeys(range(5), 1)
+    for queue in (busy, idle):
+        await queue.close()
