@@ -528,6 +528,7 @@ class Worker:
         """Renew the lease of every in-flight job every lease/3 seconds in one round trip."""
         interval = self.settings.lease / 3
         loop = asyncio.get_running_loop()
+        failures = 0
         while True:
             await asyncio.sleep(interval)
             running = list(self._in_flight.values())
@@ -538,8 +539,11 @@ class Worker:
                 lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
             except RedisUnavailable as exc:
                 self._note_silence()
-                logger.warning("renewing leases: %s", exc)
+                failures += 1
+                if failures == 1:
+                    logger.warning("renewing leases: %s", exc)
                 continue
+            failures = 0
             if loop.time() - sent > interval:
                 self._note_silence()
             for entry in aborted:
@@ -584,12 +588,16 @@ class Worker:
         """Move due delayed jobs to the stream; sleep until the next one is due."""
         wake = self._promote_wake
         cap = self.settings.poll_interval
+        failures = 0
         while True:
             wake.clear()
             try:
                 next_due = await broker.promote_due(1000)
+                failures = 0
             except RedisUnavailable as exc:
-                logger.warning("promoting delayed jobs: %s", exc)
+                failures += 1
+                if failures == 1:
+                    logger.warning("promoting delayed jobs: %s", exc)
                 next_due = None
             pause = cap if next_due is None else min(next_due, cap)
             if pause > 0:

@@ -34,14 +34,21 @@ RECHECK = 5.0
 
 async def pubsub_messages(pubsub: PubSub, what: str) -> AsyncIterator[dict[str, Any]]:
     """Every message a pub/sub connection receives, forever, surviving reconnects (redis-py
-    subscribes the channels again when it reconnects)."""
+    subscribes the channels again when it reconnects). An outage is logged once, when it
+    starts, and once more when the connection is back."""
+    failures = 0
     while True:
         try:
             message = await pubsub.get_message(timeout=RECHECK)
         except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            logger.warning("%s lost Redis (%s); reconnecting", what, exc)
+            failures += 1
+            if failures == 1:
+                logger.warning("%s lost Redis (%s); reconnecting", what, exc)
             await asyncio.sleep(0.5)
             continue
+        if failures:
+            logger.info("%s reconnected after %d attempts", what, failures)
+            failures = 0
         if message is not None:
             yield message
 
