@@ -212,6 +212,11 @@ class Queue:
 
         Each tick runs exactly once however many workers run (see :func:`aioqueue.cron`).
         """
+        if callable(schedule):
+            raise ConfigurationError(
+                f"@queue.cron needs a schedule: write @queue.cron('*/10 * * * *') above "
+                f"{getattr(schedule, '__name__', 'the function')}, not a bare @queue.cron"
+            )
 
         def register(fn: Callable[Concatenate[Context, P], Awaitable[R]]) -> Task[P, R]:
             task: Task[P, R] = self.task(name=name or fn.__name__, retries=retries)(fn)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from aioqueue.brokers.base import Broker, CronClaim, NewJob
 from aioqueue.cron import CronJob, due_tick
-from aioqueue.errors import ConfigurationError, RedisUnavailable
+from aioqueue.errors import ConfigurationError, InvalidArguments, RedisUnavailable
 from aioqueue.serialization import Envelope, encode
 
 if TYPE_CHECKING:
@@ -96,6 +96,12 @@ class CronScheduler:
         self.jobs = list(jobs)
         self.sleep = sleep
         self.tasks: dict[str, Task[Any, Any]] = {job.name: task_for(queue, job) for job in jobs}
+        for job in jobs:
+            # Checked now, not at the first tick: wrong arguments would dead-letter every run.
+            try:
+                self.tasks[job.name].signature.bind(tuple(job.args), dict(job.kwargs))
+            except InvalidArguments as exc:
+                raise ConfigurationError(f"cron job {job.name!r}: {exc}") from None
         # The run of each job's tick being claimed, built once, so every attempt at a tick
         # (after a failure, or an 'early' answer) sends the same call.
         self._runs: dict[str, NewJob] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -60,6 +61,27 @@ class JobOptions:
         return 0, max(int(seconds * 1000), 0)
 
 
+def _check_context_first(func: Callable[..., Any], name: str) -> None:
+    """A task's first parameter receives the Context; a function written the Celery/RQ way
+    (arguments only) would get the context in its first argument."""
+    from aioqueue.context import Context
+
+    params = list(inspect.signature(func).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    problem = not params or params[0].kind not in positional
+    if not problem:
+        try:
+            hint = typing.get_type_hints(func).get(params[0].name)
+        except Exception:
+            hint = None
+        problem = isinstance(hint, type) and not issubclass(hint, Context)
+    if problem:
+        raise ConfigurationError(
+            f"task {name!r}: its first parameter receives the job's Context; write "
+            f"async def {getattr(func, '__name__', 'task')}(ctx: Context, ...)"
+        )
+
+
 def check_limits(prefix: str, retries: int | None, timeout: float | None) -> None:
     """Refuse retries and timeouts a worker would refuse to decode (see ``Envelope``)."""
     if retries is not None and not 0 <= retries <= MAX_RETRIES:
@@ -105,6 +127,7 @@ class Task(Generic[P, R]):
                 f"task name {name!r}: 1 to 200 characters, no control characters"
             )
         check_limits(f"task {name!r}: ", retries, timeout)
+        _check_context_first(func, name)
         self.queue = queue
         self.func = func
         self.name = name

@@ -6,7 +6,7 @@ import pytest
 from conftest import RedisServer
 from helpers import eventually, running
 
-from aioqueue import Context, JobStatus, Queue
+from aioqueue import ConfigurationError, Context, JobStatus, Queue
 from aioqueue.errors import InvalidArguments, UnknownTask
 
 
@@ -159,3 +159,39 @@ async def test_queue_names_outside_ascii_work(redis_server: RedisServer, queue_n
     async with running(queue.worker()):
         assert await job.result(timeout=10) == "ça marche"
     await queue.close()
+
+
+def test_a_task_without_the_context_first_is_refused_at_definition() -> None:
+    queue = Queue("redis://localhost:6379/0", name="defs")
+    with pytest.raises(ConfigurationError, match=r"first parameter receives the job's Context"):
+
+        @queue.task()
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+    with pytest.raises(ConfigurationError, match="first parameter"):
+
+        @queue.task()
+        async def nothing() -> None:
+            return None
+
+
+def test_a_bare_cron_decorator_is_refused() -> None:
+    queue = Queue("redis://localhost:6379/0", name="defs")
+
+    async def poll(ctx: Context) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"@queue.cron\('\*/10 \* \* \* \*'\)"):
+        queue.cron(poll)  # type: ignore[arg-type]
+
+
+def test_cron_arguments_are_checked_when_the_worker_is_made() -> None:
+    queue = Queue("redis://localhost:6379/0", name="defs")
+
+    @queue.cron("* * * * *", args=("x",))
+    async def cleanup(ctx: Context, days: int) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"cron job 'cleanup'.*days"):
+        queue.worker()
