@@ -9,7 +9,9 @@ dead letters, delayed jobs, and backpressure. Import everything from here::
 from aioqueue.context import Context
 from aioqueue.cron import CronJob, cron
 from aioqueue.errors import (
+    AccessDenied,
     AioqueueError,
+    AuthenticationFailed,
     ConfigurationError,
     EnqueueError,
     EnqueueIncomplete,
@@ -21,11 +23,13 @@ from aioqueue.errors import (
     JobNotFound,
     JobTimeout,
     PayloadTooLarge,
+    PermissionDenied,
     QueueFull,
     RedisUnavailable,
     ResultTimeout,
     Retry,
     SerializationError,
+    TLSError,
     UnknownTask,
     UnsupportedRedis,
 )
@@ -39,7 +43,9 @@ from aioqueue.worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
     "AioqueueError",
+    "AuthenticationFailed",
     "Backoff",
     "ConfigurationError",
     "Context",
@@ -59,6 +65,7 @@ __all__ = [
     "JobStatus",
     "JobTimeout",
     "PayloadTooLarge",
+    "PermissionDenied",
     "Queue",
     "QueueFull",
     "RedisUnavailable",
@@ -66,6 +73,7 @@ __all__ = [
     "Retry",
     "SerializationError",
     "Settings",
+    "TLSError",
     "Task",
     "UnknownTask",
     "UnsupportedRedis",

@@ -2,7 +2,11 @@
 
 ```
 AioqueueError
-├── ConfigurationError          bad settings, cron expression, import path or task definition
+├── ConfigurationError          bad settings or Redis URL, cron expression, import path, task
+├── AccessDenied                wrong credentials, ACL rights or certificates (never retried)
+│   ├── AuthenticationFailed    wrong user name or password, or none where Redis wants one
+│   ├── PermissionDenied        the ACL user lacks a command, key or channel right (NOPERM)
+│   └── TLSError                the TLS handshake failed on a certificate
 ├── RedisUnavailable            Redis cannot be reached (also a builtin ConnectionError)
 │   ├── UnsupportedRedis        the server is older than Redis 7.0
 │   └── EnqueueIncomplete       a bulk enqueue failed part-way; says which jobs were written
@@ -35,6 +39,33 @@ class AioqueueError(Exception):
 
 class ConfigurationError(AioqueueError):
     """A setting, cron expression, task definition or import path is invalid."""
+
+
+class AccessDenied(AioqueueError):
+    """Redis refused this client, or this client refused Redis: wrong credentials, missing
+    ACL rights or a certificate that does not verify. Unlike :class:`RedisUnavailable` it
+    does not pass by itself, so a worker meeting it at start-up exits instead of retrying."""
+
+
+class AuthenticationFailed(AccessDenied):
+    """Redis refused the user name and password (``WRONGPASS``), or wants one (``NOAUTH``)."""
+
+
+class PermissionDenied(AccessDenied):
+    """The Redis ACL user may not run a command, or touch a key or a channel (``NOPERM``).
+
+    ``missing`` lists the ACL rules that would grant what was refused (``+xadd``,
+    ``~aioqueue:{emails}:*``, ``&aioqueue:{emails}:*``), when they are known.
+    """
+
+    def __init__(self, message: str, missing: list[str] | None = None) -> None:
+        self.missing = list(missing or [])
+        super().__init__(message)
+
+
+class TLSError(AccessDenied):
+    """The TLS handshake failed on a certificate: the server's is not trusted or does not
+    name the host, or the server refused this client's (or wanted one)."""
 
 
 class RedisUnavailable(AioqueueError, ConnectionError):

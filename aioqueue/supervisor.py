@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 30.0
 POLL = 0.2
+# `aioqueue run` exits with this when its error is one a restart cannot fix (configuration,
+# credentials, rights, certificates).
+CONFIGURATION_EXIT = 2
 
 
 @dataclass
@@ -62,12 +65,14 @@ class Supervisor:
                 child.process.send_signal(signum)
 
     def run(self) -> int:
-        """Supervise until every child has exited; 1 if a child ended with an error."""
+        """Supervise until every child has exited; 1 if a child ended with an error, 2 (and
+        the others stopped) if one exited with 2: a bad setting, password or certificate
+        that restarting would only repeat."""
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.children = {slot: self._spawn(slot) for slot in range(self.processes)}
             restart_at: dict[int, float] = {}
-            failed = False
+            failed = fatal = False
             while self.children or restart_at:
                 time.sleep(POLL)
                 now = time.monotonic()
@@ -78,6 +83,17 @@ class Supervisor:
                     del self.children[slot]
                     if code == 0 or self.signals:
                         failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
+                        continue
+                    if code == CONFIGURATION_EXIT:
+                        # A bad setting, password or certificate: restarting cannot fix it.
+                        logger.error(
+                            "worker process %d exited with %d (its error is above); stopping",
+                            slot,
+                            code,
+                        )
+                        self._forward(signal.SIGTERM, None)
+                        restart_at.clear()
+                        fatal = True
                         continue
                     quick = now - child.started < QUICK_DEATH
                     deaths = self.quick_deaths.get(slot, 0) + 1 if quick else 0
@@ -98,6 +114,8 @@ class Supervisor:
                         del restart_at[slot]
                         self.children[slot] = self._spawn(slot)
                         self.restarts += 1
+            if fatal:
+                return CONFIGURATION_EXIT
             return 1 if failed else 0
         finally:
             for signum, handler in previous.items():

@@ -34,7 +34,7 @@ from aioqueue.brokers.base import (
     Settlement,
 )
 from aioqueue.cron import CronJob, validate_unique_names
-from aioqueue.errors import ConfigurationError, RedisUnavailable, UnsupportedRedis
+from aioqueue.errors import AioqueueError, ConfigurationError, RedisUnavailable, UnsupportedRedis
 from aioqueue.execution import Running, execute
 from aioqueue.metrics import PrometheusMetrics, RateWindow
 from aioqueue.middleware import Middleware
@@ -202,11 +202,20 @@ class Worker:
         loop = self._loop = asyncio.get_running_loop()
         self._reset()
         broker = self.queue.new_broker(self.settings)
+        # Only outages are retried: a bad URL, refused credentials or rights and a
+        # certificate that does not verify raise at once (they do not pass by themselves).
         await self._retrying("connecting to Redis", broker.connect)
         try:
             await self._check_server(broker)
             await self._retrying("creating the consumer group", broker.ensure_group)
             await self._serve(broker, loop, handle_signals, consuming)
+        except Exception as exc:
+            # One aioqueue error that stopped the task group (rights revoked while running)
+            # is raised as itself, so that `aioqueue run` prints it in one line.
+            error = _only_aioqueue_error(exc)
+            if error is None:
+                raise
+            raise error from None
         finally:
             await broker.close()
 
@@ -268,7 +277,12 @@ class Worker:
 
     async def _check_server(self, broker: Broker) -> None:
         """Refuse an evicting Redis (it deletes jobs at random) unless allowed; warn when
-        nothing is persisted."""
+        nothing is persisted. Before that, check every ACL right a worker needs (Redis
+        brokers): a missing one is one PermissionDenied now, before "consuming" is logged,
+        not a job stopped half-way later."""
+        await self._retrying(
+            "checking the worker's rights", functools.partial(broker.check_access, "worker")
+        )
         facts: ServerFacts = await self._retrying(
             "reading the Redis configuration", broker.server_facts
         )
@@ -704,6 +718,22 @@ class Worker:
         else:
             if released:
                 logger.info("handed %d jobs back to the queue", released)
+
+
+def _only_aioqueue_error(exc: BaseException) -> AioqueueError | None:
+    """The single aioqueue error inside (nested) exception groups, or None."""
+    leaves: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        inner = getattr(current, "exceptions", None)
+        if isinstance(inner, tuple):
+            todo += inner
+        else:
+            leaves.append(current)
+    if len(leaves) == 1 and leaves[0] is not exc and isinstance(leaves[0], AioqueueError):
+        return leaves[0]
+    return None
 
 
 def reconnect_delay(failures: int) -> float:

@@ -13,7 +13,9 @@ def test_all_is_sorted_and_every_name_exists() -> None:
 
 def test_public_names_are_pinned() -> None:
     assert set(aioqueue.__all__) == {
+        "AccessDenied",
         "AioqueueError",
+        "AuthenticationFailed",
         "Backoff",
         "ConfigurationError",
         "Context",
@@ -33,6 +35,7 @@ def test_public_names_are_pinned() -> None:
         "JobStatus",
         "JobTimeout",
         "PayloadTooLarge",
+        "PermissionDenied",
         "Queue",
         "QueueFull",
         "RedisUnavailable",
@@ -40,6 +43,7 @@ def test_public_names_are_pinned() -> None:
         "Retry",
         "SerializationError",
         "Settings",
+        "TLSError",
         "Task",
         "UnknownTask",
         "UnsupportedRedis",
@@ -55,3 +59,6 @@ def test_every_error_derives_from_aioqueue_error() -> None:
         assert issubclass(error, aioqueue.AioqueueError), error
     assert issubclass(aioqueue.RedisUnavailable, ConnectionError)
     assert issubclass(aioqueue.ResultTimeout, TimeoutError)
+    for error in (aioqueue.AuthenticationFailed, aioqueue.PermissionDenied, aioqueue.TLSError):
+        assert issubclass(error, aioqueue.AccessDenied), error
+        assert not issubclass(error, aioqueue.RedisUnavailable), error

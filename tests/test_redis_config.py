@@ -172,3 +172,24 @@ async def test_a_bulk_enqueue_failing_part_way_says_which_jobs_were_written(
     assert not any(client.exists(keys.job(i)) for i in not_written)
     client.close()
     await queue.close()
+
+
+def test_a_supervisor_stops_when_its_workers_cannot_start_for_good(
+    evicting_redis: RedisServer, queue_name: str
+) -> None:
+    # Restarting a worker refused for its configuration would only repeat the refusal.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AIOQUEUE_REDIS_URL": evicting_redis.url,
+        "AIOQUEUE_QUEUE": queue_name,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "aioqueue", "run", "basic_app:worker", "--processes", "2"],
+        cwd=ROOT / "tests" / "apps",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "maxmemory-policy allkeys-lru" in done.stderr

@@ -17,7 +17,7 @@ from helpers import eventually, running
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from aioqueue import Context, JobNotFound, Queue, ResultTimeout
+from aioqueue import Context, JobNotFound, PermissionDenied, Queue, ResultTimeout
 from aioqueue.brokers.redis import waiter
 from aioqueue.brokers.redis.waiter import DoneWaiter
 
@@ -108,7 +108,7 @@ async def test_a_refused_subscribe_is_an_error_and_the_next_wait_subscribes_agai
     job = await double.enqueue(21)
     async with Queue(user_url(redis_server, acl_user), name=queue.name) as waiting:
         handle = waiting.job(job.id, double)
-        with pytest.raises(rexc.NoPermissionError):
+        with pytest.raises(PermissionDenied):
             await asyncio.wait_for(handle.result(timeout=30), 5)
 
         channel_rights(redis_client, acl_user, granted=True)
@@ -129,7 +129,7 @@ async def test_a_wait_without_timeout_whose_subscribe_is_refused_raises_instead_
     job = await never.enqueue()
     async with Queue(user_url(redis_server, acl_user), name=queue.name) as waiting:
         for _ in range(2):
-            with pytest.raises(rexc.NoPermissionError):
+            with pytest.raises(PermissionDenied):
                 await asyncio.wait_for(waiting.job(job.id).result(), 5)
 
 
@@ -155,7 +155,7 @@ async def test_revoked_channel_rights_wake_every_waiter_with_the_error(
         # and subscribes again, which Redis refuses: the listener stops on NOPERM.
         channel_rights(redis_client, acl_user, granted=False)
         for wait in waits:
-            with pytest.raises(rexc.NoPermissionError):
+            with pytest.raises(PermissionDenied):
                 await asyncio.wait_for(wait, 10)
 
         channel_rights(redis_client, acl_user, granted=True)

@@ -156,6 +156,10 @@ class WorkerBroker(Protocol):
     async def server_facts(self) -> ServerFacts:
         """Eviction policy and persistence of the storage server."""
 
+    async def check_access(self, role: str) -> None:
+        """Raise one PermissionDenied naming every right ``role`` (producer, worker,
+        monitor, operator) lacks on the storage server; change nothing."""
+
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
         """Write jobs; True per job that is new, False if one with that id already exists.
 

@@ -99,6 +99,9 @@ class MemoryBroker:
         """An in-process store neither evicts nor persists."""
         return ServerFacts(evicting_policy=None, persistent=None)
 
+    async def check_access(self, role: str) -> None:
+        """An in-process store has no users: every role may do everything."""
+
     # -- producing -------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:

@@ -15,10 +15,12 @@ from aioqueue.brokers.redis.connection import (
     CHUNK,
     FINAL,
     RedisConnection,
+    is_nogroup,
     redis_errors,
     text,
 )
 from aioqueue.brokers.redis.keys import GROUP
+from aioqueue.brokers.redis.refusals import is_refusal
 
 __all__ = ["Admin"]
 
@@ -73,6 +75,13 @@ class Admin(RedisConnection):
             pipe.zcard(self.keys.dead)
             pipe.xpending(self.keys.stream, GROUP)
             length, delayed, dead, pending = await pipe.execute(raise_on_error=False)
+            for reply in (length, delayed, dead):
+                if isinstance(reply, Exception):
+                    raise reply
+            # No group yet (no worker ever started) means nothing is pending; anything
+            # else, such as a refused XPENDING, is an error, not a zero.
+            if isinstance(pending, Exception) and not is_nogroup(pending):
+                raise pending
         pending_count = 0 if isinstance(pending, Exception) else int(pending["pending"])
         return QueueCounts(
             ready=int(length) - pending_count,
@@ -85,7 +94,9 @@ class Admin(RedisConnection):
         """The first ``count`` stream entries after the group's last-delivered id."""
         try:
             groups = await self.client.xinfo_groups(self.keys.stream)
-        except rexc.ResponseError:
+        except rexc.ResponseError as exc:
+            if is_refusal(exc):
+                raise
             return []  # no stream or group yet: nothing was ever enqueued
         last = next(
             (text(g["last-delivered-id"]) for g in groups if text(g["name"]) == GROUP), "0-0"
@@ -195,6 +206,7 @@ class Admin(RedisConnection):
         """Put dead jobs back on the stream with fresh counters; returns how many."""
         requeued = 0
         token = uuid.uuid4().hex
+        job_ids = list(dict.fromkeys(job_ids))  # an id named twice is one job
         with redis_errors("requeueing dead letters"):
             for start in range(0, len(job_ids), CHUNK):
                 chunk = job_ids[start : start + CHUNK]

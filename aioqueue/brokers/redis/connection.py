@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,9 +19,23 @@ from redis.commands.core import AsyncScript
 
 from aioqueue.brokers.base import ServerFacts
 from aioqueue.brokers.redis import scripts
+from aioqueue.brokers.redis.access import (
+    OUTSIDE,
+    READS,
+    ROLE_SCRIPTS,
+    SCRIPTING,
+    probe_command,
+    role_commands,
+    script_commands,
+)
 from aioqueue.brokers.redis.keys import Keys
+from aioqueue.brokers.redis.refusals import is_refusal, permission_denied, refusal, was_reset
+from aioqueue.brokers.redis.urls import check_url, url_user
 from aioqueue.brokers.redis.waiter import DoneWaiter
-from aioqueue.errors import RedisUnavailable, UnsupportedRedis
+from aioqueue.errors import (
+    RedisUnavailable,
+    UnsupportedRedis,
+)
 
 MIN_REDIS = (7, 0)
 # Jobs per script call: large enough to amortise the round trip, small enough that one
@@ -40,13 +55,18 @@ def text(value: Any) -> str:
 
 
 class redis_errors:
-    """Map redis-py's connection failures to :class:`RedisUnavailable`, chained.
+    """Map redis-py's errors to aioqueue's, chained: connection failures to
+    :class:`RedisUnavailable` (they pass: callers retry), refused credentials, ACL rights and
+    certificates to :class:`AccessDenied` (they do not).
 
     A plain class rather than a generator-based context manager: it wraps every command,
     and this is the cheapest way Python offers.
     """
 
     __slots__ = ("what",)
+    # The queue's keys and the ACL user, when known, make a refusal's message exact.
+    keys: Keys | None = None
+    user: str | None = None
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -60,6 +80,10 @@ class redis_errors:
         if exc is None or (isinstance(exc, TimeoutError) and not isinstance(exc, rexc.RedisError)):
             # A builtin TimeoutError (an OSError) is a caller's deadline, not an outage.
             return
+        if isinstance(exc, rexc.RedisError):
+            denied = refusal(exc, self.what, self.keys, self.user)
+            if denied is not None:
+                raise denied from exc
         if isinstance(exc, rexc.OutOfMemoryError):
             message = (
                 f"Redis is out of memory (maxmemory) while {self.what}: "
@@ -72,6 +96,17 @@ class redis_errors:
             ) from exc
         if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
             raise RedisUnavailable(f"Redis unavailable while {self.what}: {exc}") from exc
+
+
+class queue_errors(redis_errors):
+    """:class:`redis_errors` for one queue and user: a refusal names their exact rights."""
+
+    __slots__ = ("keys", "user")
+
+    def __init__(self, what: str, keys: Keys, user: str) -> None:
+        self.what = what
+        self.keys = keys
+        self.user = user
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -115,6 +150,10 @@ class RedisConnection:
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
         self._connect_lock = asyncio.Lock()
+        # The ACL user, and the scripts whose rights were checked (see _probe).
+        self.user = url_user(url)
+        self._checked: set[str] = set()
+        self._check_lock = asyncio.Lock()
         # Redis TIME minus this machine's clock, in ms: lets this process estimate the shared
         # clock without a round trip (scripts that decide anything read TIME themselves).
         self._clock_offset_ms = 0
@@ -136,17 +175,35 @@ class RedisConnection:
             raise RuntimeError("broker is not connected")
         return self._reader
 
+    def _errors(self, what: str) -> queue_errors:
+        return queue_errors(what, self.keys, self.user)
+
     async def connect(self) -> None:
-        """Open the connection pool and check the server version; idempotent."""
+        """Check the URL, open the connection pool, check the server version and that the
+        user may use the queue's keys; idempotent.
+
+        Raises :class:`ConfigurationError` for a bad URL option or a missing TLS file,
+        :class:`AccessDenied` for refused credentials, rights or certificates (both final),
+        :class:`RedisUnavailable` when Redis cannot be reached (that may pass).
+        """
         async with self._connect_lock:
             if self._client is not None:
                 return
+            check_url(self.url)
             options: dict[str, Any] = {
                 "socket_connect_timeout": 5.0,
                 "socket_timeout": self._socket_timeout,
                 "socket_keepalive": True,
                 "health_check_interval": 30,
             }
+            parts = urllib.parse.urlsplit(self.url)
+            if parts.scheme.lower() == "rediss" and "none" not in urllib.parse.parse_qs(
+                parts.query
+            ).get("ssl_cert_reqs", []):
+                # Whatever redis-py's default: the server's certificate must name the host
+                # (ssl_check_hostname=false in the URL turns that off; ssl_cert_reqs=none
+                # verifies nothing at all).
+                options["ssl_check_hostname"] = True
             pool = aioredis.ConnectionPool.from_url(
                 self.url,
                 # A pooled connection that went stale (Redis restarted), or one that dropped
@@ -161,15 +218,13 @@ class RedisConnection:
                 self.url, retry=Retry(ExponentialWithJitterBackoff(), 0), **options
             )
             try:
-                with redis_errors("connecting"):
-                    info = await client.info("server")
-                    self._set_offset(await client.time())
+                info = await self._first_contact(client)
             except BaseException:
                 await client.aclose()
                 await reader_pool.aclose()
                 raise
             version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
-            if version < MIN_REDIS:
+            if info and version < MIN_REDIS:
                 await client.aclose()
                 await reader_pool.aclose()
                 raise UnsupportedRedis(
@@ -179,9 +234,120 @@ class RedisConnection:
             self._scripts = {
                 name: client.register_script(scripts.source(name)) for name in scripts.NAMES
             }
-            self._waiter = DoneWaiter(client, self.keys.done_channel(uuid.uuid4().hex))
+            self._waiter = DoneWaiter(
+                client, self.keys.done_channel(uuid.uuid4().hex), self._listener_error
+            )
             self._client = client
             self._reader = aioredis.Redis.from_pool(reader_pool)
+
+    async def _first_contact(self, client: aioredis.Redis) -> dict[str, Any]:
+        """One round trip: the server's version (``INFO``; {} if the user may not run it, as
+        a producer need not), Redis's clock, and whether the user may use the queue's keys."""
+        try:
+            with self._errors("connecting"):
+                pipe = client.pipeline(transaction=False)
+                pipe.info("server")
+                pipe.time()
+                pipe.exists(self.keys.stream)
+                info, now, exists = await pipe.execute(raise_on_error=False)
+                for reply in (now, exists):
+                    if isinstance(reply, Exception):
+                        raise reply
+                if isinstance(info, rexc.NoPermissionError):
+                    info = {}
+                elif isinstance(info, Exception):
+                    raise info
+        except RedisUnavailable as exc:
+            hint = ""
+            if was_reset(exc):
+                hint = (
+                    "a server that speaks TLS answers a redis:// URL like this, and so may one "
+                    "that refused this client's certificate"
+                )
+            elif "Timeout connecting" in str(exc) and self.url.lower().startswith("rediss:"):
+                hint = "a server that does not speak TLS leaves a rediss:// URL waiting like this"
+            if hint:
+                raise RedisUnavailable(f"{exc} (if this persists: {hint})") from exc.__cause__
+            raise
+        self._set_offset(now)
+        return dict(info)
+
+    def _listener_error(self, exc: Exception) -> Exception:
+        """The error waiters get when the result listener's subscription fails."""
+        return refusal(exc, "subscribing to job notifications", self.keys, self.user) or exc
+
+    async def check_access(self, role: str) -> None:
+        """Check that the ACL user has every right ``role`` needs (see :data:`ROLES`), without
+        changing anything: raise one :class:`PermissionDenied` naming all that are missing.
+
+        A worker calls this before it starts consuming, so a missing right is one clear error
+        at start-up instead of a script that stops half-way through a job."""
+        if self._client is None:
+            await self.connect()
+        with self._errors(f"checking the rights of a {role}"):
+            await self._probe(role_commands(role), f", which a {role} needs")
+        self._checked.update(ROLE_SCRIPTS[role])
+
+    async def _check_scripts(self, names: Collection[str]) -> None:
+        """Check once per process, before a script first runs, that the user may run every
+        command in it: Redis does not undo a script that fails half-way."""
+        async with self._check_lock:
+            todo = sorted(set(names) - self._checked)
+            if not todo:
+                return
+            commands = set(SCRIPTING)
+            for name in todo:
+                commands |= script_commands(name)
+            what = f"the {' and '.join(todo)} script{'s' if len(todo) > 1 else ''}"
+            with self._errors(f"checking the rights {what} needs"):
+                await self._probe(sorted(commands), f", which {what} needs")
+            self._checked.update(todo)
+
+    async def _probe(self, commands: Sequence[str], context: str) -> None:
+        """Ask Redis whether the user may run ``commands`` on the queue's keys and channels,
+        running none that writes: on a connection of its own, EVALSHA of a script that does
+        not exist and EXEC without MULTI (both only fail), then MULTI and every other command
+        queued in the transaction, where Redis checks the ACL; the connection is then closed,
+        which discards the transaction unrun. Without MULTI among ``commands`` (a monitor),
+        they must all be reads, and run. Raises one :class:`PermissionDenied` naming every
+        refused right."""
+        key = f"{self.keys.prefix}:probe"
+        channel = f"{self.keys.prefix}:probe"
+        transaction = "multi" in commands
+        if not transaction and not set(commands) <= READS:
+            raise ValueError(f"probing writes needs MULTI: {sorted(set(commands) - READS)}")
+        outside = [c for c in OUTSIDE if c in commands]
+        queued = [c for c in commands if c not in OUTSIDE and c != "multi"]
+        refused: list[str] = []
+        refused_commands: list[str] = []
+
+        async def send(batch: Sequence[str]) -> list[Any]:
+            packed = [probe_command(c, key, channel) for c in batch]
+            await connection.send_packed_command(connection.pack_commands(packed))
+            replies: list[Any] = []
+            for command in batch:
+                try:
+                    replies.append(await connection.read_response())
+                except rexc.ResponseError as exc:
+                    replies.append(exc)
+                    if is_refusal(exc):
+                        refused.append(str(exc))
+                        refused_commands.append(command)
+            return replies
+
+        connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.connect()
+            replies = await send([*outside, *(["multi"] if transaction else [])])
+            # Only inside a transaction Redis has opened may writes be sent: they never run.
+            if not transaction or text(replies[-1]) == "OK":
+                await send(queued)
+        finally:
+            await connection.disconnect()
+        if refused:
+            raise permission_denied(
+                refused, context, self.keys, self.user, commands=refused_commands
+            )
 
     async def close(self) -> None:
         """Close the pub/sub listener and the connection pool."""
@@ -209,14 +375,14 @@ class RedisConnection:
 
     async def now_ms(self) -> int:
         """Redis's clock (``TIME``): the one clock every worker agrees on."""
-        with redis_errors("reading the Redis clock"):
+        with self._errors("reading the Redis clock"):
             self._set_offset(await self.client.time())
         return self.server_now_ms()
 
     async def server_facts(self) -> ServerFacts:
         """``maxmemory-policy`` and append-only persistence, from ``INFO`` (which needs no
         CONFIG permission)."""
-        with redis_errors("reading the Redis configuration"):
+        with self._errors("reading the Redis configuration"):
             memory = await self.client.info("memory")
             persistence = await self.client.info("persistence")
         policy = str(memory.get("maxmemory_policy", "noeviction"))
@@ -230,6 +396,8 @@ class RedisConnection:
         run it again."""
         if self._client is None:
             await self.connect()
+        if name not in self._checked:
+            await self._check_scripts((name,))
         script = self._scripts[name]
         async with self._slots:
             try:
@@ -244,6 +412,8 @@ class RedisConnection:
         if len(calls) == 1 and not errors:
             name, keys, args = calls[0]
             return [await self._eval(name, keys, args)]
+        if any(name not in self._checked for name, _, _ in calls):
+            await self._check_scripts({name for name, _, _ in calls})
         pipe = self.client.pipeline(transaction=False)
         for name, keys, args in calls:
             pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)

@@ -25,6 +25,7 @@ from aioqueue.brokers.redis.connection import (
     text,
 )
 from aioqueue.brokers.redis.keys import GROUP
+from aioqueue.brokers.redis.refusals import is_refusal
 from aioqueue.brokers.redis.waiter import pubsub_messages
 from aioqueue.errors import EnqueueIncomplete, QueueFull
 from aioqueue.serialization import ErrorInfo, encode
@@ -166,11 +167,13 @@ class Lifecycle(RedisConnection):
         adopted: list[Delivery] = []
         with redis_errors("adopting pending entries"):
             async for page in self._own_pending(consumer):
-                unknown = [(e, j) for e, j in page if e not in known]
-                entries = [(e, {b"j": j.encode()}) for e, j in unknown if j is not None]
-                entries = entries[: count - len(adopted)]
-                if entries:
-                    adopted += await self._begin(consumer, entries, max_deliveries, check=True)
+                entries = [(e, {b"j": j.encode()}) for e, j in page if e not in known and j]
+                # Begin may skip some (aborted or finished meanwhile): go on through the
+                # page until count jobs are taken up or it is used up.
+                while entries and len(adopted) < count:
+                    wanted = count - len(adopted)
+                    batch, entries = entries[:wanted], entries[wanted:]
+                    adopted += await self._begin(consumer, batch, max_deliveries, check=True)
                 if len(adopted) >= count:
                     break
         return adopted
@@ -258,7 +261,7 @@ class Lifecycle(RedisConnection):
                     self.max_payload_bytes,
                     extra={"job_id": job_id},
                 )
-            elif text(result[1]) == "missing":
+            elif verdict == "skip" and text(result[1]) == "missing":
                 # Only a deleted or evicted record does this: say so, never skip silently.
                 logger.warning(
                     "stream entry %s names job %s, which has no record (deleted, or evicted "
@@ -429,7 +432,9 @@ class Lifecycle(RedisConnection):
         with redis_errors("removing dead consumers"):
             try:
                 consumers = await self.client.xinfo_consumers(self.keys.stream, GROUP)
-            except rexc.ResponseError:
+            except rexc.ResponseError as exc:
+                if is_refusal(exc):
+                    raise
                 return 0  # no stream or group yet
             names = [
                 text(c["name"])

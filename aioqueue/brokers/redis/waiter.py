@@ -61,9 +61,17 @@ class DoneWaiter:
     the reason and forgets itself, so the next wait starts a new one.
     """
 
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        channel: str,
+        translate: Callable[[Exception], Exception] | None = None,
+    ) -> None:
         self.channel = channel
         self._client = client
+        # Turns the error that stopped a subscription into the one waiters get (a refused
+        # SUBSCRIBE into aioqueue's PermissionDenied).
+        self._translate = translate
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         # The current subscription: its reader task and the future it resolves once Redis
         # confirms the SUBSCRIBE. Both None when there is none (not started yet, or stopped).
@@ -151,7 +159,7 @@ class DoneWaiter:
                 type(exc).__name__,
                 exc,
             )
-            error = exc
+            error = self._translate(exc) if self._translate is not None else exc
         finally:
             # Wake the waiters before the await below, so that no new wait joins a
             # subscription that is already over.
