@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -30,11 +30,18 @@ from aioqueue.brokers.base import (
     Delivery,
     Done,
     Finished,
+    Recorded,
     ServerFacts,
     Settlement,
 )
 from aioqueue.cron import CronJob, validate_unique_names
-from aioqueue.errors import AioqueueError, ConfigurationError, RedisUnavailable, UnsupportedRedis
+from aioqueue.errors import (
+    AccessDenied,
+    AioqueueError,
+    ConfigurationError,
+    RedisUnavailable,
+    UnsupportedRedis,
+)
 from aioqueue.execution import Running, execute
 from aioqueue.metrics import PrometheusMetrics, RateWindow
 from aioqueue.middleware import Middleware
@@ -48,6 +55,8 @@ __all__ = ["Hook", "Worker"]
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("aioqueue.jobs")
+
+T = TypeVar("T")
 
 Hook = Callable[[dict[str, Any]], Awaitable[None]]
 """A startup or shutdown hook: receives the worker's shared ``state`` dict."""
@@ -267,8 +276,8 @@ class Worker:
             if installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
-            with contextlib.suppress(RedisUnavailable):
-                await broker.forget_worker(self.id)
+            with contextlib.suppress(RedisUnavailable, TimeoutError):
+                await self._bounded(broker.forget_worker(self.id))
             for hook in self.on_shutdown:
                 await hook(self.state)
             logger.info(
@@ -355,11 +364,12 @@ class Worker:
             try:
                 if self._must_adopt:
                     # A read or begin whose reply was lost left entries in this consumer's
-                    # pending list; take them up now, not a lease later.
+                    # pending list; take them up now, not a lease later: as many as fit,
+                    # coming back for more while a full batch was found.
                     deliveries = await broker.adopt(
-                        self.id, set(self._in_flight), count, settings.max_deliveries
+                        self.id, set(self._in_flight), free, settings.max_deliveries
                     )
-                    self._must_adopt = False
+                    self._must_adopt = len(deliveries) >= free
                 elif loop.time() >= max(next_sweep, self._takeover_after):
                     next_sweep = loop.time() + sweep_every
                     deliveries = await broker.reclaim(
@@ -380,6 +390,15 @@ class Worker:
                 self._note_silence()
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
+                await asyncio.sleep(reconnect_delay(failures))
+                continue
+            except AccessDenied:
+                raise  # rights revoked: one clear error ends the worker
+            except Exception:
+                # A reply the broker could not handle (a record some other writer broke):
+                # it must not end the worker, and the other jobs keep coming.
+                failures += 1
+                logger.exception("fetching jobs failed; going on after a pause")
                 await asyncio.sleep(reconnect_delay(failures))
                 continue
             for delivery in deliveries:
@@ -486,11 +505,14 @@ class Worker:
             recorded = await self._retrying(
                 "settling finished jobs", functools.partial(broker.settle, self.id, settlements)
             )
-            for (running, settlement), accepted in zip(batch, recorded, strict=True):
-                if accepted:
+            for (running, settlement), answer in zip(batch, recorded, strict=True):
+                if answer is Recorded.YES:
                     self._log(running, settlement)
                     if isinstance(settlement, Again):
                         self._promote_wake.set()
+                elif answer is Recorded.ABORTED:
+                    aborted = Finished(running.delivery, "aborted", b"", "aborted while running")
+                    self._log(running, aborted)
                 else:
                     logger.warning(
                         "job %s: outcome not recorded, its lease was lost to another worker "
@@ -710,14 +732,34 @@ class Worker:
         # would run the job again although it finished here.
         keep = stuck | {entry for entry, r in self._in_flight.items() if r.task and r.task.done()}
         try:
-            released = await broker.release(self.id, keep)
-        except RedisUnavailable as exc:
+            released = await self._bounded(broker.release(self.id, keep))
+        except (RedisUnavailable, TimeoutError) as exc:
             logger.warning(
-                "could not hand jobs back (%s); they return when their lease expires", exc
+                "could not hand jobs back (%s); they return when their lease expires",
+                exc or "Redis did not answer in time",
             )
         else:
             if released:
                 logger.info("handed %d jobs back to the queue", released)
+
+    async def _bounded(self, step: Awaitable[T]) -> T:
+        """A shutdown step that may not hold the exit: it gets SHUTDOWN_WAIT seconds, and a
+        second signal ends it at once (TimeoutError either way). Redis that does not answer
+        (a partition) would otherwise hold it for the client's retries times its timeout."""
+        task = asyncio.ensure_future(step)
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait(
+                {task, force}, timeout=SHUTDOWN_WAIT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            force.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise TimeoutError
+        return task.result()
 
 
 def _only_aioqueue_error(exc: BaseException) -> AioqueueError | None:

@@ -28,6 +28,7 @@ from aioqueue.brokers.base import (
     Finished,
     NewJob,
     QueueCounts,
+    Recorded,
 )
 from aioqueue.brokers.memory import MemoryBroker, reset_stores
 from aioqueue.brokers.redis import RedisBroker
@@ -171,7 +172,7 @@ async def test_enqueueing_the_same_job_again_reports_it_created_once_more(
     assert record.envelope == b"envelope of a"
     # Repeated once it ran, it is still the same job: nothing runs twice.
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    assert await broker.settle("c1", [Done(delivery, b"")]) == [True]
+    assert await broker.settle("c1", [Done(delivery, b"")]) == [Recorded.YES]
     assert await broker.enqueue([job("a")], 0) == [True]
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=1, dead=0)
 
@@ -179,7 +180,7 @@ async def test_enqueueing_the_same_job_again_reports_it_created_once_more(
 async def test_a_job_id_stays_taken_while_its_finished_record_is_kept(broker: Broker) -> None:
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    assert await broker.settle("c1", [Done(delivery, b"result")]) == [True]
+    assert await broker.settle("c1", [Done(delivery, b"result")]) == [Recorded.YES]
     assert await broker.enqueue([job("a", envelope=b"another envelope")], 0) == [False]
     record = await broker.record("a")
     assert record is not None
@@ -213,7 +214,7 @@ async def test_running_jobs_count_against_max_size_until_settled(broker: Broker)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     with pytest.raises(QueueFull):
         await broker.enqueue([job("b")], 1)
-    assert await broker.settle("c1", [Done(delivery, b"")]) == [True]
+    assert await broker.settle("c1", [Done(delivery, b"")]) == [Recorded.YES]
     assert await broker.enqueue([job("b")], 1) == [True]
 
 
@@ -351,14 +352,14 @@ async def test_outcomes_from_a_consumer_that_lost_its_lease_are_ignored(
             Finished(old[2], "failed", b"err", "stale failure"),
         ],
     )
-    assert outcomes == [False, False, False]
+    assert outcomes == [Recorded.LOST] * 3
     for job_id in ("a", "b", "c"):
         record = await stale.record(job_id)
         assert record is not None
         assert (record.status, record.worker, record.result) == ("running", "c2", None)
     assert await stale.counts() == QueueCounts(ready=0, pending=3, delayed=0, dead=0)
     assert await stale.renew("c1", old) == (entries(old), [])
-    assert await current.settle("c2", [Done(d, b"ok") for d in new]) == [True] * 3
+    assert await current.settle("c2", [Done(d, b"ok") for d in new]) == [Recorded.YES] * 3
     record = await current.record("a")
     assert record is not None
     assert (record.status, record.result) == ("complete", b"ok")
@@ -436,7 +437,7 @@ async def test_reclaiming_own_idle_entries_returns_them_without_a_new_delivery(
         assert record is not None
         assert (record.status, record.worker, record.deliveries) == ("running", "c1", 1)
     assert await broker.renew("c1", mine) == ([], [])
-    assert await broker.settle("c1", [Done(d, b"") for d in mine]) == [True, True]
+    assert await broker.settle("c1", [Done(d, b"") for d in mine]) == [Recorded.YES, Recorded.YES]
 
 
 async def test_adopt_begins_the_entries_this_consumer_holds_but_does_not_know(
@@ -482,7 +483,7 @@ async def test_release_keeps_the_entries_it_is_told_to_keep(broker: Broker) -> N
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.worker, record.deliveries) == ("running", "c1", 1)
-    assert await broker.settle("c1", [Done(kept, b"kept")]) == [True]
+    assert await broker.settle("c1", [Done(kept, b"kept")]) == [Recorded.YES]
     assert await broker.release("c1") == 0
     assert ids(await broker.fetch("c2", 5, 1.0, 5)) == ["b", "c"]
 
@@ -490,8 +491,8 @@ async def test_release_keeps_the_entries_it_is_told_to_keep(broker: Broker) -> N
 async def test_release_hands_back_only_jobs_still_unsettled(broker: Broker) -> None:
     await broker.enqueue([job("done"), job("retry"), job("running")], 0)
     done, retry, _ = await broker.fetch("c1", 3, 1.0, 5)
-    assert await broker.settle("c1", [Done(done, b"")]) == [True]
-    assert await broker.settle("c1", [Again(retry, 60_000, b"", "ValueError")]) == [True]
+    assert await broker.settle("c1", [Done(done, b"")]) == [Recorded.YES]
+    assert await broker.settle("c1", [Again(retry, 60_000, b"", "ValueError")]) == [Recorded.YES]
     assert await broker.release("c1") == 1
     assert await broker.release("c1") == 0
     record = await broker.record("retry")
@@ -508,8 +509,8 @@ async def test_forget_dead_consumers_removes_only_idle_empty_consumers_of_gone_w
     (b,) = await broker.fetch("alive", 1, 1.0, 5)
     await broker.fetch("holding", 1, 1.0, 5)
     await broker.heartbeat("alive", {"pid": 1}, 30.0)
-    assert await broker.settle("gone", [Done(a, b"")]) == [True]
-    assert await broker.settle("alive", [Done(b, b"")]) == [True]
+    assert await broker.settle("gone", [Done(a, b"")]) == [Recorded.YES]
+    assert await broker.settle("alive", [Done(b, b"")]) == [Recorded.YES]
     assert await broker.forget_dead_consumers(60.0) == 0
     assert await broker.forget_dead_consumers(0.0) == 1
     assert await broker.forget_dead_consumers(0.0) == 0
@@ -529,7 +530,7 @@ async def test_a_settled_job_keeps_its_result_and_leaves_the_queue(broker: Broke
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     before = now_ms()
-    assert await broker.settle("c1", [Done(delivery, b"the result")]) == [True]
+    assert await broker.settle("c1", [Done(delivery, b"the result")]) == [Recorded.YES]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.result, record.worker) == ("complete", b"the result", "c1")
@@ -544,7 +545,9 @@ async def test_a_retry_waits_in_the_delayed_set_and_runs_as_the_next_attempt(
     await broker.enqueue([job("a")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
     before = await broker.now_ms()
-    assert await broker.settle("c1", [Again(delivery, 60_000, b"error", "ValueError")]) == [True]
+    assert await broker.settle("c1", [Again(delivery, 60_000, b"error", "ValueError")]) == [
+        Recorded.YES
+    ]
     after = await broker.now_ms()
     record = await broker.record("a")
     assert record is not None
@@ -568,9 +571,9 @@ async def test_settling_again_after_a_lost_reply_changes_nothing(broker: Broker)
     await broker.enqueue([job("retry"), job("done")], 0)
     retry, done = await broker.fetch("c1", 2, 1.0, 5)
     settlements = [Again(retry, 60_000, b"error", "ValueError"), Done(done, b"result")]
-    assert await broker.settle("c1", settlements) == [True, True]
+    assert await broker.settle("c1", settlements) == [Recorded.YES, Recorded.YES]
     first = await broker.record("retry")
-    assert await broker.settle("c1", settlements) == [True, True]
+    assert await broker.settle("c1", settlements) == [Recorded.YES, Recorded.YES]
     record = await broker.record("retry")
     assert record == first
     assert record is not None
@@ -586,9 +589,9 @@ async def test_a_consumer_that_lost_the_entry_cannot_settle_it(brokers: Brokers)
     await broker.enqueue([job("a")], 0)
     (old,) = await broker.fetch("c1", 1, 1.0, 5)
     (new,) = await broker.reclaim("c2", 10, 0.0, 5)
-    assert await broker.settle("c1", [Done(old, b"stale")]) == [False]
-    assert await broker.settle("c2", [Done(new, b"fresh")]) == [True]
-    assert await broker.settle("c1", [Done(old, b"stale")]) == [False]
+    assert await broker.settle("c1", [Done(old, b"stale")]) == [Recorded.LOST]
+    assert await broker.settle("c2", [Done(new, b"fresh")]) == [Recorded.YES]
+    assert await broker.settle("c1", [Done(old, b"stale")]) == [Recorded.LOST]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.result, record.worker) == ("complete", b"fresh", "c2")
@@ -605,7 +608,7 @@ async def test_failed_and_dead_settlements_record_error_and_reason(broker: Broke
             Finished(dead, "dead", b"e2", "retries used up"),
         ],
     )
-    assert outcomes == [True, True]
+    assert outcomes == [Recorded.YES, Recorded.YES]
     record = await broker.record("failed")
     assert record is not None
     assert (record.status, record.error, record.reason) == ("failed", b"e1", "Fail raised")
@@ -629,7 +632,8 @@ async def test_an_aborted_job_is_not_overwritten_by_a_late_outcome(broker: Broke
             Finished(c, "failed", b"late", "late failure"),
         ],
     )
-    assert outcomes == [True, True, True]  # accepted (this consumer's), but not applied
+    # Acked (this consumer's), but not applied: the job stays aborted.
+    assert outcomes == [Recorded.ABORTED] * 3
     for job_id in ("a", "b", "c"):
         record = await broker.record(job_id)
         assert record is not None
@@ -644,7 +648,7 @@ async def test_an_aborted_job_may_be_settled_as_aborted(broker: Broker) -> None:
     outcomes = await broker.settle(
         "c1", [Finished(delivery, "aborted", b"cancelled", "on request")]
     )
-    assert outcomes == [True]
+    assert outcomes == [Recorded.YES]
     record = await broker.record("a")
     assert record is not None
     assert (record.status, record.error, record.reason) == ("aborted", b"cancelled", "on request")
@@ -772,7 +776,9 @@ async def test_aborting_a_scheduled_or_retrying_job_takes_it_out_of_the_delayed_
 ) -> None:
     await broker.enqueue([job("scheduled", delay_ms=60_000), job("retrying")], 0)
     (delivery,) = await broker.fetch("c1", 1, 1.0, 5)
-    assert await broker.settle("c1", [Again(delivery, 60_000, b"err", "ValueError")]) == [True]
+    assert await broker.settle("c1", [Again(delivery, 60_000, b"err", "ValueError")]) == [
+        Recorded.YES
+    ]
     assert await broker.abort("scheduled") == "scheduled"
     assert await broker.abort("retrying") == "retrying"
     assert await broker.counts() == QueueCounts(ready=0, pending=0, delayed=0, dead=0)
@@ -902,7 +908,7 @@ async def test_asking_for_no_dead_letters_lists_none(broker: Broker) -> None:
 async def test_requeued_dead_jobs_run_again_from_attempt_one(broker: Broker) -> None:
     await broker.enqueue([job("a"), job("alive")], 0)
     delivery, _ = await broker.fetch("c1", 2, 1.0, 5)
-    assert await broker.settle("c1", [Again(delivery, 0, b"e1", "ValueError")]) == [True]
+    assert await broker.settle("c1", [Again(delivery, 0, b"e1", "ValueError")]) == [Recorded.YES]
     assert await broker.promote_due(10, early=True) is None
     (second,) = await broker.fetch("c1", 1, 1.0, 5)
     await broker.settle("c1", [Finished(second, "dead", b"e2", "retries used up")])
@@ -986,7 +992,7 @@ async def test_a_unique_cron_job_skips_ticks_while_its_previous_run_is_unfinishe
     (delivery,) = await broker.fetch("w1", 1, 1.0, 5)
     assert await claim(broker, "u", fires[2]) is CronClaim.OVERLAP
     # Finished: the next tick runs.
-    assert await broker.settle("w1", [Done(delivery, b"")]) == [True]
+    assert await broker.settle("w1", [Done(delivery, b"")]) == [Recorded.YES]
     assert await claim(broker, "u", fires[3]) is CronClaim.CLAIMED
     assert (await broker.cron_runs(["u"]))["u"].job_id == f"cron:u:{fires[3]}"
     assert await broker.counts() == QueueCounts(ready=1, pending=0, delayed=0, dead=0)

@@ -6,10 +6,12 @@ import asyncio
 import subprocess
 
 import pytest
+import redis
 from conftest import RedisServer
 from helpers import run_cli, running
 
 from aioqueue import Context, JobFailed, JobStatus, Queue
+from aioqueue.brokers.redis.keys import Keys
 
 
 async def _dead_job(queue: Queue, fixed: list[bool]) -> str:
@@ -82,3 +84,14 @@ async def test_dlq_commands_list_show_requeue_and_purge(
     assert purged.stdout.strip() == "purged 1 job"
     assert await second.status() is JobStatus.NOT_FOUND
     await queue.close()
+
+
+async def test_requeue_leaves_dead_letters_that_hold_no_job_in_the_list(
+    queue: Queue, redis_client: redis.Redis
+) -> None:
+    # A foreign stream entry's dead letter has no envelope: there is nothing to run again.
+    keys = Keys(queue.name)
+    redis_client.hset(keys.job("foreign-1-0"), mapping={"status": "dead", "reason": "foreign"})
+    redis_client.zadd(keys.dead, {"foreign-1-0": 1})
+    assert await queue.requeue_dead(["foreign-1-0"]) == 0
+    assert [job.id for job in await queue.dead_letters()] == ["foreign-1-0"]

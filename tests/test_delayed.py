@@ -6,9 +6,10 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import running
+from helpers import eventually, running
 
 from aioqueue import ConfigurationError, Context, JobStatus, Queue
+from aioqueue.brokers.redis import RedisBroker
 
 
 async def test_delayed_job_runs_not_before_its_time(queue: Queue) -> None:
@@ -57,3 +58,23 @@ def test_delay_and_at_together_are_refused(queue: Queue) -> None:
         queue.options(delay=1, at=datetime.now(timezone.utc))
     with pytest.raises(ConfigurationError, match="timezone-aware"):
         queue.options(at=datetime.now())
+
+
+async def test_delayed_jobs_are_promoted_after_this_machines_clock_steps_back(
+    queue: Queue,
+) -> None:
+    @queue.task()
+    async def noop(ctx: Context) -> None:
+        return None
+
+    job = await noop.options(delay=0.2).enqueue()
+    broker = await queue.connected_broker()
+    assert isinstance(broker, RedisBroker)
+    # This machine's clock steps back an hour (NTP) after the broker measured Redis's clock.
+    broker._clock_offset_ms -= 3_600_000
+
+    async def promoted() -> bool:
+        await broker.promote_due(10)
+        return (await job.status()) is JobStatus.QUEUED
+
+    await eventually(promoted, timeout=5)

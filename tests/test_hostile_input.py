@@ -98,3 +98,34 @@ async def test_an_entry_whose_record_is_missing_is_skipped_with_a_log_line(
             assert await good.result(timeout=10) == "fine"
             await eventually(lambda: redis_client.xlen(keys.stream) == 0)
     assert "evicted-job, which has no record" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "corruption", ["deliveries-not-a-number", "key-is-a-string", "key-is-a-list"]
+)
+async def test_a_corrupt_job_record_neither_stops_the_worker_nor_blocks_the_queue(
+    queue: Queue, redis_client: redis.Redis, corruption: str
+) -> None:
+    @queue.task()
+    async def ok(ctx: Context) -> str:
+        return "fine"
+
+    keys = Keys(queue.name)
+    key = keys.job("broken")
+    if corruption == "deliveries-not-a-number":
+        plant(redis_client, queue, "broken", raw("ok", [], {}, 0))
+        redis_client.hset(key, "deliveries", "abc")
+    else:
+        if corruption == "key-is-a-string":
+            redis_client.set(key, "not a hash")
+        else:
+            redis_client.rpush(key, "not", "a", "hash")
+        redis_client.xadd(keys.stream, {"j": "broken"})
+    good = [await ok.enqueue() for _ in range(5)]
+    async with running(queue.worker()):
+        for job in good:
+            assert await job.result(timeout=10) == "fine"
+        await eventually(lambda: redis_client.xlen(keys.stream) == 0)
+    if corruption == "deliveries-not-a-number":
+        info = await queue.job("broken").info()
+        assert (info.status, info.reason) == (JobStatus.DEAD, "corrupt job record")

@@ -10,7 +10,7 @@ import pytest
 import redis
 from faultproxy import FaultProxy
 
-from aioqueue.brokers.base import Again, Delivery, Done, Finished, NewJob
+from aioqueue.brokers.base import Again, Delivery, Done, Finished, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
 from aioqueue.serialization import Envelope, encode
@@ -96,7 +96,9 @@ async def test_settle_retry_repeated_uses_one_attempt(
 ) -> None:
     delivery = await running_job(broker)
     match = await lose_reply(fault_proxy, broker, "settle")
-    assert await broker.settle(CONSUMER, [Again(delivery, 60_000, b"err", "ValueError")]) == [True]
+    assert await broker.settle(CONSUMER, [Again(delivery, 60_000, b"err", "ValueError")]) == [
+        Recorded.YES
+    ]
     assert fault_proxy.fired(match) == 1
     record = job(redis_client, broker.keys, "j1")
     assert (record["status"], record["attempt"]) == ("retrying", "2")
@@ -116,7 +118,7 @@ async def test_settle_repeated_records_one_outcome(
         else Finished(delivery, outcome, b"err", "because")
     )
     match = await lose_reply(fault_proxy, broker, "settle")
-    assert await broker.settle(CONSUMER, [settlement]) == [True]
+    assert await broker.settle(CONSUMER, [settlement]) == [Recorded.YES]
     assert fault_proxy.fired(match) == 1
     assert job(redis_client, broker.keys, "j1")["status"] == outcome
     assert redis_client.zcard(broker.keys.dead) == (1 if outcome == "dead" else 0)
@@ -131,9 +133,9 @@ async def test_settle_from_a_consumer_that_lost_the_job_is_refused(
     redis_client.xclaim(broker.keys.stream, GROUP, "worker-b", 0, [delivery.entry_id])
     (taken,) = await broker.reclaim("worker-b", 1, 0, 5)
     assert taken.deliveries == 2
-    assert await broker.settle(CONSUMER, [Done(delivery, encode(1))]) == [False]
+    assert await broker.settle(CONSUMER, [Done(delivery, encode(1))]) == [Recorded.LOST]
     assert job(redis_client, broker.keys, "j1")["status"] == "running"
-    assert await broker.settle("worker-b", [Done(taken, encode(2))]) == [True]
+    assert await broker.settle("worker-b", [Done(taken, encode(2))]) == [Recorded.YES]
 
 
 async def test_abort_repeated_answers_the_status_it_found(
@@ -217,3 +219,30 @@ async def test_forget_consumers_repeated_answers_its_count(
     assert await broker.forget_dead_consumers(min_idle=0) == 1
     assert fault_proxy.fired(match) == 1
     assert redis_client.xinfo_consumers(broker.keys.stream, GROUP) == []
+
+
+async def test_requeue_resent_after_the_job_died_again_does_not_requeue_it_twice(
+    broker: RedisBroker, redis_client: redis.Redis
+) -> None:
+    delivery = await running_job(broker)
+    await broker.settle(CONSUMER, [Finished(delivery, "dead", b"err", "why")])
+    keys = [broker.keys.stream, broker.keys.dead, broker.keys.job("j1")]
+    assert await broker._eval("requeue", keys, ["token-1", "j1"]) == 1
+    # The requeued job runs and dies again before the lost reply's re-send arrives.
+    (again,) = await broker.fetch(CONSUMER, 1, 0.1, 5)
+    await broker.settle(CONSUMER, [Finished(again, "dead", b"err", "why")])
+    assert await broker._eval("requeue", keys, ["token-1", "j1"]) == 1
+    assert job(redis_client, broker.keys, "j1")["status"] == "dead"
+    assert redis_client.xlen(broker.keys.stream) == 0
+
+
+async def test_settle_resent_after_its_retry_was_promoted_still_answers_recorded(
+    broker: RedisBroker, redis_client: redis.Redis
+) -> None:
+    delivery = await running_job(broker)
+    retry = Again(delivery, 0, b"err", "ValueError")
+    assert await broker.settle(CONSUMER, [retry]) == [Recorded.YES]
+    await broker.promote_due(10, early=True)  # the retry has a new entry now
+    assert await broker.settle(CONSUMER, [retry]) == [Recorded.YES]
+    record = job(redis_client, broker.keys, "j1")
+    assert (record["status"], record["attempt"]) == ("queued", "2")

@@ -284,3 +284,81 @@ async def test_after_an_outage_no_worker_takes_jobs_from_live_workers(
     assert starts == dict.fromkeys(range(5), 1)
     for queue in (busy, idle):
         await queue.close()
+
+
+async def test_shutdown_during_a_partition_is_bounded(
+    fault_proxy: FaultProxy, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aioqueue.worker, "SHUTDOWN_WAIT", 1.0)
+    queue = Queue(fault_proxy.url, name=queue_name)
+    started = asyncio.Event()
+
+    @queue.task()
+    async def long(ctx: Context) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    await long.enqueue()
+    worker = queue.worker(shutdown_grace=0.2)
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    await asyncio.wait_for(started.wait(), 10)
+    fault_proxy.blackhole(None)  # Redis stops answering, connections stay open
+    worker.stop()
+    # Hand-back and goodbye each get SHUTDOWN_WAIT; without the bound the client's retries
+    # times its socket timeout held the exit for minutes.
+    await asyncio.wait_for(task, 15)
+    fault_proxy.restore()
+    await queue.close()
+
+
+async def test_every_entry_of_a_lost_takeover_reply_is_taken_up_at_once(
+    fault_proxy: FaultProxy, queue_name: str, redis_client: redis.Redis
+) -> None:
+    queue = Queue(fault_proxy.url, name=queue_name)
+    keys = Keys(queue_name)
+    starts: dict[int, int] = {}
+
+    @queue.task()
+    async def work(ctx: Context, n: int) -> int:
+        starts[n] = starts.get(n, 0) + 1
+        return n
+
+    jobs = await queue.enqueue_many(work.prepare(n) for n in range(40))
+    # A worker read all 40 and died: their entries are long idle.
+    redis_client.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+    ((_, entries),) = redis_client.xreadgroup(GROUP, "dead-worker", {keys.stream: ">"})
+    ids = [entry for entry, _ in entries]
+    redis_client.xclaim(keys.stream, GROUP, "dead-worker", 0, ids, idle=60_000, justid=True)
+    fault_proxy.lose_reply(b"XAUTOCLAIM")
+    async with running(queue.worker(lease=30, block=0.5, concurrency=40)):
+        for job in jobs:
+            await job.result(timeout=10)  # not a lease (30 s) later
+    assert starts == dict.fromkeys(range(40), 1)
+    await queue.close()
+
+
+async def test_a_job_aborted_while_it_finishes_is_not_counted_as_complete(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    @queue.task()
+    async def finishes_anyway(ctx: Context) -> str:
+        started.set()
+        # The abort lands while the job is finishing: it still returns a result.
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await release.wait()
+        return "done"
+
+    job = await finishes_anyway.enqueue()
+    worker = queue.worker()
+    async with running(worker):
+        await asyncio.wait_for(started.wait(), 10)
+        await queue.job(job.id).abort()
+        release.set()
+        await eventually(lambda: worker.in_flight == 0)
+    assert worker.completed == 0
+    assert (await job.info()).status is JobStatus.ABORTED

@@ -68,6 +68,17 @@ class Finished:
 Settlement = Done | Again | Finished
 
 
+class Recorded(enum.Enum):
+    """What became of one settlement."""
+
+    YES = "recorded"
+    """The outcome is recorded."""
+    LOST = "lost"
+    """Refused: the lease was lost, another worker began the job and its run counts."""
+    ABORTED = "aborted"
+    """The job was aborted while it ran: it stays aborted whatever the outcome."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     """Everything the broker stores about one job."""
@@ -188,9 +199,9 @@ class WorkerBroker(Protocol):
         """Mark running up to ``count`` entries this consumer holds but are not in ``known``
         (delivered by a read or begun by a call whose reply was lost)."""
 
-    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
         """Record outcomes and remove the jobs from the ready stream, in one round trip.
-        Returns per settlement whether it was recorded (False: the lease was lost)."""
+        Returns what became of each settlement."""
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]

@@ -29,6 +29,7 @@ from aioqueue.brokers.base import (
     JobRecord,
     NewJob,
     QueueCounts,
+    Recorded,
     ServerFacts,
     Settlement,
 )
@@ -197,7 +198,7 @@ class MemoryBroker:
             adopted += state.begin(consumer, batch, max_deliveries, check=True)
         return adopted
 
-    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
         """Record outcomes (``settle.lua``), in order. A settlement is accepted only from the
         consumer and entry that began the job (False otherwise: the lease was lost). An
         accepted outcome is applied only to a running job (an aborted job takes only
@@ -205,19 +206,25 @@ class MemoryBroker:
         settlements are dropped."""
         state = await self._state()
         now = now_ms()
-        out: list[bool] = []
+        out: list[Recorded] = []
         for settlement in settlements:
             delivery = settlement.delivery
             job_id = delivery.job_id
             job = state.job(job_id)
+            pair = (consumer, delivery.entry_id)
             if job is None or job.worker != consumer or job.entry != delivery.entry_id:
-                out.append(False)
+                settled = job is not None and job.settled == pair
+                out.append(Recorded.YES if settled else Recorded.LOST)
                 continue
             aborting = isinstance(settlement, Finished) and settlement.status == "aborted"
+            state.drop_entry(delivery.entry_id)
+            if job.status == "aborted" and not aborting:
+                out.append(Recorded.ABORTED)
+                continue
             if job.status == "running" or (job.status == "aborted" and aborting):
                 self._apply(state, job_id, job, settlement, now)
-            state.drop_entry(delivery.entry_id)
-            out.append(True)
+                job.settled = pair
+            out.append(Recorded.YES)
         return out
 
     def _apply(
@@ -551,16 +558,16 @@ class MemoryBroker:
 
     async def requeue_dead(self, job_ids: Sequence[str]) -> int:
         """Put dead jobs back in the ready queue from attempt 1 (``requeue.lua``); ids that
-        are not dead are ignored. Returns how many were requeued."""
+        are not dead, or name no job to run, are ignored. Returns how many were requeued."""
         state = await self._state()
         now = now_ms()
         requeued = 0
         for job_id in job_ids:
-            if not state.dead.discard(job_id):
-                continue
             job = state.job(job_id)
-            if job is None or job.envelope is None:
+            # A dead letter without a job to run (a foreign entry's) stays listed.
+            if job is None or job.envelope is None or job_id not in state.dead:
                 continue
+            state.dead.discard(job_id)
             job.status = "queued"
             job.attempt = 1
             job.deliveries = 0

@@ -86,6 +86,8 @@ class StoredJob:
     """The consumer that began the current delivery (settling checks it)."""
     entry: str = ""
     """The ready-queue entry of the current delivery (settling checks it)."""
+    settled: tuple[str, str] | None = None
+    """(consumer, entry) whose outcome was recorded last: a repeat of it answers recorded."""
     expires_at: float | None = None
     """``time.monotonic()`` deadline after which the record is gone; None = kept."""
 

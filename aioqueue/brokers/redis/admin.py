@@ -232,8 +232,12 @@ def _glob_escape(text: str) -> str:
 
 
 def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:
+    """A number field of a job hash; None when missing, or garbage some other writer left."""
     value = fields.get(name)
-    return int(value) if value is not None else None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:

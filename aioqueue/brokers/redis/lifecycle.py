@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import redis.exceptions as rexc
 
-from aioqueue.brokers.base import Again, Delivery, Done, NewJob, Settlement
+from aioqueue.brokers.base import Again, Delivery, Done, NewJob, Recorded, Settlement
 from aioqueue.brokers.redis.connection import (
     CHUNK,
     Call,
@@ -261,6 +261,19 @@ class Lifecycle(RedisConnection):
                     self.max_payload_bytes,
                     extra={"job_id": job_id},
                 )
+            elif verdict == "corrupt":
+                logger.error(
+                    "job %s dead-lettered: its record is corrupt (written by something else)",
+                    job_id,
+                    extra={"job_id": job_id},
+                )
+            elif verdict == "skip" and text(result[1]) == "corrupt":
+                logger.error(
+                    "stream entry %s names job %s, whose key is not a job record: skipped",
+                    entry,
+                    job_id,
+                    extra={"job_id": job_id},
+                )
             elif verdict == "skip" and text(result[1]) == "missing":
                 # Only a deleted or evicted record does this: say so, never skip silently.
                 logger.warning(
@@ -297,10 +310,9 @@ class Lifecycle(RedisConnection):
         await pipe.execute()
         logger.error("dead-lettered foreign stream entry %s", entry)
 
-    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[bool]:
+    async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
         """Record every outcome and ack the entries: one script call per chunk, one round
-        trip. Returns per settlement whether it was recorded (False: the lease was lost and
-        another worker's run counts)."""
+        trip. Returns what became of each (see ``settle.lua``)."""
         calls: list[Call] = []
         for start in range(0, len(settlements), CHUNK):
             keys = [self.keys.stream, self.keys.delayed, self.keys.dead]
@@ -328,8 +340,9 @@ class Lifecycle(RedisConnection):
                 # The stream was flushed under us; the jobs went with it.
                 logger.warning("stream %s vanished while settling; recreating it", self.keys.stream)
                 await self.ensure_group()
-                return [False] * len(settlements)
-        return [flag == 1 for result in results for flag in result]
+                return [Recorded.LOST] * len(settlements)
+        answers = {1: Recorded.YES, 2: Recorded.ABORTED}
+        return [answers.get(flag, Recorded.LOST) for result in results for flag in result]
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]
@@ -464,7 +477,11 @@ class Lifecycle(RedisConnection):
             until = "+inf" if early else self.server_now_ms()
             pipe.zrangebyscore(self.keys.delayed, "-inf", until, start=0, num=limit)
             pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
-            due, head = await pipe.execute()
+            # Refresh the estimate of Redis's clock on every call: this machine's clock may
+            # step (NTP) at any time, and a stale estimate would never find a job due.
+            pipe.time()
+            due, head, clock = await pipe.execute()
+            self._set_offset(clock)
             if not due:
                 return self._until(float(head[0][1])) if head else None
             ids = [text(job_id) for job_id in due]

@@ -10,10 +10,13 @@
 --   {'run', envelope or false, attempt, deliveries}  the caller owns the job and runs it
 --   {'skip', why}  the entry was acked and deleted without running anything: why is
 --              'missing' (no job record: deleted, or evicted by a misconfigured Redis),
+--              'corrupt' (the job's key is not a hash),
 --              'final' (aborted or already finished) or 'stale' (the job names another
 --              entry as its current one: a stale or forged duplicate)
 --   {'lost'}   another consumer owns the entry now: leave it alone
 --   {'dead', deliveries}  delivered more than max_deliveries times: dead-lettered
+--   {'corrupt'}  the record's counters are not numbers (written by something else):
+--              dead-lettered as 'corrupt job record'
 --   {'big', size}  the envelope is larger than the worker accepts: dead-lettered without
 --              sending it (anyone who can write to Redis can write a job)
 -- Invariant: deliveries counts every hand-over of the current attempt, crash redeliveries
@@ -48,10 +51,15 @@ for i = 1, #KEYS - 2 do
   else
     -- One HMGET with the envelope is measurably cheaper than checking its size first; a
     -- hostile giant envelope is then copied once inside Redis, but never sent to a worker.
-    local job = redis.call('HMGET', key, 'status', 'attempt', 'worker', 'entry', 'env')
+    local job = redis.pcall('HMGET', key, 'status', 'attempt', 'worker', 'entry', 'env')
     local status = job[1]
     local mine = job[3] == consumer and job[4] == entry
-    if mine and status == 'running' then
+    if job.err then
+      -- The key is not a hash (written by something else): nothing aioqueue can run or
+      -- record there; the entry must not block the queue.
+      acked[#acked + 1] = entry
+      out[i] = {'skip', 'corrupt'}
+    elseif mine and status == 'running' then
       local deliveries = redis.call('HGET', key, 'deliveries')
       out[i] = {'run', job[5], tonumber(job[2]) or 1, tonumber(deliveries) or 0}
     elseif mine and status == 'dead' then
@@ -69,8 +77,12 @@ for i = 1, #KEYS - 2 do
         'the job is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')')
       out[i] = {'big', size}
     else
-      local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
-      if deliveries > max_deliveries then
+      local deliveries = redis.pcall('HINCRBY', key, 'deliveries', 1)
+      if type(deliveries) == 'table' then
+        bury(key, id, entry, 'corrupt job record', 'CorruptRecord',
+          "the job record's deliveries field is not a whole number")
+        out[i] = {'corrupt'}
+      elseif deliveries > max_deliveries then
         local reason = 'worker lost ' .. (deliveries - 1) .. ' times'
         bury(key, id, entry, reason, 'WorkerLost',
           'the job was handed out ' .. deliveries .. ' times; each time its worker died')

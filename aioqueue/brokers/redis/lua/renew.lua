@@ -16,7 +16,7 @@ for i = 1, #KEYS - 1 do
   local entry = ARGV[2 + i]
   if #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) > 0 then
     claim[#claim + 1] = entry
-    if redis.call('HGET', KEYS[1 + i], 'status') == 'aborted' then
+    if redis.pcall('HGET', KEYS[1 + i], 'status') == 'aborted' then
       aborted[#aborted + 1] = entry
     end
   else

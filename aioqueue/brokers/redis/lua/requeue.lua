@@ -1,25 +1,26 @@
 -- requeue.lua: give dead-lettered jobs a fresh start.
 -- KEYS[1] stream, KEYS[2] dead zset, KEYS[2 + i] hash of job i
 -- ARGV[1] a token unique to this request, then per job i: job id
--- Returns the number of jobs requeued (ids not in the dead zset are ignored).
+-- Returns the number of jobs requeued (ids not in the dead zset, and dead letters that hold
+-- no job to run, such as a foreign stream entry's record, are left as they are).
 -- Invariant: a job leaves the dead zset in the same step that puts it back on the stream
 -- with its attempt and delivery counters reset; its last error stays for reference.
--- Repeat-safe: ZREM lets a job be requeued once; the request's token on the job lets the
--- same request re-sent after a lost reply count it again.
+-- Repeat-safe: the request's token is checked before anything else, so a request re-sent
+-- after a lost reply counts the jobs it requeued and never requeues one again, even if
+-- the job died again in between.
 local requeued = 0
 local now = redis_now()
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   local id = ARGV[1 + i]
-  if redis.call('ZREM', KEYS[2], id) == 1 then
-    if redis.call('HEXISTS', key, 'env') == 1 then
-      local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
-      redis.call('HSET', key, 'status', 'queued', 'attempt', 1, 'deliveries', 0,
-        'entry', entry, 'enqueued', now, 'requeued', ARGV[1])
-      redis.call('HDEL', key, 'finished', 'run_at', 'started', 'worker')
-      requeued = requeued + 1
-    end
-  elseif redis.call('HGET', key, 'requeued') == ARGV[1] then
+  if redis.call('HGET', key, 'requeued') == ARGV[1] then
+    requeued = requeued + 1
+  elseif redis.call('ZSCORE', KEYS[2], id) and redis.call('HEXISTS', key, 'env') == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
+    redis.call('HSET', key, 'status', 'queued', 'attempt', 1, 'deliveries', 0,
+      'entry', entry, 'enqueued', now, 'requeued', ARGV[1])
+    redis.call('HDEL', key, 'finished', 'run_at', 'started', 'worker')
     requeued = requeued + 1
   end
 end

@@ -9,7 +9,8 @@
 --     attempt + 1
 --   'failed' / 'dead' / 'aborted': encoded error, reason
 -- Returns per job 1 if the outcome is recorded, 0 if this consumer no longer owned the job
--- (its lease expired and another worker began it: that run's outcome counts).
+-- (its lease expired and another worker began it: that run's outcome counts), 2 if the job
+-- was aborted while it ran (its entry is acked; it stays 'aborted', whatever the outcome).
 -- Invariants: an entry leaves the stream only together with its outcome (at-least-once);
 -- backoff lives in the delayed zset, never in worker memory; dead jobs are listed in the
 -- dead zset and kept (no TTL) until requeued or purged; complete, failed and aborted jobs
@@ -17,7 +18,9 @@
 -- Ownership: the hash records which consumer began the job and from which entry; only that
 -- pair may settle it. Repeat-safe: the first settle moves the job out of 'running', so a
 -- repeat from the same pair (the reply was lost and the client re-sent the call) finds the
--- outcome recorded and changes nothing: one failure uses up one attempt, never two.
+-- outcome recorded and changes nothing: one failure uses up one attempt, never two. The
+-- pair is also kept in 'settled', so a repeat that arrives after a retry was promoted (a
+-- new entry) still answers 1.
 local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
 local now = redis_now()
 local now_text = tostring(now)
@@ -28,13 +31,20 @@ for i = 1, #KEYS - 3 do
   local id, entry, outcome, data = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local reason, delay = ARGV[at + 4], ARGV[at + 5]
   at = at + (outcome == 'complete' and 4 or (outcome == 'retry' and 6 or 5))
-  local job = redis.call('HMGET', key, 'status', 'worker', 'entry', 'watchers')
-  if job[2] ~= consumer or job[3] ~= entry then
-    out[i] = 0
+  local job = redis.pcall('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'settled')
+  local pair = consumer .. ' ' .. entry
+  if job.err then
+    out[i] = 0  -- the key is no job record any more
+  elseif job[2] ~= consumer or job[3] ~= entry then
+    out[i] = job[5] == pair and 1 or 0
+  elseif job[1] == 'aborted' and outcome ~= 'aborted' then
+    acked[#acked + 1] = entry
+    out[i] = 2
   else
     if job[1] == 'running' or (job[1] == 'aborted' and outcome == 'aborted') then
       if outcome == 'complete' then
-        redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now_text)
+        redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now_text,
+          'settled', pair)
         redis.call('PEXPIRE', key, ttl)
         notify(key, id, job[4])
       elseif outcome == 'retry' then
@@ -42,11 +52,12 @@ for i = 1, #KEYS - 3 do
         -- A job that never failed before has no 'attempt' field yet: it was attempt 1.
         local attempt = (tonumber(redis.call('HGET', key, 'attempt')) or 1) + 1
         redis.call('HSET', key, 'status', 'retrying', 'error', data, 'reason', reason,
-          'run_at', run_at, 'deliveries', 0, 'finished', now_text, 'attempt', attempt)
+          'run_at', run_at, 'deliveries', 0, 'finished', now_text, 'attempt', attempt,
+          'settled', pair)
         redis.call('ZADD', KEYS[2], run_at, id)
       else
         redis.call('HSET', key, 'status', outcome, 'error', data, 'reason', reason,
-          'finished', now_text)
+          'finished', now_text, 'settled', pair)
         if outcome == 'dead' then
           redis.call('PERSIST', key)
           redis.call('ZADD', KEYS[3], now_text, id)
