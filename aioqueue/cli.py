@@ -10,10 +10,11 @@ import importlib.util
 from typing import Annotated
 
 import anyio
+import redis.exceptions as rexc
 import typer
 
 from aioqueue import cli_inspect
-from aioqueue.cli_support import configure_logging, fail, load_worker
+from aioqueue.cli_support import configure_logging, fail, load_worker, redis_failure
 from aioqueue.errors import AioqueueError
 from aioqueue.supervisor import Supervisor, worker_command
 from aioqueue.worker import Worker
@@ -52,7 +53,7 @@ def run(
         bool | None, typer.Option("--burst", help="Exit once the queue is empty")
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+        str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     ] = None,
     processes: Annotated[
         int, typer.Option(min=1, help="Worker processes to run under a supervisor (one per core)")
@@ -84,6 +85,8 @@ def run(
         anyio.run(worker.run, backend_options={"use_uvloop": _has_uvloop()})
     except AioqueueError as exc:
         raise fail(exc) from None
+    except rexc.RedisError as exc:
+        raise redis_failure(exc, worker.settings.redis_url) from None
 
 
 def _supervise(

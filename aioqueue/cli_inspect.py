@@ -1,9 +1,15 @@
-"""Commands that look at and act on a queue: info, job, check, enqueue, purge, dlq, cron."""
+"""Commands that look at and act on a queue: info, job, check, enqueue, purge, dlq, cron.
+
+Everything read from Redis (arguments, results, errors, reasons, task names, worker ids) is
+data: it is printed as plain text (rich ``Text``, never markup), with control characters
+escaped, and a record that does not decode is shown as ``<undecodable: ...>``, never raised.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -15,10 +21,23 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aioqueue.brokers.base import CronRun
-from aioqueue.cli_support import TargetArg, fail, load_queue, load_worker, when, with_queue
-from aioqueue.errors import AioqueueError, InvalidArguments
+from aioqueue.brokers.base import CronRun, JobRecord
+from aioqueue.cli_support import (
+    MALFORMED,
+    TargetArg,
+    fail,
+    load_queue_or_fail,
+    load_worker,
+    plain,
+    shown,
+    undecodable,
+    when,
+    when_ms,
+    with_queue,
+)
+from aioqueue.errors import AioqueueError, InvalidArguments, JobNotFound
 from aioqueue.queue import Queue
+from aioqueue.serialization import ErrorInfo, Signer, decode, decode_envelope, decode_error
 from aioqueue.stats import QueueStats, uptime
 
 dlq = typer.Typer(help="Inspect and act on dead-lettered jobs.", no_args_is_help=True)
@@ -31,38 +50,69 @@ def dlq_list(
     limit: Annotated[int, typer.Option(help="Show at most this many")] = 50,
 ) -> None:
     """List dead-lettered jobs, most recent first."""
-    jobs = with_queue(target, lambda q: q.dead_letters(limit=limit))
-    console = Console()
-    if not jobs:
+    rows = with_queue(target, lambda q: _dead_records(q, limit), reads=True)
+    console = _console()
+    if not rows:
         console.print("no dead letters")
         return
     table = Table("id", "task", "died", "attempts", "reason", "error")
-    for job in jobs:
-        error = f"{job.error.type}: {job.error.message}" if job.error else ""
+    for job_id, record in rows:
+        if not isinstance(record, JobRecord):
+            problem = f"<unreadable record: {type(record).__name__}: {record}>"
+            table.add_row(Text(plain(job_id)), Text(plain(problem)), "-", "-", "", "")
+            continue
+        view = JobView.of(record)
+        error = f"{view.error.type}: {view.error.message}" if view.error else ""
         table.add_row(
-            job.id,
-            job.task or "?",
-            when(job.finished_at),
-            str(job.attempt),
-            job.reason,
-            error[:80],
+            Text(plain(job_id)),
+            Text(view.task_text),
+            when_ms(record.finished_ms),
+            Text(plain(str(record.attempt))),
+            Text(plain(record.reason)),
+            Text(plain(error[:80])),
         )
     console.print(table)
+
+
+async def _dead_records(queue: Queue, limit: int) -> list[tuple[str, JobRecord | Exception]]:
+    """The latest ``limit`` dead jobs; if one of them does not parse, each is read on its
+    own so that the others are still listed (with the broken one said to be unreadable)."""
+    broker = await queue.connected_broker()
+    try:
+        return [(record.job_id, record) for record in await broker.dead(0, limit)]
+    except MALFORMED:
+        pass
+    rows: list[tuple[str, JobRecord | Exception]] = []
+    for job_id in list(reversed(await broker.dead_ids()))[: max(limit, 0)]:
+        try:
+            record = await broker.record(job_id)
+        except MALFORMED as exc:
+            rows.append((job_id, exc))
+            continue
+        if record is not None:
+            rows.append((job_id, record))
+    return rows
 
 
 @dlq.command("show")
 def dlq_show(target: TargetArg, job_id: Annotated[str, typer.Argument(help="Job id")]) -> None:
     """Show one dead-lettered job with its arguments and traceback."""
-    job = with_queue(target, lambda q: q.job(job_id).info())
-    console = Console()
-    console.print(f"[bold]{job.id}[/bold]  task={job.task}  status={job.status.value}")
-    console.print(f"args={job.args!r} kwargs={job.kwargs!r}")
-    console.print(f"attempt={job.attempt} deliveries={job.deliveries} reason={job.reason!r}")
-    console.print(f"enqueued {when(job.enqueued_at)}  finished {when(job.finished_at)}")
-    if job.error is not None:
-        console.print(f"[red]{job.error.type}: {job.error.message}[/red]")
-        if job.error.traceback:
-            console.print(job.error.traceback, markup=False, highlight=False)
+    view = JobView.of(with_queue(target, lambda q: _record(q, job_id), reads=True))
+    console = _console()
+    console.print(
+        Text.assemble((plain(view.record.job_id), "bold"), f"  task={view.task_text}  status=")
+        + Text(plain(view.record.status))
+    )
+    console.print(Text(f"args={view.args_text} kwargs={view.kwargs_text}"))
+    console.print(
+        Text(
+            f"attempt={view.record.attempt} deliveries={view.record.deliveries} "
+            f"reason={shown(view.record.reason)}"
+        )
+    )
+    enqueued, finished = when_ms(view.record.enqueued_ms), when_ms(view.record.finished_ms)
+    console.print(Text(f"enqueued {enqueued}  finished {finished}"))
+    view.print_error(console)
 
 
 @dlq.command("requeue")
@@ -100,27 +150,45 @@ def cron_list(
     except AioqueueError as exc:
         raise fail(exc) from None
     jobs = worker.cron_jobs
-    console = Console()
+    console = _console()
     if not jobs:
         console.print("no cron jobs")
         return
 
-    async def last_runs(queue: Queue) -> dict[str, CronRun]:
+    async def last_runs(queue: Queue) -> dict[str, CronRun | Exception]:
         broker = await queue.connected_broker()
-        return await broker.cron_runs([job.name for job in jobs])
+        try:
+            return dict(await broker.cron_runs([job.name for job in jobs]))
+        except MALFORMED:
+            pass
+        runs: dict[str, CronRun | Exception] = {}
+        for job in jobs:  # one unreadable run record must not hide the others
+            try:
+                runs.update(await broker.cron_runs([job.name]))
+            except MALFORMED as exc:
+                runs[job.name] = exc
+        return runs
 
-    runs = with_queue(target, last_runs)
+    runs = with_queue(target, last_runs, reads=True)
     now = datetime.now(timezone.utc)
     table = Table("name", "schedule", "next fire times", "last tick", "last run")
     for job in jobs:
         fires = ", ".join(when(fire) for fire in job.fire_times(now, count))
         run = runs.get(job.name)
-        if run is None or run.fire_ms is None:
+        if isinstance(run, Exception):
+            last_tick, outcome = "?", f"<unreadable record: {type(run).__name__}: {run}>"
+        elif run is None or run.fire_ms is None:
             last_tick, outcome = "-", "never run"
         else:
-            last_tick = when(datetime.fromtimestamp(run.fire_ms / 1000, tz=timezone.utc))
+            last_tick = when_ms(run.fire_ms)
             outcome = run.record.status if run.record else "expired"
-        table.add_row(job.name, job.describe(), fires, last_tick, outcome)
+        table.add_row(
+            Text(plain(job.name)),
+            Text(plain(job.describe())),
+            fires,
+            last_tick,
+            Text(plain(outcome)),
+        )
     console.print(table)
 
 
@@ -140,11 +208,11 @@ def _stats_view(stats: QueueStats) -> Group:
     now = time.time()
     summary = Table("queue", "ready", "in flight", "delayed", "dead", "lag", "done/s", "failed/s")
     summary.add_row(
-        stats.queue,
+        Text(plain(stats.queue)),
         str(stats.ready),
         str(stats.in_flight),
         str(stats.delayed),
-        f"[red]{stats.dead}[/red]" if stats.dead else "0",
+        Text(str(stats.dead), style="red") if stats.dead else "0",
         _age(stats.lag_seconds),
         f"{stats.completed_per_second:.1f}",
         f"{stats.failed_per_second:.1f}",
@@ -152,8 +220,8 @@ def _stats_view(stats: QueueStats) -> Group:
     workers = Table("worker", "host", "pid", "concurrency", "in flight", "uptime", "heartbeat")
     for worker in stats.workers:
         workers.add_row(
-            worker.id,
-            worker.host,
+            Text(plain(worker.id)),
+            Text(plain(worker.host)),
             str(worker.pid),
             str(worker.concurrency),
             str(worker.in_flight),
@@ -162,7 +230,7 @@ def _stats_view(stats: QueueStats) -> Group:
         )
     parts: list[Any] = [summary, workers if stats.workers else "[yellow]no live workers[/yellow]"]
     if stats.eviction_problem:
-        parts.append(Text(stats.eviction_problem, style="bold red"))
+        parts.append(Text(plain(stats.eviction_problem), style="bold red"))
     return Group(*parts)
 
 
@@ -174,12 +242,12 @@ def info(
 ) -> None:
     """Show a queue's counts, lag, throughput and live workers."""
     if as_json:
-        stats = with_queue(target, lambda q: q.stats())
+        stats = with_queue(target, lambda q: q.stats(), reads=True)
         typer.echo(msgspec.json.encode(stats).decode())
         return
-    console = Console()
+    console = _console()
     if not watch:
-        console.print(_stats_view(with_queue(target, lambda q: q.stats())))
+        console.print(_stats_view(with_queue(target, lambda q: q.stats(), reads=True)))
         return
 
     async def refresh(queue: Queue) -> None:
@@ -189,7 +257,7 @@ def info(
                 await anyio.sleep(interval)
 
     with contextlib.suppress(KeyboardInterrupt):
-        with_queue(target, refresh)
+        with_queue(target, refresh, reads=True)
 
 
 def job(
@@ -198,34 +266,163 @@ def job(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts")] = False,
 ) -> None:
     """Show one job: status, attempts, timings, and its result or error."""
-    details = with_queue(target, lambda q: q.job(job_id).info())
+    view = JobView.of(with_queue(target, lambda q: _record(q, job_id), reads=True))
+    record = view.record
     if as_json:
-        shape = msgspec.to_builtins(details)
-        if details.error is not None:
-            shape["error"] = {
-                "type": details.error.type,
-                "message": details.error.message,
-                "traceback": details.error.traceback,
-            }
-        typer.echo(msgspec.json.encode(shape).decode())
+        typer.echo(msgspec.json.encode(view.as_json()).decode())
         return
-    console = Console()
-    color = {"complete": "green", "dead": "red", "failed": "red"}.get(details.status.value, "cyan")
-    console.print(f"[bold]{details.id}[/bold]  [{color}]{details.status.value}[/{color}]")
-    console.print(f"task {details.task}  args={details.args!r} kwargs={details.kwargs!r}")
-    console.print(f"attempt {details.attempt}  deliveries {details.deliveries}  {details.reason}")
+    console = _console()
+    color = {"complete": "green", "dead": "red", "failed": "red"}.get(record.status, "cyan")
     console.print(
-        f"enqueued {when(details.enqueued_at)}  started {when(details.started_at)}  "
-        f"finished {when(details.finished_at)}  run at {when(details.run_at)}"
+        Text.assemble((plain(record.job_id), "bold"), "  ", (plain(record.status), color))
     )
-    if details.worker:
-        console.print(f"worker {details.worker}")
-    if details.status.value == "complete":
-        console.print(f"result: {details.result!r}", markup=False, highlight=False)
-    if details.error is not None:
-        console.print(f"[red]{details.error.type}: {details.error.message}[/red]")
-        if details.error.traceback:
-            console.print(details.error.traceback, markup=False, highlight=False)
+    console.print(Text(f"task {view.task_text}  args={view.args_text} kwargs={view.kwargs_text}"))
+    console.print(
+        Text(f"attempt {record.attempt}  deliveries {record.deliveries}  {plain(record.reason)}")
+    )
+    console.print(
+        f"enqueued {when_ms(record.enqueued_ms)}  started {when_ms(record.started_ms)}  "
+        f"finished {when_ms(record.finished_ms)}  run at {when_ms(record.run_at_ms)}",
+        markup=False,
+    )
+    if record.worker:
+        console.print(Text(f"worker {plain(record.worker)}"))
+    if record.status == "complete" or "result" in view.problems:
+        console.print(Text(f"result: {view.result_text}"))
+    view.print_error(console)
+
+
+async def _record(queue: Queue, job_id: str) -> JobRecord:
+    record = await (await queue.connected_broker()).record(job_id)
+    if record is None:
+        raise JobNotFound(job_id)
+    return record
+
+
+@dataclass
+class JobView:
+    """A job record decoded part by part for display: a part that does not decode (bad
+    msgpack, nesting too deep, a value the JSON encoder refuses) is kept in ``problems`` and
+    shown as ``<undecodable: ...>``, so one strange job never stops a command."""
+
+    record: JobRecord
+    task: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    error: ErrorInfo | None = None
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobView:
+        view = cls(record)
+        if record.envelope:
+            try:
+                envelope = decode_envelope(Signer().open(record.job_id, record.envelope))
+            except Exception as exc:
+                view.problems["envelope"] = str(exc)
+            else:
+                view.task, view.args, view.kwargs = envelope.task, envelope.args, envelope.kwargs
+        if record.result is not None:
+            try:
+                view.result = decode(record.result)
+            except Exception as exc:
+                view.problems["result"] = str(exc)
+        if record.error:
+            view.error = decode_error(record.error)
+        return view
+
+    @property
+    def task_text(self) -> str:
+        if "envelope" in self.problems:
+            return undecodable(self.problems["envelope"])
+        return plain(self.task) if self.task is not None else "?"
+
+    @property
+    def args_text(self) -> str:
+        return "?" if "envelope" in self.problems else shown(self.args)
+
+    @property
+    def kwargs_text(self) -> str:
+        return "?" if "envelope" in self.problems else shown(self.kwargs)
+
+    @property
+    def result_text(self) -> str:
+        return (
+            undecodable(self.problems["result"])
+            if "result" in self.problems
+            else shown(self.result)
+        )
+
+    def print_error(self, console: Console) -> None:
+        if self.error is None:
+            return
+        console.print(Text(plain(f"{self.error.type}: {self.error.message}"), style="red"))
+        if self.error.traceback:
+            console.print(Text(plain(self.error.traceback, multiline=True)))
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as ``aioqueue job --json`` prints it (the shape of :class:`JobInfo`);
+        parts that cannot be shown are null, with the reason under ``undecodable``."""
+        record, problems = self.record, dict(self.problems)
+        bad_envelope = "envelope" in problems
+        shape: dict[str, Any] = {
+            "id": record.job_id,
+            "status": record.status,
+            "task": self.task,
+            "args": None if bad_envelope else self._jsonable("args", list(self.args), problems),
+            "kwargs": None if bad_envelope else self._jsonable("kwargs", self.kwargs, problems),
+            "attempt": record.attempt,
+            "deliveries": record.deliveries,
+        }
+        for name, ms in (
+            ("enqueued_at", record.enqueued_ms),
+            ("started_at", record.started_ms),
+            ("finished_at", record.finished_ms),
+            ("run_at", record.run_at_ms),
+        ):
+            shape[name] = _iso(name, ms, problems)
+        shape["result"] = self._jsonable("result", self.result, problems)
+        shape["error"] = (
+            None
+            if self.error is None
+            else {
+                "type": self.error.type,
+                "message": self.error.message,
+                "traceback": self.error.traceback,
+            }
+        )
+        shape["reason"] = record.reason
+        shape["worker"] = record.worker
+        if problems:
+            shape["undecodable"] = problems
+        return shape
+
+    @staticmethod
+    def _jsonable(name: str, value: Any, problems: dict[str, str]) -> Any:
+        if name in problems:
+            return None
+        try:
+            msgspec.json.encode(value)
+        except Exception as exc:
+            problems[name] = f"not representable as JSON: {exc}"
+            return None
+        return value
+
+
+def _iso(name: str, ms: int | None, problems: dict[str, str]) -> str | None:
+    if ms is None:
+        return None
+    try:
+        return str(msgspec.to_builtins(datetime.fromtimestamp(ms / 1000, tz=timezone.utc)))
+    except (ValueError, OverflowError, OSError):
+        problems[name] = f"invalid time: {ms}"
+        return None
+
+
+def _console() -> Console:
+    """A console for data: no automatic highlighting of numbers and strings in it."""
+    return Console(highlight=False)
 
 
 def check(
@@ -242,10 +439,10 @@ def check(
     async def health(queue: Queue) -> tuple[QueueStats, bool]:
         return await queue.stats(), queue.settings.allow_eviction
 
-    stats, eviction_allowed = with_queue(target, health)
+    stats, eviction_allowed = with_queue(target, health, reads=True)
     alive = len([w for w in stats.workers if host is None or w.host == host])
     if stats.eviction_problem and not eviction_allowed:
-        typer.echo(f"unhealthy: {stats.eviction_problem}", err=True)
+        typer.echo(f"unhealthy: {plain(stats.eviction_problem)}", err=True)
         raise typer.Exit(code=1)
     if alive < min_workers:
         typer.echo(f"unhealthy: {alive} live workers on queue {stats.queue!r}", err=True)
@@ -278,7 +475,12 @@ def enqueue(
     new_id, result = with_queue(target, go)
     typer.echo(new_id)
     if wait is not None:
-        typer.echo(msgspec.json.encode(result).decode())
+        try:
+            typer.echo(msgspec.json.encode(result).decode())
+        except Exception as exc:
+            raise fail(
+                f"the result is not representable as JSON ({exc}): {shown(result)}"
+            ) from None
 
 
 def purge(
@@ -291,11 +493,3 @@ def purge(
         raise typer.Exit(code=1)
     count = with_queue(target, lambda q: q.purge())
     typer.echo(f"purged queue {queue.name!r} ({count} keys)")
-
-
-def load_queue_or_fail(target: str) -> Queue:
-    """The queue at ``target``, or a one-line error."""
-    try:
-        return load_queue(target)
-    except AioqueueError as exc:
-        raise fail(exc) from None

@@ -7,7 +7,16 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from aioqueue.brokers.base import Broker, NewJob, QueueCounts
 from aioqueue.context import Context
@@ -17,7 +26,7 @@ from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
 from aioqueue.job import Job, JobInfo
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, Signer, encode
-from aioqueue.settings import Settings, resolve_settings
+from aioqueue.settings import Settings, resolve_settings, unknown_keywords
 from aioqueue.stats import QueueStats, collect_stats
 from aioqueue.task import JobOptions, JobRequest, Task
 
@@ -70,7 +79,12 @@ class Queue:
         result_ttl: float | None = None,
         broker: Broker | None = None,
         trace_context: Callable[[], Mapping[str, str] | None] | None = None,
+        **unknown: NoReturn,
     ) -> None:
+        # ``**unknown`` only turns a misspelt keyword into a ConfigurationError that lists
+        # the right ones; typed as NoReturn, so mypy still rejects any keyword not above.
+        if unknown:
+            raise unknown_keywords("Queue()", unknown, Queue.__init__)
         self._code: dict[str, Any] = {
             "redis_url": url,
             "queue": name,

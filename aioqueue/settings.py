@@ -10,21 +10,109 @@ is an error, never silently ignored. Nothing is read at import time.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
-from collections.abc import Mapping
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
 import msgspec
 
 from aioqueue.errors import ConfigurationError
 
-__all__ = ["ENV_PREFIX", "Settings", "resolve_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "mask_credentials", "mask_url", "resolve_settings"]
 
 ENV_PREFIX = "AIOQUEUE_"
 
 _Positive = msgspec.Meta(gt=0)
 QUEUE_NAME = r"^[\w.:-]{1,100}$"
 LOG_LEVEL = r"(?i)^(debug|info|warning|error|critical)$"
+SCHEMES = ("redis", "rediss", "unix", "memory")
+"""The schemes ``redis_url`` accepts (``memory`` is the in-process store for tests)."""
+MAX_DB = 2**31 - 1
+"""Redis refuses larger database indexes (a smaller one above the server's ``databases``
+is refused when connecting)."""
+SECRET_FIELDS = frozenset({"signing_key"})
+"""Settings shown as ``***`` by ``repr(settings)`` (the password in ``redis_url`` is masked
+too)."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` safe to show: the password replaced by ``***``.
+
+    ``redis://app:s3cret@host:6379/0`` becomes ``redis://app:***@host:6379/0``. A lone
+    ``redis://token@host`` is masked whole (``redis://***@host``): redis-py takes it as a user
+    name, but it is usually a password put where the user goes. A ``password=`` query
+    parameter is masked too. Everything between ``://`` and the last ``@`` counts as
+    credentials, so an unencoded ``/`` or ``@`` in a password never leaks a piece of it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, location = rest.rpartition("@")
+    masked = f"{_mask_userinfo(userinfo)}@{location}" if at else rest
+    return _PASSWORD_PARAM.sub(r"\g<1>***", f"{scheme}://{masked}")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` (a message, a log line) with every URL in it masked as by :func:`mask_url`."""
+    masked = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{_mask_userinfo(m['userinfo'])}@", text)
+    return _PASSWORD_PARAM.sub(r"\g<1>***", masked)
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>\S*)@")
+_PASSWORD_PARAM = re.compile(r"(?i)([?&]password=)[^&#\s'\"]*")
+
+
+def _mask_userinfo(userinfo: str) -> str:
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:***" if colon else "***"
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a ``redis_url``, seen without connecting: its scheme,
+    port, database index or socket path (None if nothing). Connection options in the query
+    string are checked by the Redis broker."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        return (
+            "it must start with redis://, rediss:// (TLS) or unix:// "
+            "(memory:// selects the in-process store)"
+        )
+    if scheme.lower() == "memory":
+        return None
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return (
+            "the port must be a number from 0 to 65535 (percent-encode any of : / @ ? # "
+            "in the password)"
+        )
+    if scheme.lower() == "unix" and not parts.path:
+        return "a unix:// URL needs the socket's path, like unix:///run/redis/redis.sock?db=0"
+    query = urllib.parse.parse_qs(parts.query)
+    if "db" in query:
+        db = query["db"][0]
+    elif scheme.lower() != "unix" and parts.path not in ("", "/"):
+        match = re.fullmatch(r"/([^/]*)/?", urllib.parse.unquote(parts.path))
+        db = match[1] if match else ""
+    else:
+        db = "0"
+    if not (db.isascii() and db.isdigit() and len(db) <= 10 and int(db) <= MAX_DB):
+        return f"the database index must be a number from 0 to {MAX_DB}, like /0 or ?db=0"
+    return None
+
+
+def _shown(name: str, value: Any) -> Any:
+    """A setting's value as ``repr()`` shows it: credentials masked."""
+    if name == "redis_url" and isinstance(value, str):
+        return mask_url(value)
+    if name in SECRET_FIELDS and value:
+        return "***"
+    return value
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +163,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Start workers even when Redis's ``maxmemory-policy`` evicts keys. Eviction deletes
     jobs at random, so this breaks every guarantee; it exists for throwaway setups."""
 
+    def __post_init__(self) -> None:
+        problem = redis_url_problem(self.redis_url)
+        if problem:
+            raise ConfigurationError(f"invalid redis_url {mask_url(self.redis_url)!r}: {problem}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())
+        return f"Settings({shown})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [(name, _shown(name, getattr(self, name))) for name in self.__struct_fields__]
+
 
 _FIELDS = frozenset(Settings.__struct_fields__)
 
@@ -88,15 +188,20 @@ def resolve_settings(
     """Build :class:`Settings` from code values, the environment and explicit overrides.
 
     ``code`` entries that are ``None`` mean "not given". ``overrides`` (command-line flags)
-    win over everything. Raises :class:`ConfigurationError` for unknown names or bad values.
+    win over everything. Raises :class:`ConfigurationError` for unknown names or bad values;
+    the message says where the bad value came from (argument, variable or flag).
     """
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for source, label in ((code, "argument"), (overrides, "option")):
         for name in source or {}:
             if name not in _FIELDS:
                 known = ", ".join(sorted(_FIELDS))
                 raise ConfigurationError(f"unknown setting {label} {name!r}; known: {known}")
-    values.update({k: v for k, v in (code or {}).items() if v is not None})
+    for name, value in (code or {}).items():
+        if value is not None:
+            values[name] = value
+            origin[name] = f"{name}={_shown(name, value)!r}"
     env = os.environ if environ is None else environ
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
@@ -108,8 +213,58 @@ def resolve_settings(
                 + ", ".join(ENV_PREFIX + f.upper() for f in sorted(_FIELDS))
             )
         values[name] = raw
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        origin[name] = f"{key}={_shown(name, raw)!r}"
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+            origin[name] = f"--{name.replace('_', '-')} {_shown(name, value)!r}"
+    url = values.get("redis_url")
+    if isinstance(url, str):
+        problem = redis_url_problem(url)
+        if problem:
+            raise ConfigurationError(f"invalid redis_url ({origin['redis_url']}): {problem}")
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigurationError(f"invalid setting: {exc}") from exc
+        detail, _, where = str(exc).rpartition(" - at `$.")
+        name = where.rstrip("`")
+        if not detail or name not in origin:
+            raise ConfigurationError(f"invalid setting: {exc}") from exc
+        raise ConfigurationError(
+            f"invalid setting {name} ({origin[name]}): {_HINTS.get(name, detail)}"
+        ) from exc
+
+
+def unknown_keywords(
+    owner: str, given: Iterable[str], signature_of: Callable[..., Any]
+) -> ConfigurationError:
+    """The error for keyword arguments ``owner`` does not take (``Queue(url, max_sise=5)``):
+    a close match for a typo, where a setting goes instead, and the keywords it takes."""
+    accepted = [
+        p.name
+        for p in inspect.signature(signature_of).parameters.values()
+        if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    notes = []
+    for name in sorted(given):
+        if name in _FIELDS:
+            notes.append(
+                f"{name!r} is a setting {owner} does not take: set {ENV_PREFIX}{name.upper()}, "
+                f"or pass it to queue.worker() for a worker"
+            )
+            continue
+        close = difflib.get_close_matches(name, [*accepted, *sorted(_FIELDS)], n=1)
+        notes.append(
+            f"unknown keyword {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
+    return ConfigurationError(
+        f"{owner}: {'; '.join(notes)}; it takes {', '.join(accepted)} "
+        "(every setting: see aioqueue.Settings)"
+    )
+
+
+_HINTS = {
+    "log_level": "expected DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)",
+    "queue": "expected 1 to 100 letters, digits or _ . : - (no spaces or braces)",
+}
+"""Plainer words than a regular expression for the fields checked by a pattern."""
