@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -57,7 +58,13 @@ _FINAL = frozenset(
 
 
 def _when(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    """A stored timestamp; None when missing or out of any calendar's range (garbage)."""
+    if ms is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +106,8 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
             try:
                 result = decode(record.result, result_type)
             except SerializationError:
-                result = decode(record.result)
+                with contextlib.suppress(SerializationError):
+                    result = decode(record.result)
         return cls(
             id=record.job_id,
             status=_status(record.status),

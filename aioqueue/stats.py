@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import msgspec
@@ -53,10 +54,13 @@ class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _number(row: dict[str, str], name: str) -> float:
+    """A heartbeat figure; 0 for anything that is not a finite number (garbage written by
+    someone else must not break ``queue.stats()``)."""
     try:
-        return float(row.get(name, 0))
+        value = float(row.get(name, 0))
     except ValueError:
         return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 async def collect_stats(queue: str, broker: Broker) -> QueueStats:

@@ -317,7 +317,7 @@ def test_a_database_the_server_does_not_have_is_one_error_line(
 ) -> None:
     url = f"redis://127.0.0.1:{redis_server.port}/16"  # 16 databases: 0 to 15
     for args in (["info", "basic_app:queue"], ["run", "basic_app:worker", "--burst"]):
-        one_error_line(cli(*args, env=on(url, queue_name)), "DB index is out of range")
+        one_error_line(cli(*args, env=on(url, queue_name)), "has no database with the index")
 
 
 def test_run_given_a_task_says_it_needs_a_worker() -> None:

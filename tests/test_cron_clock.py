@@ -33,7 +33,7 @@ from faultproxy import FaultProxy
 from helpers import ROOT, eventually, running, wait_exit, worker_env
 
 from aioqueue import Context, Queue, cron
-from aioqueue.brokers.base import Broker, CronClaim, Done, NewJob
+from aioqueue.brokers.base import Broker, CronClaim, Done, NewJob, Recorded
 from aioqueue.brokers.memory import reset_stores
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
@@ -323,7 +323,7 @@ async def test_a_run_stalled_past_its_heartbeat_but_within_its_lease_still_block
         return await claim(broker, "u", fire, lease_ms=300) is CronClaim.CLAIMED
 
     await eventually(next_tick_claimed, timeout=WAIT)
-    assert await broker.settle("w1", [Done(delivery, b"")]) == [True]
+    assert await broker.settle("w1", [Done(delivery, b"")]) == [Recorded.YES]
 
 
 async def test_a_running_previous_run_whose_entry_is_no_longer_pending_does_not_block(

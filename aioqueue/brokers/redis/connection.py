@@ -32,10 +32,8 @@ from aioqueue.brokers.redis.keys import Keys
 from aioqueue.brokers.redis.refusals import is_refusal, permission_denied, refusal, was_reset
 from aioqueue.brokers.redis.urls import check_url, url_user
 from aioqueue.brokers.redis.waiter import DoneWaiter
-from aioqueue.errors import (
-    RedisUnavailable,
-    UnsupportedRedis,
-)
+from aioqueue.errors import ConfigurationError, RedisUnavailable, UnsupportedRedis
+from aioqueue.settings import mask_url
 
 MIN_REDIS = (7, 0)
 # Jobs per script call: large enough to amortise the round trip, small enough that one
@@ -50,8 +48,17 @@ def local_now_ms() -> int:
 
 
 def text(value: Any) -> str:
-    """A Redis reply value as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A Redis reply value as text (bytes that are not UTF-8, written by someone else, are
+    replaced rather than raised)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _version(info: dict[str, Any]) -> tuple[int, ...]:
+    """The server's major and minor version from ``INFO server`` (0.0 if unreadable)."""
+    try:
+        return tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
+    except ValueError:
+        return (0, 0)
 
 
 class redis_errors:
@@ -219,18 +226,15 @@ class RedisConnection:
             )
             try:
                 info = await self._first_contact(client)
+                if info and _version(info) < MIN_REDIS:
+                    raise UnsupportedRedis(
+                        f"aioqueue needs Redis >= 7.0, the server at {mask_url(self.url)} runs "
+                        f"{info.get('redis_version')}: upgrade Redis"
+                    )
             except BaseException:
                 await client.aclose()
                 await reader_pool.aclose()
                 raise
-            version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
-            if info and version < MIN_REDIS:
-                await client.aclose()
-                await reader_pool.aclose()
-                raise UnsupportedRedis(
-                    f"aioqueue needs Redis >= 7.0, the server at {self.url} runs "
-                    f"{info.get('redis_version')}: upgrade Redis"
-                )
             self._scripts = {
                 name: client.register_script(scripts.source(name)) for name in scripts.NAMES
             }
@@ -242,7 +246,32 @@ class RedisConnection:
 
     async def _first_contact(self, client: aioredis.Redis) -> dict[str, Any]:
         """One round trip: the server's version (``INFO``; {} if the user may not run it, as
-        a producer need not), Redis's clock, and whether the user may use the queue's keys."""
+        a producer need not), Redis's clock, and whether the user may use the queue's keys.
+
+        A server that answers in a way no Redis >= 7.0 would (no HELLO, not Redis at all, a
+        database index it does not have) is one typed error, not redis-py's traceback."""
+        try:
+            return await self._first_replies(client)
+        except rexc.ResponseError as exc:
+            text_ = str(exc)
+            if "DB index is out of range" in text_:
+                raise ConfigurationError(
+                    f"the server at {mask_url(self.url)} has no database with the index in "
+                    "the URL (see its 'databases' setting)"
+                ) from None
+            if "unknown command" in text_:
+                raise UnsupportedRedis(
+                    f"the server at {mask_url(self.url)} answered {text_!r}: "
+                    "aioqueue needs Redis >= 7.0"
+                ) from None
+            raise
+        except (rexc.InvalidResponse, AttributeError, ValueError) as exc:
+            raise UnsupportedRedis(
+                f"the server at {mask_url(self.url)} does not answer like Redis >= 7.0 "
+                f"({type(exc).__name__}: {exc}); is it a Redis server?"
+            ) from None
+
+    async def _first_replies(self, client: aioredis.Redis) -> dict[str, Any]:
         try:
             with self._errors("connecting"):
                 pipe = client.pipeline(transaction=False)
