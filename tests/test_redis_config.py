@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from conftest import RedisServer
-from helpers import ROOT, eventually, run_cli, running
+from helpers import eventually, run_cli, running
 
 from aioqueue import (
     ConfigurationError,
@@ -41,19 +38,7 @@ def evicting_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
 def test_a_worker_refuses_an_evicting_redis_in_one_line(
     evicting_redis: RedisServer, queue_name: str
 ) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AIOQUEUE_REDIS_URL": evicting_redis.url,
-        "AIOQUEUE_QUEUE": queue_name,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "aioqueue", "run", "basic_app:worker", "--burst"],
-        cwd=ROOT / "tests" / "apps",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_cli("run", "basic_app:worker", "--burst", url=evicting_redis.url, queue=queue_name)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -178,18 +163,8 @@ def test_a_supervisor_stops_when_its_workers_cannot_start_for_good(
     evicting_redis: RedisServer, queue_name: str
 ) -> None:
     # Restarting a worker refused for its configuration would only repeat the refusal.
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AIOQUEUE_REDIS_URL": evicting_redis.url,
-        "AIOQUEUE_QUEUE": queue_name,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "aioqueue", "run", "basic_app:worker", "--processes", "2"],
-        cwd=ROOT / "tests" / "apps",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = run_cli(
+        "run", "basic_app:worker", "--processes", "2", url=evicting_redis.url, queue=queue_name
     )
     assert done.returncode == 2, done.stderr
     assert "maxmemory-policy allkeys-lru" in done.stderr

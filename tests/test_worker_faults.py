@@ -60,32 +60,6 @@ async def test_a_lost_read_reply_is_taken_up_at_once_not_a_lease_later(
     await queue.close()
 
 
-async def test_a_lost_takeover_reply_is_taken_up_at_once_not_a_lease_later(
-    fault_proxy: FaultProxy, queue_name: str, redis_client: redis.Redis
-) -> None:
-    queue = Queue(fault_proxy.url, name=queue_name)
-    keys = Keys(queue_name)
-
-    @queue.task()
-    async def work(ctx: Context) -> int:
-        return ctx.deliveries
-
-    job = await work.enqueue()
-    # A worker that read the entry and died: its entry is long idle.
-    redis_client.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-    ((_, entries),) = redis_client.xreadgroup(GROUP, "dead-worker", {keys.stream: ">"})
-    (entry, _), *_ = entries
-    redis_client.hset(
-        keys.job(job.id), mapping={"status": "running", "worker": "dead-worker", "deliveries": 1}
-    )
-    redis_client.xclaim(keys.stream, GROUP, "dead-worker", 0, [entry], idle=60_000, justid=True)
-    fault_proxy.lose_reply(b"XAUTOCLAIM")
-    async with running(queue.worker(lease=30, block=0.5)):
-        assert await job.result(timeout=10) == 2
-    assert fault_proxy.fired(b"XAUTOCLAIM") == 1
-    await queue.close()
-
-
 async def test_an_outcome_refused_after_a_lost_lease_is_not_counted_as_complete(
     queue: Queue, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
