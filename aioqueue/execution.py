@@ -26,7 +26,7 @@ from aioqueue.errors import (
     SerializationError,
 )
 from aioqueue.middleware import Middleware, run_through
-from aioqueue.serialization import BadSignature, ErrorInfo, decode_envelope, encode
+from aioqueue.serialization import BadSignature, ErrorInfo, Signer, decode_envelope, encode
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
@@ -81,6 +81,7 @@ async def execute(
     queue: Queue,
     state: dict[str, Any],
     middleware: Sequence[Middleware] = (),
+    signer: Signer | None = None,
 ) -> Settlement | None:
     """Run one delivered job and return how to settle it.
 
@@ -89,7 +90,8 @@ async def execute(
     """
     delivery = running.delivery
     try:
-        envelope = decode_envelope(queue.signer.open(delivery.job_id, delivery.envelope))
+        opened = (signer or queue.signer).open(delivery.job_id, delivery.envelope)
+        envelope = decode_envelope(opened)
     except BadSignature as exc:
         return _dead(delivery, "BadSignature", str(exc), "bad signature")
     except SerializationError as exc:

@@ -77,6 +77,7 @@ class Queue:
         max_size: int | None = None,
         max_payload_bytes: int | None = None,
         result_ttl: float | None = None,
+        signing_key: str | None = None,
         broker: Broker | None = None,
         trace_context: Callable[[], Mapping[str, str] | None] | None = None,
         **unknown: NoReturn,
@@ -91,6 +92,7 @@ class Queue:
             "max_size": max_size,
             "max_payload_bytes": max_payload_bytes,
             "result_ttl": result_ttl,
+            "signing_key": signing_key,
         }
         self.settings: Settings = resolve_settings(self._code)
         self.name = self.settings.queue

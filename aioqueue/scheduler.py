@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aioqueue.brokers.base import Broker, CronClaim, NewJob
 from aioqueue.cron import CronJob, due_tick
 from aioqueue.errors import ConfigurationError, InvalidArguments, RedisUnavailable
-from aioqueue.serialization import Envelope, encode
+from aioqueue.serialization import Envelope, Signer, encode
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
@@ -90,9 +90,15 @@ class CronScheduler:
     """
 
     def __init__(
-        self, queue: Queue, jobs: Sequence[CronJob], *, sleep: Sleep = asyncio.sleep
+        self,
+        queue: Queue,
+        jobs: Sequence[CronJob],
+        *,
+        sleep: Sleep = asyncio.sleep,
+        signer: Signer | None = None,
     ) -> None:
         self.queue = queue
+        self.signer = signer or queue.signer
         self.jobs = list(jobs)
         self.sleep = sleep
         self.tasks: dict[str, Task[Any, Any]] = {job.name: task_for(queue, job) for job in jobs}
@@ -163,7 +169,7 @@ class CronScheduler:
                 timeout=job.timeout,
                 fire_ms=to_ms(fire),
             )
-            sealed = self.queue.signer.seal(tick_id, encode(envelope))
+            sealed = self.signer.seal(tick_id, encode(envelope))
             new_job = self._runs[job.name] = NewJob(tick_id, sealed)
         claim = await broker.claim_tick(job.name, to_ms(fire), new_job, job.unique, lease_ms)
         if claim is CronClaim.EARLY:

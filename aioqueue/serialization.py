@@ -26,7 +26,11 @@ TASK_NAME = r"^[^\x00-\x1f\x7f]{1,200}$"
 """A task name: 1 to 200 characters, none of them a control character (a newline in a name
 read from Redis would forge log lines)."""
 
+MAX_MS = 253_402_300_799_999
+"""The last millisecond of year 9999: timestamps past it do not fit a datetime."""
+
 TaskName = Annotated[str, msgspec.Meta(pattern=TASK_NAME)]
+Millis = Annotated[int, msgspec.Meta(ge=0, le=MAX_MS)]
 Retries = Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRIES)]
 Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
 
@@ -40,14 +44,14 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True)
     task: TaskName
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
-    enqueued_ms: int = 0
+    enqueued_ms: Millis = 0
     # Per-job overrides of the task's options; None means "use the task's".
     retries: Retries | None = None
     timeout: Timeout | None = None
     # Opaque tracing context (W3C traceparent and friends) propagated to the worker.
     trace: dict[str, str] | None = None
     # For cron runs: the scheduled fire time of the tick, in Unix ms.
-    fire_ms: int | None = None
+    fire_ms: Millis | None = None
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):

@@ -46,8 +46,10 @@ class JobOptions:
         if self.at is not None and self.at.tzinfo is None:
             raise ConfigurationError("at must be a timezone-aware datetime")
         check_limits("", self.retries, self.timeout)
-        if self.job_id is not None and not self.job_id:
-            raise ConfigurationError("job_id must not be empty")
+        if self.job_id is not None and not re.fullmatch(TASK_NAME, self.job_id):
+            raise ConfigurationError(
+                "job_id: 1 to 200 characters, no control characters (workers refuse others)"
+            )
 
     def schedule_ms(self) -> tuple[int, int]:
         """When the job may run: (``at`` in Unix ms, 0 = now; ``delay`` in ms). A delay is

@@ -46,6 +46,7 @@ from aioqueue.execution import Running, execute
 from aioqueue.metrics import PrometheusMetrics, RateWindow
 from aioqueue.middleware import Middleware
 from aioqueue.scheduler import CronScheduler
+from aioqueue.serialization import Signer
 from aioqueue.settings import Settings, resolve_settings
 
 if TYPE_CHECKING:
@@ -90,12 +91,14 @@ class Worker:
         self.queue = queue
         self._code = code
         self.settings: Settings = resolve_settings(code)
+        # The worker's own key(s): queue.worker(signing_key=...) may differ from the queue's.
+        self.signer = Signer(self.settings.signing_key)
         self.on_startup = list(on_startup)
         self.on_shutdown = list(on_shutdown)
         self.middleware = list(middleware)
         validate_unique_names(cron_jobs)
         self.cron_jobs = list(cron_jobs)
-        self.scheduler = CronScheduler(queue, self.cron_jobs)
+        self.scheduler = CronScheduler(queue, self.cron_jobs, signer=self.signer)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state: dict[str, Any] = {}
         self.started_at: float | None = None
@@ -133,6 +136,7 @@ class Worker:
     def configure(self, **overrides: Any) -> None:
         """Apply overrides that beat both code and environment (command-line flags)."""
         self.settings = resolve_settings(self._code, overrides=overrides)
+        self.signer = self.scheduler.signer = Signer(self.settings.signing_key)
 
     @property
     def in_flight(self) -> int:
@@ -306,18 +310,31 @@ class Worker:
                 "queued job unless its RDB snapshots are recent enough for you"
             )
 
-    async def _retrying(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``step`` until Redis answers, logging once per outage and backing off."""
+    async def _retrying(
+        self, what: str, step: Callable[[], Awaitable[Any]], *, broken_too: bool = False
+    ) -> Any:
+        """Run ``step`` until Redis answers, logging once per outage and backing off.
+
+        With ``broken_too``, an error that is no outage (a queue key some other writer broke)
+        is logged and retried the same way instead of ending the worker.
+        """
         failures = 0
         while True:
             try:
                 return await step()
-            except UnsupportedRedis:
+            except (UnsupportedRedis, AccessDenied):
                 raise
             except RedisUnavailable as exc:
                 failures += 1
                 if failures == 1:
                     logger.warning("%s: %s; retrying with backoff", what, exc)
+                await asyncio.sleep(reconnect_delay(failures))
+            except Exception:
+                if not broken_too:
+                    raise
+                failures += 1
+                if failures == 1:
+                    logger.exception("%s failed; retrying with backoff", what)
                 await asyncio.sleep(reconnect_delay(failures))
 
     # -- fetching --------------------------------------------------------------------------
@@ -470,7 +487,9 @@ class Worker:
 
     async def _execute(self, running: Running) -> None:
         try:
-            settlement = await execute(running, self.queue, self.state, self.middleware)
+            settlement = await execute(
+                running, self.queue, self.state, self.middleware, self.signer
+            )
         except asyncio.CancelledError:
             if running.cancel_reason is None:
                 raise
@@ -503,7 +522,9 @@ class Worker:
                 batch.append(outbox.get_nowait())
             settlements = [settlement for _, settlement in batch]
             recorded = await self._retrying(
-                "settling finished jobs", functools.partial(broker.settle, self.id, settlements)
+                "settling finished jobs",
+                functools.partial(broker.settle, self.id, settlements),
+                broken_too=True,
             )
             for (running, settlement), answer in zip(batch, recorded, strict=True):
                 if answer is Recorded.YES:
@@ -634,6 +655,14 @@ class Worker:
                 failures += 1
                 if failures == 1:
                     logger.warning("promoting delayed jobs: %s", exc)
+                next_due = None
+            except AccessDenied:
+                raise
+            except Exception:
+                # A queue key some other writer broke (wrong type): log it, keep running.
+                failures += 1
+                if failures == 1:
+                    logger.exception("promoting delayed jobs failed; going on")
                 next_due = None
             pause = cap if next_due is None else min(next_due, cap)
             if pause > 0:

@@ -129,3 +129,57 @@ async def test_a_corrupt_job_record_neither_stops_the_worker_nor_blocks_the_queu
     if corruption == "deliveries-not-a-number":
         info = await queue.job("broken").info()
         assert (info.status, info.reason) == (JobStatus.DEAD, "corrupt job record")
+
+
+@pytest.mark.parametrize("job_id", ["line\nINFO forged", "x" * 100_000], ids=["newline", "100-kb"])
+async def test_a_job_id_that_would_forge_or_flood_log_lines_is_dead_lettered_as_foreign(
+    queue: Queue, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture, job_id: str
+) -> None:
+    @queue.task()
+    async def ok(ctx: Context) -> str:
+        return "fine"
+
+    keys = Keys(queue.name)
+    redis_client.xadd(keys.stream, {"j": job_id})
+    good = await ok.enqueue()
+    with caplog.at_level(logging.INFO):
+        async with running(queue.worker()):
+            assert await good.result(timeout=10) == "fine"
+            await eventually(lambda: redis_client.xlen(keys.stream) == 0)
+    assert "INFO forged" not in caplog.text.replace("\\n", " ")
+    assert len(caplog.text) < 50_000
+    (dead,) = await queue.dead_letters()
+    assert dead.id.startswith("foreign-")
+
+
+@pytest.mark.parametrize("field", ["enqueued", "fire"])
+async def test_a_timestamp_outside_the_calendar_is_undecodable_not_a_crash(
+    queue: Queue, redis_client: redis.Redis, field: str
+) -> None:
+    huge = 10**17
+    envelope = (
+        raw("ok", [], {}, huge)
+        if field == "enqueued"
+        else raw("ok", [], {}, 0, None, None, None, huge)
+    )
+    plant(redis_client, queue, "odd-time", envelope)
+
+    @queue.task()
+    async def ok(ctx: Context) -> str:
+        return "fine"
+
+    async with running(queue.worker()):
+        await eventually(lambda: redis_client.zscore(Keys(queue.name).dead, "odd-time") is not None)
+    assert (await queue.job("odd-time").info()).reason == "undecodable job"
+
+
+async def test_a_queue_key_of_the_wrong_type_does_not_stop_the_worker(
+    queue: Queue, redis_client: redis.Redis
+) -> None:
+    @queue.task()
+    async def ok(ctx: Context) -> str:
+        return "fine"
+
+    redis_client.set(Keys(queue.name).delayed, "not a sorted set")
+    async with running(queue.worker()):
+        assert await (await ok.enqueue()).result(timeout=10) == "fine"

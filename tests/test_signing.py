@@ -83,3 +83,27 @@ async def test_cron_runs_are_signed(
 def test_a_worker_without_a_key_still_reads_signed_jobs() -> None:
     sealed = Signer("k").seal("job-1", msgspec.msgpack.encode(["t"]))
     assert Signer().open("job-1", sealed) == msgspec.msgpack.encode(["t"])
+
+
+async def test_signing_keys_given_in_code_bind_queue_and_worker(
+    redis_server: RedisServer, queue_name: str, redis_client: redis.Redis
+) -> None:
+    queue = Queue(redis_server.url, name=queue_name, signing_key="code-key")
+
+    @queue.task()
+    async def add(ctx: Context, a: int, b: int) -> int:
+        return a + b
+
+    signed = await add.enqueue(1, 2)
+    unsigned = await Queue(redis_server.url, name=queue_name).enqueue("add", 2, 2)
+    # A worker given its own key checks with it, not with the queue's.
+    worker_only = Queue(redis_server.url, name=queue_name)
+    worker_only.task(name="add")(add.func)
+    async with running(worker_only.worker(signing_key="code-key")):
+        assert await signed.result(timeout=10) == 3
+        await eventually(
+            lambda: redis_client.zscore(Keys(queue_name).dead, unsigned.id) is not None
+        )
+    assert (await unsigned.info()).reason == "bad signature"
+    await queue.close()
+    await worker_only.close()

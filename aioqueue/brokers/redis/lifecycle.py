@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, cast
@@ -28,12 +29,14 @@ from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.refusals import is_refusal
 from aioqueue.brokers.redis.waiter import pubsub_messages
 from aioqueue.errors import EnqueueIncomplete, QueueFull
-from aioqueue.serialization import ErrorInfo, encode
+from aioqueue.serialization import TASK_NAME, ErrorInfo, encode
 
 __all__ = ["Lifecycle"]
 
 logger = logging.getLogger(__name__)
 
+# A job id a worker accepts from the stream: what producers may choose (see JobOptions).
+JOB_ID = re.compile(TASK_NAME)
 # How much of a foreign stream entry is copied into its dead-letter record.
 FOREIGN_PREVIEW = 512
 
@@ -222,7 +225,8 @@ class Lifecycle(RedisConnection):
         for entry_id, fields in entries:
             entry = text(entry_id)
             job_id = fields.get(b"j") if fields else None
-            if job_id is None:
+            # An id with control characters or of any length would forge or flood log lines.
+            if job_id is None or not JOB_ID.fullmatch(text(job_id)):
                 await self._dead_letter_foreign(entry, fields)
             else:
                 known.append((text(job_id), entry))
