@@ -21,6 +21,7 @@ import redis
 from faultproxy import FaultProxy
 
 from aioqueue import Queue
+from aioqueue.brokers.memory import reset_stores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,42 +48,55 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def command(self, binary: str) -> list[str]:
+        """The redis-server command line."""
+        return [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+            *self.extra,
+        ]
+
+    def client(self) -> redis.Redis:
+        """A synchronous client of this server."""
+        return redis.Redis(port=self.port, socket_timeout=1)
+
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.exit("redis-server is not installed (apt-get install redis-server)", 2)
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "yes" if self.appendonly else "no",
-                "--appendfsync",
-                "always",
-                "--protected-mode",
-                "no",
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
-        while True:
+        while True:  # a condition wait: the server answers PING, or the deadline passes
             try:
-                if redis.Redis(port=self.port, socket_timeout=1).ping():
-                    return
+                with self.client() as client:
+                    if client.ping():
+                        return
             except redis.ConnectionError:
                 pass
+            if self.process.poll() is not None:
+                self.not_started()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.02)
+
+    def not_started(self) -> None:
+        """The server process exited at start."""
+        raise RuntimeError(f"redis-server on port {self.port} exited at start")
 
     def kill(self) -> None:
         if self.process is not None:
@@ -101,6 +115,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The suite's redis-server, then a fresh memory:// store: for tests run on both."""
+    if request.param == "redis":
+        yield request.getfixturevalue("redis_server").url
+    else:
+        url = f"memory://{uuid.uuid4().hex}"
+        yield url
+        reset_stores(url)
 
 
 @pytest.fixture(autouse=True)

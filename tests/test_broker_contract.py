@@ -87,16 +87,6 @@ class Brokers:
             await broker.close()
 
 
-@pytest.fixture(params=["redis", "memory"])
-def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "redis":
-        yield request.getfixturevalue("redis_server").url
-    else:
-        url = f"memory://{uuid.uuid4().hex}"
-        yield url
-        reset_stores(url)
-
-
 @pytest.fixture
 async def brokers(storage_url: str, queue_name: str) -> AsyncIterator[Brokers]:
     opened = Brokers(storage_url, queue_name)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,7 +34,6 @@ from helpers import ROOT, eventually, running, wait_exit, worker_env
 
 from aioqueue import Context, Queue, cron
 from aioqueue.brokers.base import Broker, CronClaim, Done, NewJob, Recorded
-from aioqueue.brokers.memory import reset_stores
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
 from aioqueue.errors import RedisUnavailable
@@ -227,16 +226,6 @@ def test_next_wake_is_the_earliest_tick_after_both_the_last_claim_and_now() -> N
 
 
 # -- cron_claim on both brokers --------------------------------------------------------------
-
-
-@pytest.fixture(params=["redis", "memory"])
-def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "redis":
-        yield request.getfixturevalue("redis_server").url
-    else:
-        url = f"memory://{uuid.uuid4().hex}"
-        yield url
-        reset_stores(url)
 
 
 @pytest.fixture

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import free_port
+from conftest import RedisServer
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -76,16 +75,14 @@ def make_certificates(directory: Path) -> Certificates:
     return Certificates(directory)
 
 
-class TLSRedis:
+class TLSRedis(RedisServer):
     """A redis-server that accepts only TLS connections, on ``port``; with
     ``auth_clients="yes"`` it also requires a client certificate signed by the CA."""
 
     def __init__(self, directory: Path, certs: Certificates, auth_clients: str = "no") -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.certs = certs
         self.auth_clients = auth_clients
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, host: str = "localhost", *, client: str | None = "client", **query: str) -> str:
         """A ``rediss://`` URL trusting the suite's CA, with ``client``'s certificate (None:
@@ -98,38 +95,24 @@ class TLSRedis:
         kept = {name: value for name, value in options.items() if value}
         return f"rediss://{host}:{self.port}/0?{urllib.parse.urlencode(kept)}"
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--tls-cert-file", self.certs.crt("server"),
-                "--tls-key-file", self.certs.key("server"),
-                "--tls-ca-cert-file", self.certs.crt("ca"),
-                "--tls-auth-clients", self.auth_clients,
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "no",
-                "--protected-mode", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as client:
-                    if client.ping():
-                        return
-            except redis.ConnectionError:
-                pass
-            if self.process.poll() is not None:
-                pytest.skip("this redis-server cannot serve TLS (built without it?)")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"TLS redis-server on port {self.port} did not start")
-            time.sleep(0.02)
+    def command(self, binary: str) -> list[str]:
+        return [
+            binary,
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--tls-cert-file", self.certs.crt("server"),
+            "--tls-key-file", self.certs.key("server"),
+            "--tls-ca-cert-file", self.certs.crt("ca"),
+            "--tls-auth-clients", self.auth_clients,
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+
+    def not_started(self) -> None:
+        pytest.skip("this redis-server cannot serve TLS (built without it?)")
 
     def client(self) -> redis.Redis:
         """A synchronous client with the suite's CA and client certificate."""
@@ -142,13 +125,3 @@ class TLSRedis:
             ssl_keyfile=self.certs.key("client"),
             socket_timeout=1,
         )
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
