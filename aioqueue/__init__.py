@@ -33,12 +33,22 @@ from aioqueue.errors import (
     UnknownTask,
     UnsupportedRedis,
 )
-from aioqueue.job import Job, JobInfo, JobStatus
+from aioqueue.job import Job, JobEvent, JobInfo, JobProgress, JobStatus
 from aioqueue.queue import Queue
 from aioqueue.retry import Backoff
 from aioqueue.settings import Settings
 from aioqueue.task import JobOptions, JobRequest, Task
 from aioqueue.worker import Worker
+from aioqueue.workflow import (
+    Chain,
+    Group,
+    GroupJob,
+    GroupStatus,
+    MemberFailure,
+    Partial,
+    chain,
+    group,
+)
 
 __version__ = "0.1.0"
 
@@ -47,23 +57,31 @@ __all__ = [
     "AioqueueError",
     "AuthenticationFailed",
     "Backoff",
+    "Chain",
     "ConfigurationError",
     "Context",
     "CronJob",
     "EnqueueError",
     "EnqueueIncomplete",
     "Fail",
+    "Group",
+    "GroupJob",
+    "GroupStatus",
     "InvalidArguments",
     "Job",
     "JobAborted",
     "JobError",
+    "JobEvent",
     "JobFailed",
     "JobInfo",
     "JobNotFound",
     "JobOptions",
+    "JobProgress",
     "JobRequest",
     "JobStatus",
     "JobTimeout",
+    "MemberFailure",
+    "Partial",
     "PayloadTooLarge",
     "PermissionDenied",
     "Queue",
@@ -79,5 +97,7 @@ __all__ = [
     "UnsupportedRedis",
     "Worker",
     "__version__",
+    "chain",
     "cron",
+    "group",
 ]

@@ -287,6 +287,13 @@ def job(
     )
     if record.worker:
         console.print(Text(f"worker {plain(record.worker)}"))
+    if record.progress is not None:
+        console.print(
+            Text(
+                f"progress {record.progress:.0%}  {plain(record.progress_message)}  "
+                f"(at {when_ms(record.progress_ms)})"
+            )
+        )
     if record.status == "complete" or "result" in view.problems:
         console.print(Text(f"result: {view.result_text}"))
     view.print_error(console)
@@ -394,6 +401,15 @@ class JobView:
         )
         shape["reason"] = record.reason
         shape["worker"] = record.worker
+        shape["progress"] = (
+            None
+            if record.progress is None
+            else {
+                "fraction": record.progress,
+                "message": record.progress_message,
+                "at": _iso("progress_at", record.progress_ms, problems),
+            }
+        )
         if problems:
             shape["undecodable"] = problems
         return shape

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+from aioqueue.errors import InvalidArguments, RedisUnavailable
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
 
 __all__ = ["Context"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PROGRESS_MESSAGE = 1_000
+"""Longest progress message kept, in characters (longer ones are cut)."""
 
 
 @dataclass(slots=True)
@@ -34,3 +44,25 @@ class Context:
     """For cron runs, the scheduled time of the tick this run belongs to."""
     trace: dict[str, str] | None = None
     """The trace context the producer attached at enqueue (see ``Queue(trace_context=...)``)."""
+    reporter: Callable[[float, str], Awaitable[bool]] | None = field(default=None, repr=False)
+    """Where :meth:`progress` goes (set by the worker)."""
+
+    async def progress(self, fraction: float, message: str = "") -> bool:
+        """Store and announce how far the job is: ``await ctx.progress(0.4, "page 400 of
+        1000")``. ``job.progress()`` reads it and ``queue.events()`` delivers it.
+
+        Returns False when it was not stored: the job is no longer this run's (its lease
+        was lost, it was aborted) or Redis is unreachable for a moment; a progress report
+        never fails the job.
+        """
+        if not (isinstance(fraction, int | float) and math.isfinite(fraction)):
+            raise InvalidArguments(f"progress must be a number from 0 to 1, not {fraction!r}")
+        if not 0 <= fraction <= 1:
+            raise InvalidArguments(f"progress must be from 0 to 1, not {fraction!r}")
+        if self.reporter is None:
+            return False
+        try:
+            return await self.reporter(float(fraction), str(message)[:MAX_PROGRESS_MESSAGE])
+        except RedisUnavailable as exc:
+            logger.warning("progress of job %s not stored: %s", self.job_id, exc)
+            return False

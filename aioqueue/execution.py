@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,14 @@ from aioqueue.errors import (
     SerializationError,
 )
 from aioqueue.middleware import Middleware, run_through
-from aioqueue.serialization import BadSignature, ErrorInfo, Signer, decode_envelope, encode
+from aioqueue.serialization import (
+    BadSignature,
+    ErrorInfo,
+    Signer,
+    decode_envelope,
+    decode_result,
+    encode,
+)
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
@@ -82,6 +89,7 @@ async def execute(
     state: dict[str, Any],
     middleware: Sequence[Middleware] = (),
     signer: Signer | None = None,
+    report: ProgressSink | None = None,
 ) -> Settlement | None:
     """Run one delivered job and return how to settle it.
 
@@ -101,8 +109,15 @@ async def execute(
     if task is None:
         message = f"no task named {envelope.task!r} is registered on this worker"
         return _dead(delivery, "UnknownTask", message, "unknown task")
+    args = envelope.args
+    if delivery.input is not None:
+        # A workflow step: the result of the job it depends on is its first argument.
+        try:
+            args = (decode_result(delivery.input), *args)
+        except SerializationError as exc:
+            return _dead(delivery, "SerializationError", str(exc), "undecodable input")
     try:
-        args, kwargs = task.signature.bind(envelope.args, envelope.kwargs)
+        args, kwargs = task.signature.bind(args, envelope.kwargs)
     except InvalidArguments as exc:
         return _dead(delivery, "InvalidArguments", str(exc), "invalid arguments")
     ctx = Context(
@@ -119,6 +134,7 @@ async def execute(
             else datetime.fromtimestamp(envelope.fire_ms / 1000, tz=timezone.utc)
         ),
         trace=envelope.trace,
+        reporter=None if report is None else _reporter(report, delivery),
     )
     timeout = envelope.timeout if envelope.timeout is not None else task.timeout
     if timeout is not None:
@@ -161,6 +177,23 @@ async def execute(
         return Done(delivery, encode(result))
     except SerializationError as exc:
         return Finished(delivery, "failed", error_info(exc), "unencodable result")
+
+
+ProgressSink = Callable[[Delivery, float, str, int], Awaitable[bool]]
+"""Stores a progress report: (delivery, fraction, message, report number) -> stored."""
+
+
+def _reporter(report: ProgressSink, delivery: Delivery) -> Callable[[float, str], Awaitable[bool]]:
+    """``ctx.progress`` for one delivery: reports numbered 1, 2, ... so a report re-sent
+    after a lost reply is recognised (see ``progress.lua``)."""
+    sent = 0
+
+    def send(fraction: float, message: str) -> Awaitable[bool]:
+        nonlocal sent
+        sent += 1
+        return report(delivery, fraction, message, sent)
+
+    return send
 
 
 def _timeout_message(task: str, timeout: float | None) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
-from aioqueue.brokers.base import JobRecord
+from aioqueue.brokers.base import JobRecord, StoredEvent
 from aioqueue.errors import (
     JobAborted,
     JobFailed,
@@ -17,12 +18,19 @@ from aioqueue.errors import (
     ResultTimeout,
     SerializationError,
 )
-from aioqueue.serialization import ErrorInfo, Signer, decode, decode_envelope, decode_error
+from aioqueue.serialization import (
+    ErrorInfo,
+    Signer,
+    decode,
+    decode_envelope,
+    decode_error,
+    decode_result,
+)
 
 if TYPE_CHECKING:
     from aioqueue.queue import Queue
 
-__all__ = ["Job", "JobInfo", "JobStatus"]
+__all__ = ["Job", "JobEvent", "JobInfo", "JobProgress", "JobStatus"]
 
 R = TypeVar("R")
 
@@ -30,12 +38,14 @@ R = TypeVar("R")
 class JobStatus(str, enum.Enum):
     """Where a job is in its life.
 
-    ``queued → running → complete`` is the happy path. ``scheduled`` waits for its ``delay``;
+    ``queued → running → complete`` is the happy path. ``waiting`` waits for the jobs it
+    depends on (a workflow step, a group's callback); ``scheduled`` waits for its ``delay``;
     ``retrying`` waits for its backoff; ``failed`` (``Fail`` or a non-retryable error),
     ``dead`` (retries or deliveries used up, or undecodable input: kept in the dead-letter
     store) and ``aborted`` are the other final states.
     """
 
+    WAITING = "waiting"
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"
@@ -52,6 +62,12 @@ class JobStatus(str, enum.Enum):
         return self in _FINAL
 
 
+_STATUSES = frozenset(
+    {"waiting", "queued", "scheduled", "running", "retrying", "complete", "failed", "dead"}
+)
+_FINAL_EVENTS = frozenset({"completed", "failed", "dead", "aborted"})
+EVENT_WAIT = 5.0
+"""Longest one blocking read of the event stream waits, in seconds."""
 _FINAL = frozenset(
     {JobStatus.COMPLETE, JobStatus.FAILED, JobStatus.DEAD, JobStatus.ABORTED, JobStatus.NOT_FOUND}
 )
@@ -65,6 +81,79 @@ def _when(ms: int | None) -> datetime | None:
         return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
     except (ValueError, OverflowError, OSError):
         return None
+
+
+class JobProgress(msgspec.Struct, frozen=True):
+    """How far a running job is, as its task last reported (``ctx.progress``)."""
+
+    fraction: float
+    """From 0 to 1."""
+    message: str
+    at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> JobProgress | None:
+        """The progress stored in a record, or None."""
+        if record.progress is None:
+            return None
+        return cls(record.progress, record.progress_message, _when(record.progress_ms))
+
+
+class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Something that happened to a job, from the queue's event stream.
+
+    ``kind`` is one of ``enqueued`` (``status`` says queued, scheduled or waiting),
+    ``released`` (a waiting job's dependencies ended), ``started`` (``attempt``, ``worker``),
+    ``progress`` (``fraction``, ``message``), ``retrying`` (``reason``, ``attempt``: the
+    next one), ``completed``, ``failed`` / ``dead`` (``reason``) and ``aborted`` (``status``:
+    the status it had, or ``reason``). Pass ``cursor`` as ``since`` to resume after it.
+    """
+
+    cursor: str
+    job_id: str
+    kind: str
+    at: datetime | None
+    status: str | None = None
+    reason: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    fraction: float | None = None
+    message: str | None = None
+
+    @classmethod
+    def from_stored(cls, event: StoredEvent) -> JobEvent:
+        """Name the details of a stored event by its kind."""
+        first, second = (*event.details, None, None)[:2]
+        fields: dict[str, Any] = {}
+        kind = event.kind
+        if kind in ("enqueued", "released"):
+            fields["status"] = first
+        elif kind == "started":
+            fields["attempt"], fields["worker"] = first, second
+        elif kind == "progress":
+            fields["fraction"], fields["message"] = first, second
+        elif kind == "retrying":
+            fields["reason"], fields["attempt"] = first, second
+        elif kind == "aborted" and first in _STATUSES:
+            fields["status"] = first
+        elif kind in ("failed", "dead", "aborted"):
+            fields["reason"] = first
+        typed = {
+            "status": str,
+            "reason": str,
+            "worker": str,
+            "message": str,
+            "attempt": int,
+            "fraction": float,
+        }
+        kept: dict[str, Any] = {k: v for k, v in fields.items() if isinstance(v, typed[k])}
+        return cls(
+            cursor=event.cursor,
+            job_id=event.job_id,
+            kind=kind,
+            at=_when(event.at_ms),
+            **kept,
+        )
 
 
 class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +176,8 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None
     reason: str
     worker: str
+    progress: JobProgress | None = None
+    """The last progress the task reported, if any."""
 
     @classmethod
     def from_record(cls, record: JobRecord, result_type: Any = Any) -> JobInfo:
@@ -107,7 +198,7 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
                 result = decode(record.result, result_type)
             except SerializationError:
                 with contextlib.suppress(SerializationError):
-                    result = decode(record.result)
+                    result = decode_result(record.result)
         return cls(
             id=record.job_id,
             status=_status(record.status),
@@ -124,6 +215,7 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
             error=decode_error(record.error) if record.error else None,
             reason=record.reason,
             worker=record.worker,
+            progress=JobProgress.from_record(record),
         )
 
 
@@ -184,13 +276,52 @@ class Job(Generic[R]):
             raise JobNotFound(self.id)
         status = _status(record.status)
         if status is JobStatus.COMPLETE:
-            value: R = decode(record.result or b"\xc0", self._result_type)
+            data = record.result or b"\xc0"
+            try:
+                value: R = decode(data, self._result_type)
+            except SerializationError:
+                # A group's results hold members that did not complete as an extension.
+                value = decode_result(data, self._result_type)
             return value
         if status is JobStatus.ABORTED:
             raise JobAborted(self.id)
         error = decode_error(record.error) if record.error else ErrorInfo("Unknown", record.reason)
         message = f"{error.message} ({record.reason})" if record.reason else error.message
         raise JobFailed(self.id, status.value, error.type, message, error.traceback)
+
+    async def progress(self) -> JobProgress | None:
+        """The progress the task last reported (``ctx.progress``), or None."""
+        record = await (await self._queue.connected_broker()).record(self.id)
+        return None if record is None else JobProgress.from_record(record)
+
+    async def events(self, *, since: str = "0-0/*") -> AsyncIterator[JobEvent]:
+        """This job's events: those the queue still keeps, then each as it happens, until
+        the job ends (completed, failed, dead or aborted).
+
+        Reads the queue's event stream (see :meth:`Queue.events`), so it suits watching one
+        job for a while, not thousands at once. Ends at once, after what is kept, when the
+        job has ended already or does not exist."""
+        broker = await self._queue.connected_broker()
+        cursor, live = since, False
+        while True:
+            batch = await broker.events(cursor, 500, EVENT_WAIT if live else None)
+            for stored in batch:
+                cursor = stored.cursor
+                if stored.job_id == self.id:
+                    yield JobEvent.from_stored(stored)
+                    if stored.kind in _FINAL_EVENTS:
+                        return
+            if batch:
+                continue
+            if not live:
+                record = await broker.record(self.id)
+                if record is None or record.status in _FINAL:
+                    # Its last events may have arrived since the read above.
+                    for stored in await broker.events(cursor, 500, None):
+                        if stored.job_id == self.id:
+                            yield JobEvent.from_stored(stored)
+                    return
+                live = True
 
     async def abort(self) -> JobStatus:
         """Abort the job: a queued or delayed job never runs; a running one is cancelled.

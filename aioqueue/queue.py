@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
     Concatenate,
+    Literal,
     NoReturn,
     ParamSpec,
     Protocol,
@@ -18,21 +19,22 @@ from typing import (
     overload,
 )
 
-from aioqueue.brokers.base import Broker, NewJob, QueueCounts
+from aioqueue.brokers.base import Broker, FlowNode, NewJob, QueueCounts
 from aioqueue.context import Context
 from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
-from aioqueue.job import Job, JobInfo
+from aioqueue.job import EVENT_WAIT, Job, JobEvent, JobInfo
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, Signer, encode
 from aioqueue.settings import Settings, resolve_settings, unknown_keywords
 from aioqueue.stats import QueueStats, collect_stats
-from aioqueue.task import JobOptions, JobRequest, Task
+from aioqueue.task import JobOptions, JobRequest, Task, dependency_ids
 
 if TYPE_CHECKING:
     from aioqueue.middleware import Middleware
     from aioqueue.worker import Hook, Worker
+    from aioqueue.workflow import Chain, Group, GroupJob
 
 __all__ = ["Queue"]
 
@@ -138,6 +140,7 @@ class Queue:
             block=settings.block,
             max_connections=settings.max_connections,
             max_payload_bytes=settings.max_payload_bytes,
+            events_max_len=settings.events_max_len,
         )
 
     async def close(self) -> None:
@@ -268,12 +271,23 @@ class Queue:
         at: datetime | None = None,
         retries: int | None = None,
         timeout: float | None = None,
+        depends_on: Iterable[Job[Any] | str] = (),
+        on_dependency_failure: Literal["fail", "run"] = "fail",
     ) -> QueueOptions:
-        """Per-job options for enqueue by name: ``queue.options(delay=5).enqueue("t", 1)``."""
-        options = JobOptions(job_id=job_id, delay=delay, at=at, retries=retries, timeout=timeout)
+        """Per-job options for enqueue by name: ``queue.options(delay=5).enqueue("t", 1)``;
+        see :class:`~aioqueue.JobOptions`."""
+        options = JobOptions(
+            job_id=job_id,
+            delay=delay,
+            at=at,
+            retries=retries,
+            timeout=timeout,
+            depends_on=dependency_ids(depends_on),
+            on_dependency_failure=on_dependency_failure,
+        )
         return QueueOptions(self, options)
 
-    async def enqueue_many(self, requests: Iterable[JobRequest]) -> list[Job[Any]]:
+    async def enqueue_many(self, requests: Iterable[JobRequest[Any]]) -> list[Job[Any]]:
         """Enqueue many jobs in pipelined round trips (a few hundred jobs per script call).
 
         Jobs whose ``job_id`` already exists are not enqueued again; their existing handle is
@@ -281,42 +295,81 @@ class Queue:
         then writes none of the batch.
         """
         now_ms = int(time.time() * 1000)
-        limit = self.settings.max_payload_bytes
-        trace = self._trace()
+        trace = self.trace_carrier()
         new_jobs: list[NewJob] = []
         jobs: list[Job[Any]] = []
         for request in requests:
-            task = self.tasks.get(request.task)
-            args, kwargs = request.args, request.kwargs
-            if task is None:
-                if self.tasks:
-                    raise UnknownTask(request.task, list(self.tasks))
-            elif not request.checked:
-                args, kwargs = task.signature.bind(args, kwargs)
             options = request.options
-            envelope = encode(
-                Envelope(
-                    request.task,
-                    args,
-                    kwargs,
-                    now_ms,
-                    options.retries,
-                    options.timeout,
-                    trace,
+            flow = None
+            if options.depends_on:
+                flow = FlowNode(
+                    policy="any" if options.on_dependency_failure == "run" else "fast",
+                    pending=len(options.depends_on),
+                    after=tuple((d, slot) for slot, d in enumerate(options.depends_on, 1)),
                 )
-            )
             job_id = options.job_id or new_job_id()
-            envelope = self.signer.seal(job_id, envelope)
-            if len(envelope) > limit:
-                raise PayloadTooLarge(request.task, len(envelope), limit)
-            new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms()))
-            jobs.append(self.job(job_id, task))
+            new_jobs.append(self.new_job(request, job_id, now_ms, trace, flow))
+            jobs.append(self.job(job_id, self.tasks.get(request.task)))
         if new_jobs:
             broker = await self.connected_broker()
             await broker.enqueue(new_jobs, self.settings.max_size)
         return jobs
 
-    def _trace(self) -> dict[str, str] | None:
+    def new_job(
+        self,
+        request: JobRequest[Any],
+        job_id: str,
+        now_ms: int,
+        trace: dict[str, str] | None,
+        flow: FlowNode | None = None,
+    ) -> NewJob:
+        """A request as the broker writes it: arguments checked against the task (when this
+        process knows it), envelope encoded and sealed, size checked."""
+        task = self.tasks.get(request.task)
+        args, kwargs = request.args, request.kwargs
+        if task is None:
+            if self.tasks:
+                raise UnknownTask(request.task, list(self.tasks))
+        elif not request.checked:
+            args, kwargs = task.signature.bind(args, kwargs)
+        options = request.options
+        envelope = encode(
+            Envelope(request.task, args, kwargs, now_ms, options.retries, options.timeout, trace)
+        )
+        envelope = self.signer.seal(job_id, envelope)
+        limit = self.settings.max_payload_bytes
+        if len(envelope) > limit:
+            raise PayloadTooLarge(request.task, len(envelope), limit)
+        return NewJob(job_id, envelope, *options.schedule_ms(), flow)
+
+    @overload
+    async def enqueue_flow(self, workflow: Group[R]) -> GroupJob[R]: ...
+
+    @overload
+    async def enqueue_flow(self, workflow: Chain[R]) -> Job[R]: ...
+
+    async def enqueue_flow(self, workflow: Group[Any] | Chain[Any]) -> GroupJob[Any] | Job[Any]:
+        """Enqueue a workflow (a :func:`~aioqueue.group` or a chain) on this queue, all of
+        it or none: returns a :class:`~aioqueue.GroupJob` for a group, the last step's
+        :class:`Job` for a chain. ``workflow.enqueue()`` does the same on the queue of its
+        first task."""
+        from aioqueue.workflow import Group, _Plan
+
+        plan = _Plan(self)
+        out = plan.add(workflow, None)
+        await plan.write()
+        if isinstance(workflow, Group):
+            return plan.group_job(out)
+        return self.job(out, plan.result_task(out))
+
+    async def get_group(self, group_id: str) -> GroupJob[Any]:
+        """The handle of an enqueued group, from its id."""
+        from aioqueue.workflow import open_group
+
+        return await open_group(self, group_id)
+
+    def trace_carrier(self) -> dict[str, str] | None:
+        """The tracing context to put into jobs enqueued now (see ``trace_context``)."""
         if self.trace_context is None:
             return None
         carrier = self.trace_context()
@@ -328,6 +381,23 @@ class Queue:
         """A handle on the job with this id (it may or may not exist)."""
         result_type = task.signature.return_type if task is not None else Any
         return Job(self, job_id, result_type)
+
+    async def events(self, since: str | None = None) -> AsyncIterator[JobEvent]:
+        """Every job event of this queue as it happens (``async for event in
+        queue.events()``), without polling: a blocking read of the queue's capped event
+        stream.
+
+        ``since`` resumes after an event's ``cursor`` (a consumer that reconnects passes the
+        last one it handled, and sees every later event once, in order), or ``"0-0/*"``
+        starts from the oldest event kept; None starts with the next event. The stream keeps
+        ``events_max_len`` entries; a consumer that falls further behind misses the
+        oldest."""
+        broker = await self.connected_broker()
+        cursor = since or await broker.events_tail()
+        while True:
+            for stored in await broker.events(cursor, 500, EVENT_WAIT):
+                cursor = stored.cursor
+                yield JobEvent.from_stored(stored)
 
     async def counts(self) -> QueueCounts:
         """How many jobs are ready, pending (running), delayed and dead."""

@@ -62,10 +62,33 @@ class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):
     traceback: str = ""
 
 
+class MemberFailure(msgspec.Struct, array_like=True, frozen=True):
+    """A group member that did not complete, standing in for its result where the group's
+    results are passed on with ``on_failure="pass"``."""
+
+    status: str
+    """How the member ended: ``failed``, ``dead``, ``aborted`` (or ``missing``)."""
+    job_id: str
+    type: str
+    """The member's error type, e.g. ``ValueError``."""
+    message: str
+    traceback: str = ""
+
+
+MEMBER_ERROR_EXT = 42
+"""The msgpack extension code a group's result uses for a member that did not complete."""
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code == MEMBER_ERROR_EXT:
+        return msgspec.msgpack.decode(data, type=MemberFailure)
+    return msgspec.msgpack.Ext(code, bytes(data))
+
+
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
-_any_decoder = msgspec.msgpack.Decoder()
+_any_decoder = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 
 
 def encode(value: Any) -> bytes:
@@ -81,8 +104,19 @@ def decode(data: bytes, type_: Any = Any) -> Any:
     try:
         if type_ is Any:
             return _any_decoder.decode(data)
-        return msgspec.msgpack.decode(data, type=type_)
+        return msgspec.msgpack.decode(data, type=type_, ext_hook=_ext_hook)
     except (msgspec.DecodeError, RecursionError) as exc:
+        raise SerializationError(f"cannot decode {type_!r}: {exc}") from exc
+
+
+def decode_result(data: bytes, type_: Any = Any) -> Any:
+    """Decode a result that may hold workflow values (a group's results, with
+    :class:`MemberFailure` in place of members that did not complete), checking it against
+    ``type_``."""
+    try:
+        value = _any_decoder.decode(data)
+        return value if type_ is Any else msgspec.convert(value, type_, strict=True)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise SerializationError(f"cannot decode {type_!r}: {exc}") from exc
 
 
@@ -147,6 +181,10 @@ class Signer:
         return stored
 
 
+# Stands for the argument a workflow step is fed at run time, while binding the others.
+_FED: Any = object()
+
+
 class Signature:
     """A task function's signature, used to bind and type-check arguments.
 
@@ -203,6 +241,21 @@ class Signature:
         bound = self._bind_slow(args, kwargs)
         return bound.args, bound.kwargs
 
+    def bind_fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Bind the arguments of a workflow step whose first argument a dependency will feed
+        at run time (it is checked then): everything after it, converted as :meth:`bind`
+        does."""
+        params = list(self.signature.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if not params or params[0].kind not in positional:
+            raise InvalidArguments(
+                f"task {self.task_name!r} takes no positional argument for the result it is fed"
+            )
+        bound = self._bind_slow((_FED, *args), kwargs)
+        return bound.args[1:], bound.kwargs
+
     def _bind_slow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
         try:
             bound = self.signature.bind(*args, **kwargs)
@@ -211,7 +264,7 @@ class Signature:
         if self._typed:
             for name, value in bound.arguments.items():
                 type_ = self._types[name]
-                if type_ is Any:
+                if type_ is Any or value is _FED:
                     continue
                 try:
                     bound.arguments[name] = msgspec.convert(value, type_, strict=True)

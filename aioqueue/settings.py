@@ -133,6 +133,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Largest encoded job accepted at enqueue."""
     result_ttl: Annotated[float, _Positive] = 86_400.0
     """Seconds a finished job (status and result) is kept. Dead letters are kept until purged."""
+    events_max_len: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    """Entries kept in the queue's job-event stream (each holds the events of one state
+    change, which may cover many jobs); 0 keeps no events."""
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = 100
     """Jobs one worker process runs at the same time."""
     lease: Annotated[float, _Positive] = 30.0

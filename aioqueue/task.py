@@ -8,7 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
 
 from aioqueue.errors import ConfigurationError
 from aioqueue.retry import Backoff
@@ -18,11 +18,15 @@ if TYPE_CHECKING:
     from aioqueue.context import Context
     from aioqueue.job import Job
     from aioqueue.queue import Queue
+    from aioqueue.workflow import Chain, Partial
 
 __all__ = ["JobOptions", "JobRequest", "Task", "TaskOptions"]
 
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
+R2 = TypeVar("R2")
+A = TypeVar("A")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +36,12 @@ class JobOptions:
     ``job_id`` makes enqueue idempotent: while a job with that id exists, enqueueing it again
     returns the existing job. ``delay`` (seconds or timedelta) or ``at`` (an aware datetime)
     schedule it for later. ``retries`` and ``timeout`` override the task's own.
+
+    ``depends_on`` (jobs or job ids) holds the job, status ``waiting``, until each of them
+    has ended; nothing polls: the last one to end releases it in the same step. When one
+    of them does not complete (failed, dead, aborted, or no such job),
+    ``on_dependency_failure="fail"`` fails this job at once with that reason, ``"run"``
+    runs it anyway.
     """
 
     job_id: str | None = None
@@ -39,8 +49,15 @@ class JobOptions:
     at: datetime | None = None
     retries: int | None = None
     timeout: float | None = None
+    depends_on: tuple[str, ...] = ()
+    on_dependency_failure: Literal["fail", "run"] = "fail"
 
     def __post_init__(self) -> None:
+        if self.on_dependency_failure not in ("fail", "run"):
+            raise ConfigurationError('on_dependency_failure must be "fail" or "run"')
+        for dependency in self.depends_on:
+            if not isinstance(dependency, str) or not re.fullmatch(TASK_NAME, dependency):
+                raise ConfigurationError(f"depends_on: {dependency!r} is no job id")
         if self.delay is not None and self.at is not None:
             raise ConfigurationError("give either delay or at, not both")
         if self.at is not None and self.at.tzinfo is None:
@@ -92,9 +109,15 @@ def check_limits(prefix: str, retries: int | None, timeout: float | None) -> Non
         raise ConfigurationError(f"{prefix}timeout must be > 0 and at most {MAX_TIMEOUT:g} s")
 
 
+def dependency_ids(depends_on: Iterable[Job[Any] | str]) -> tuple[str, ...]:
+    """Job ids from jobs or ids, for ``depends_on``."""
+    return tuple(item if isinstance(item, str) else item.id for item in depends_on)
+
+
 @dataclass(frozen=True, slots=True)
-class JobRequest:
-    """One prepared job for :meth:`Queue.enqueue_many`: task name, arguments, options."""
+class JobRequest(Generic[R]):
+    """One prepared job: for :meth:`Queue.enqueue_many`, :func:`aioqueue.group`, or the
+    first step of a chain (:meth:`then`)."""
 
     task: str
     args: tuple[Any, ...]
@@ -102,6 +125,27 @@ class JobRequest:
     options: JobOptions = field(default_factory=JobOptions)
     checked: bool = False
     """True once the arguments were bound against the task's signature."""
+    queue: Queue | None = None
+    """The queue of the task it was prepared from (None when prepared by name)."""
+
+    def then(
+        self, task: Task[Concatenate[R, P2], R2], /, *args: P2.args, **kwargs: P2.kwargs
+    ) -> Chain[R2]:
+        """A chain: when this job completes, run ``task`` with its result as the first
+        argument, followed by ``args``."""
+        from aioqueue.workflow import Chain
+
+        return Chain((self,)).then(task, *args, **kwargs)
+
+    async def enqueue(self) -> Job[R]:
+        """Enqueue this job (on the queue of the task it was prepared from)."""
+        if self.queue is None:
+            raise ConfigurationError(
+                "a job prepared by name has no queue: use queue.enqueue_many([request])"
+            )
+        (job,) = await self.queue.enqueue_many([self])
+        task = self.queue.tasks.get(self.task)
+        return self.queue.job(job.id, task)
 
 
 class Task(Generic[P, R]):
@@ -160,18 +204,39 @@ class Task(Generic[P, R]):
         at: datetime | None = None,
         retries: int | None = None,
         timeout: float | None = None,
+        depends_on: Iterable[Job[Any] | str] = (),
+        on_dependency_failure: Literal["fail", "run"] = "fail",
     ) -> TaskOptions[P, R]:
-        """Per-job options: ``task.options(delay=60, job_id="x").enqueue(...)``."""
-        options = JobOptions(job_id=job_id, delay=delay, at=at, retries=retries, timeout=timeout)
+        """Per-job options: ``task.options(delay=60, job_id="x").enqueue(...)``; see
+        :class:`JobOptions`."""
+        options = JobOptions(
+            job_id=job_id,
+            delay=delay,
+            at=at,
+            retries=retries,
+            timeout=timeout,
+            depends_on=dependency_ids(depends_on),
+            on_dependency_failure=on_dependency_failure,
+        )
         return TaskOptions(self, options)
 
-    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
-        """A job to pass to :meth:`Queue.enqueue_many`, arguments checked now."""
+    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest[R]:
+        """A prepared job (for :meth:`Queue.enqueue_many`, a group or a chain), arguments
+        checked now."""
         return TaskOptions(self, JobOptions()).prepare(*args, **kwargs)
+
+    def partial(
+        self: Task[Concatenate[A, P2], R], *args: P2.args, **kwargs: P2.kwargs
+    ) -> Partial[A, R]:
+        """A workflow step fed its first argument by what runs before it (a chain's
+        previous step): the other arguments are given and checked now."""
+        return TaskOptions(self, JobOptions()).partial(*args, **kwargs)
 
     async def map(self, arguments: Iterable[Sequence[Any]]) -> list[Job[R]]:
         """Fan out: enqueue one job per argument tuple in pipelined round trips."""
-        requests = [JobRequest(self.name, tuple(args), {}) for args in arguments]
+        requests: list[JobRequest[R]] = [
+            JobRequest(self.name, tuple(args), {}) for args in arguments
+        ]
         jobs = await self.queue.enqueue_many(requests)
         return [self.queue.job(job.id, self) for job in jobs]
 
@@ -185,10 +250,34 @@ class TaskOptions(Generic[P, R]):
         self.task = task
         self.options = options
 
-    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest:
-        """A job to pass to :meth:`Queue.enqueue_many`."""
+    def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest[R]:
+        """A prepared job with these options."""
         checked_args, checked_kwargs = self.task.signature.bind(args, kwargs)
-        return JobRequest(self.task.name, checked_args, checked_kwargs, self.options, checked=True)
+        return JobRequest(
+            self.task.name,
+            checked_args,
+            checked_kwargs,
+            self.options,
+            checked=True,
+            queue=self.task.queue,
+        )
+
+    def partial(
+        self: TaskOptions[Concatenate[A, P2], R], *args: P2.args, **kwargs: P2.kwargs
+    ) -> Partial[A, R]:
+        """A workflow step with these options, fed its first argument at run time."""
+        from aioqueue.workflow import Partial
+
+        checked_args, checked_kwargs = self.task.signature.bind_fed(args, kwargs)
+        request: JobRequest[R] = JobRequest(
+            self.task.name,
+            checked_args,
+            checked_kwargs,
+            self.options,
+            checked=True,
+            queue=self.task.queue,
+        )
+        return Partial(request)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Enqueue one run with these options."""

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -128,7 +129,9 @@ async def drain(
         (delivery,) = deliveries
         running = Running(delivery)
         # A task of its own, so the job's timeout can cancel it as a worker's would.
-        run = asyncio.create_task(execute(running, queue, shared))
+        run = asyncio.create_task(
+            execute(running, queue, shared, report=partial(broker.progress, CONSUMER))
+        )
         running.task = run
         settlement = await run
         if settlement is not None:

@@ -102,6 +102,8 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state: dict[str, Any] = {}
         self.started_at: float | None = None
+        # The broker the running worker serves with (progress reports go through it).
+        self._serving: Broker | None = None
         self.completed = 0
         self.failed = 0
         self.completed_last_minute = RateWindow(60)
@@ -254,6 +256,7 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self.started_at = time.time()
+        self._serving = broker
         logger.info(
             "worker %s consuming queue %r (concurrency %d, lease %gs)",
             self.id,
@@ -488,7 +491,7 @@ class Worker:
     async def _execute(self, running: Running) -> None:
         try:
             settlement = await execute(
-                running, self.queue, self.state, self.middleware, self.signer
+                running, self.queue, self.state, self.middleware, self.signer, self._report
             )
         except asyncio.CancelledError:
             if running.cancel_reason is None:
@@ -502,6 +505,12 @@ class Worker:
             self._forget(running)
         else:
             self._outbox.put_nowait((running, settlement))
+
+    async def _report(self, delivery: Delivery, fraction: float, message: str, seq: int) -> bool:
+        """Store a task's progress report (``ctx.progress``)."""
+        if self._serving is None:
+            return False
+        return await self._serving.progress(self.id, delivery, fraction, message, seq)
 
     def _forget(self, running: Running) -> None:
         if self._in_flight.get(running.delivery.entry_id) is running:

@@ -73,8 +73,16 @@ WORKLOADS: dict[str, Workload] = {
             "W5", 20_000, "ceiling: bare redis-py XADD / XREADGROUP+XACK+XDEL+SET", ("ceiling",)
         ),
         Workload("W6", 1_000_000, "soak: 1M no-op jobs through one aioqueue worker", ("aioqueue",)),
+        Workload(
+            "W7",
+            20_000,
+            "workflow: a group of 19,999 no-op members and a fan-in callback, then one worker",
+            ("aioqueue",),
+        ),
+        Workload("W8", 1_000, "workflow: a chain of 1,000 steps, one worker", ("aioqueue",)),
     )
 }
+WORKFLOWS = ("W7", "W8")  # aioqueue only, and not measured on a --baseline without them
 DEFAULT_LIBS = ("aioqueue", *PEERS)
 DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
@@ -223,6 +231,8 @@ METRICS = {
     "W4": ("rate",),
     "W5": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
     "W6": ("rate",),
+    "W7": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    "W8": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
 }
 
 
@@ -349,6 +359,7 @@ def render(report: dict[str, Any]) -> str:
         if soak is not None:
             lines.append("")
             lines.append(_render_soak(lib, soak))
+    lines += _render_workflows(res.get("aioqueue", {}))
     lines += _render_baseline(report)
     notes = []
     for lib, r in res.items():
@@ -360,6 +371,47 @@ def render(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Problems:", *notes]
     return "\n".join(lines).strip()
+
+
+def _render_workflows(aioqueue: dict[str, Any]) -> list[str]:
+    """W7/W8 next to W1 (plain jobs), when measured."""
+    rows = [(wl, aioqueue.get(wl)) for wl in ("W1", *WORKFLOWS)]
+    if not any(r is not None for wl, r in rows if wl in WORKFLOWS):
+        return []
+    names = {
+        "W1": "20,000 plain jobs (W1)",
+        "W7": "group of 19,999 + callback (W7)",
+        "W8": "chain of 1,000 steps (W8)",
+    }
+    lines = [
+        "",
+        "Workflows (aioqueue): enqueue rate, then one worker's rate over all jobs of it",
+        "",
+        "| workload | enqueue jobs/s | run jobs/s | worker CPU µs/job | redis-server CPU µs/job |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for wl, r in rows:
+        if r is None:
+            continue
+        lines.append(
+            f"| {names[wl]} | {_cell(r, lambda m: _num(m.get('enqueue_rate')))} "
+            f"| {_cell(r, lambda m: _num(m.get('rate')))} "
+            f"| {_cell(r, lambda m: _num(m.get('cpu_us_per_job')))} "
+            f"| {_cell(r, lambda m: _num(m.get('redis_cpu_us_per_job')))} |"
+        )
+    w1, w7 = aioqueue.get("W1"), aioqueue.get("W7")
+    if w1 and w7 and w1.get("status") == "ok" and w7.get("status") == "ok":
+        lines += [
+            "",
+            f"- group enqueue time / enqueue_many time: "
+            f"{w1['median']['enqueue_rate'] / w7['median']['enqueue_rate']:.2f}x",
+            f"- group members run rate / plain jobs: "
+            f"{w7['median']['rate'] / w1['median']['rate']:.2f}",
+        ]
+    w8 = aioqueue.get("W8")
+    if w8 and w8.get("status") == "ok" and w8["median"].get("rate"):
+        lines.append(f"- chain: {1000 / w8['median']['rate']:.2f} ms per step")
+    return lines
 
 
 def _render_soak(label: str, soak: dict[str, Any]) -> str:
@@ -465,7 +517,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default=",".join(DEFAULT_WORKLOADS),
-        help="comma list of W1..W6 (default W1-W5; W6 soak only when named)",
+        help="comma list of W1..W8 (default W1-W5; W6 soak and W7/W8 workflows only when\nnamed)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; median reported")
     p.add_argument("--jobs", type=float, default=1.0, help="scale factor for every job count")
@@ -593,6 +645,8 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
             n = report["config"]["job_counts"][wl]
             print(f"\n== {wl} ({n:,} jobs): {WORKLOADS[wl].title}", flush=True)
             labels = labels_for(libs_for(wl, args.libs), aq)
+            if wl in WORKFLOWS and baseline is not None:
+                labels = [label for label in labels if label != baseline.label]
             for label in labels:
                 if label not in available:
                     results[label][wl] = {"status": "unavailable"}
@@ -604,7 +658,7 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
                 for label in labels:
                     t = targets[label]
                     t0 = time.monotonic()
-                    if wl in ("W1", "W2", "W5"):
+                    if wl in ("W1", "W2", "W5", *WORKFLOWS):
                         run = run_throughput(srv, t, wl, n)
                     elif wl == "W3":
                         run = run_latency(srv, t, n, args.settle)

@@ -226,12 +226,12 @@ async def test_requeue_resent_after_the_job_died_again_does_not_requeue_it_twice
 ) -> None:
     delivery = await running_job(broker)
     await broker.settle(CONSUMER, [Finished(delivery, "dead", b"err", "why")])
-    keys = [broker.keys.stream, broker.keys.dead, broker.keys.job("j1")]
-    assert await broker._eval("requeue", keys, ["token-1", "j1"]) == 1
+    keys = [broker.keys.stream, broker.keys.dead, broker.keys.events, broker.keys.job("j1")]
+    assert await broker._eval("requeue", keys, ["token-1", 0, "j1"]) == 1
     # The requeued job runs and dies again before the lost reply's re-send arrives.
     (again,) = await broker.fetch(CONSUMER, 1, 0.1, 5)
     await broker.settle(CONSUMER, [Finished(again, "dead", b"err", "why")])
-    assert await broker._eval("requeue", keys, ["token-1", "j1"]) == 1
+    assert await broker._eval("requeue", keys, ["token-1", 0, "j1"]) == 1
     assert job(redis_client, broker.keys, "j1")["status"] == "dead"
     assert redis_client.xlen(broker.keys.stream) == 0
 

@@ -45,3 +45,59 @@ def test_mypy_rejects_wrong_arguments_and_result_types(tmp_path: Path) -> None:
         'Incompatible types in assignment (expression has type "int", variable has type "str")  '
         "[assignment]",
     ]
+
+
+WORKFLOWS = """
+from aioqueue import Context, MemberFailure, Queue, chain, group
+
+queue = Queue()
+
+
+@queue.task
+async def fetch(ctx: Context, url: str) -> bytes:
+    return b""
+
+
+@queue.task
+async def parse(ctx: Context, body: bytes, encoding: str) -> list[str]:
+    return []
+
+
+@queue.task
+async def count(ctx: Context, rows: list[list[str]]) -> int:
+    return 0
+
+
+@queue.task
+async def tally(ctx: Context, rows: list[bytes | MemberFailure]) -> int:
+    return 0
+
+
+async def main() -> None:
+    words: list[str] = await (await fetch.prepare("u").then(parse, "utf-8").enqueue()).result()
+    members = [fetch.prepare("u").then(parse, "utf-8") for _ in range(3)]
+    total: int = await (await group(members).then(count).enqueue()).result()
+    results: list[bytes] = await (await group([fetch.prepare("u")]).enqueue()).results()
+    passed = group([fetch.prepare("u")], on_failure="pass").then(tally)
+    fetch.prepare("u").then(parse, 8)
+    fetch.prepare("u").then(count)
+    wrong: str = await (await group(members).then(count).enqueue()).result()
+"""
+
+
+def test_mypy_checks_workflow_steps(tmp_path: Path) -> None:
+    program = tmp_path / "workflows.py"
+    program.write_text(WORKFLOWS)
+    stdout, _, status = api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", str(program)]
+    )
+    errors = [line.split(": error: ")[1] for line in stdout.splitlines() if ": error: " in line]
+    assert status == 1, stdout
+    assert errors == [
+        'Argument 2 to "then" of "JobRequest" has incompatible type "int"; expected "str"  '
+        "[arg-type]",
+        'Argument 1 to "then" of "JobRequest" has incompatible type "Task[[list[list[str]]], '
+        'int]"; expected "Task[[bytes], int]"  [arg-type]',
+        'Incompatible types in assignment (expression has type "int", variable has type "str")  '
+        "[assignment]",
+    ], stdout

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,34 @@ class NewJob:
     envelope: bytes
     run_at_ms: int = 0
     delay_ms: int = 0
+    flow: FlowNode | None = None
+    """Its place in a workflow: what it waits for and who waits for it (None: a plain job)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowNode:
+    """How one job of a workflow is wired (see docs/workflows.md).
+
+    A job with dependencies is stored ``waiting`` until each has ended; a dependency hands
+    its outcome to each dependant on an edge numbered by ``slot``. Edges to jobs of the same
+    batch are listed on the dependency (``next``), edges to jobs that existed before on the
+    dependant (``after``).
+    """
+
+    kind: str = "job"
+    """``job`` runs; ``group`` never runs: it completes with its members' results."""
+    policy: str = "fast"
+    """When a dependency does not complete: ``fast`` fails this job at once; ``any`` runs
+    it anyway; for groups, ``wait`` fails it once every member ended, ``pass`` completes it
+    with the failures as values."""
+    feed: bool = False
+    """The (single) dependency's result becomes the first argument."""
+    pending: int = 0
+    """How many dependencies (edges into this job)."""
+    next: tuple[tuple[str, int], ...] = ()
+    """(dependant id, slot) for dependants written in the same batch."""
+    after: tuple[tuple[str, int], ...] = ()
+    """(dependency id, slot) for dependencies that are not in the batch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +62,9 @@ class Delivery:
     envelope: bytes
     attempt: int
     deliveries: int
+    input: bytes | None = None
+    """Workflows: the encoded result of the dependency that feeds this job its first
+    argument (a chain's previous step, a group's callback); None for other jobs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +127,23 @@ class JobRecord:
     error: bytes | None
     reason: str
     worker: str
+    progress: float | None = None
+    """The last fraction done the running task reported (``ctx.progress``), if any."""
+    progress_message: str = ""
+    progress_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One job event as the broker keeps it (see ``queue.events()``)."""
+
+    cursor: str
+    """Where this event is in the queue's event stream: ``<entry id>/<index>``; reading
+    after it resumes with the next event."""
+    at_ms: int
+    job_id: str
+    kind: str
+    details: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +256,12 @@ class WorkerBroker(Protocol):
     ) -> tuple[list[str], list[str]]:
         """Renew leases; returns (entry ids no longer owned, entry ids of jobs aborted)."""
 
+    async def progress(
+        self, consumer: str, delivery: Delivery, fraction: float, message: str, seq: int
+    ) -> bool:
+        """Store and announce a running job's progress (report number ``seq`` of this
+        delivery); False when this delivery no longer runs the job."""
+
     async def listen_aborts(
         self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
     ) -> None:
@@ -249,6 +303,20 @@ class AdminBroker(Protocol):
 
     async def abort(self, job_id: str) -> str:
         """Abort a job; returns the status it had (``not_found`` if none)."""
+
+    async def abort_many(self, job_ids: Sequence[str]) -> list[str]:
+        """Abort jobs in one round trip; returns the status each had."""
+
+    async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The status of each job (None: no such job), in one round trip."""
+
+    async def events_tail(self) -> str:
+        """The cursor of the newest event kept (reading after it waits for new ones)."""
+
+    async def events(self, after: str, count: int, block: float | None) -> list[StoredEvent]:
+        """Up to about ``count`` events after cursor ``after`` (``"0-0/*"``: from the oldest
+        kept), waiting up to ``block`` seconds for one when there is none (None: do not
+        wait)."""
 
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""

@@ -126,6 +126,10 @@ async def _produce(mod: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
             bulk = False
             for _ in range(n):
                 await prod.one("noop")
+        elif args.workload in ("W7", "W8"):
+            # Workflows (aioqueue only): one group of n - 1 members and its callback, or one
+            # chain of n steps: n jobs run either way.
+            await prod.flow(args.workload, n)
         else:
             raise SystemExit(f"unknown workload {args.workload}")
         elapsed = time.perf_counter() - t0

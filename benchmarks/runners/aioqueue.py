@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aioqueue import Context, Queue
+from aioqueue import Context, Queue, group
 from runners import _base
 
 QUEUE = "bench"
@@ -32,7 +32,16 @@ def _queue(url: str, result_ttl: int = 60) -> Queue:
     async def lat(ctx: Context, t0: float) -> None:
         _base.hit_latency(t0)
 
-    TASKS.update(noop=noop, sleep=sleeper, lat=lat)
+    @queue.task(name="gather")
+    async def gather(ctx: Context, results: list[None]) -> None:
+        _base.hit()
+
+    @queue.task(name="step")
+    async def step(ctx: Context, n: int) -> int:
+        _base.hit()
+        return n + 1
+
+    TASKS.update(noop=noop, sleep=sleeper, lat=lat, gather=gather, step=step)
     return queue
 
 
@@ -46,6 +55,16 @@ class _Producer:
     async def many(self, kind: str, n: int) -> None:
         task = TASKS[kind]
         await self.queue.enqueue_many([task.prepare() for _ in range(n)])
+
+    async def flow(self, workload: str, n: int) -> None:
+        if workload == "W7":
+            members = [TASKS["noop"].prepare() for _ in range(n - 1)]
+            await group(members).then(TASKS["gather"]).enqueue()
+        else:
+            chain = TASKS["step"].prepare(0)
+            for _ in range(n - 1):
+                chain = chain.then(TASKS["step"])
+            await chain.enqueue()
 
 
 @asynccontextmanager

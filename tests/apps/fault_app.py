@@ -47,3 +47,19 @@ async def fails(ctx: Context, message: str) -> None:
 
 
 worker = queue.worker(concurrency=10, on_startup=[open_redis], on_shutdown=[close_redis])
+
+
+@queue.task(retries=0)
+async def member(ctx: Context, i: int) -> int:
+    """A group member with a little work, so a SIGKILL lands while members run."""
+    await asyncio.sleep(0.05)
+    return i
+
+
+@queue.task(retries=0)
+async def gather(ctx: Context, results: list[int]) -> int:
+    """A fan-in callback: counts its runs and checks it got every result in order."""
+    client = ctx.state["redis"]
+    await client.incr(f"gather-runs:{ctx.job_id}")
+    await client.set(f"gather-in-order:{ctx.job_id}", int(results == list(range(len(results)))))
+    return len(results)

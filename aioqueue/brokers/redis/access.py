@@ -68,6 +68,12 @@ def script_commands(name: str) -> frozenset[str]:
     return frozenset(commands)
 
 
+OPTIONAL = frozenset({"publish"})
+"""Commands scripts only run with ``redis.pcall``, whose refusal does not stop the script (a
+waiter re-checks its job on its own): a user without channel rights still enqueues and
+settles, so the rights check before a script's first run leaves them out."""
+
+
 ROLES = ("producer", "worker", "monitor", "operator")
 """The roles aioqueue knows the ACL rights of (``Securing Redis`` in docs/deploying.md):
 a producer enqueues, waits for results and aborts jobs; a worker runs them; a monitor only
@@ -78,7 +84,17 @@ operator also requeues and purges dead letters and purges the queue."""
 # Every role connects with TIME (the shared clock), EXISTS (the key check) and PING (redis-py's
 # health checks); INFO tells the server version and configuration, which producers skip.
 _DIRECT = {
-    "producer": ("time", "ping", "exists", "hgetall", "subscribe"),
+    "producer": (
+        "time",
+        "ping",
+        "exists",
+        "hget",
+        "hgetall",
+        "subscribe",
+        "xrange",
+        "xrevrange",
+        "xread",
+    ),
     "worker": (
         "info",
         "time",
@@ -112,12 +128,15 @@ _DIRECT = {
         "time",
         "ping",
         "exists",
+        "hget",
         "hgetall",
         "hmget",
         "xlen",
         "xpending",
         "xinfo|groups",
         "xrange",
+        "xrevrange",
+        "xread",
         "zcard",
         "zrange",
         "zrevrange",
@@ -132,6 +151,7 @@ ROLE_SCRIPTS = {
         "cron_claim",
         "ensure_group",
         "forget_consumers",
+        "progress",
         "promote",
         "release",
         "renew",
@@ -198,6 +218,8 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "xlen": ("K",),
     "xpending": ("K", "g"),
     "xrange": ("K", "-", "+"),
+    "xrevrange": ("K", "+", "-"),
+    "xread": ("STREAMS", "K", "0-0"),
     "xreadgroup": ("GROUP", "g", "c", "STREAMS", "K", ">"),
     "zadd": ("K", "1", "m"),
     "zcard": ("K",),
@@ -241,6 +263,8 @@ READS = frozenset(
         "xlen",
         "xpending",
         "xrange",
+        "xrevrange",
+        "xread",
         "zcard",
         "zmscore",
         "zrange",

@@ -4,16 +4,18 @@ counts, workers, dead letters, purges.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.exceptions as rexc
 
-from aioqueue.brokers.base import CronRun, JobRecord, QueueCounts
+from aioqueue.brokers.base import CronRun, JobRecord, QueueCounts, StoredEvent
 from aioqueue.brokers.redis.connection import (
     CHUNK,
     FINAL,
+    Call,
     RedisConnection,
     is_nogroup,
     redis_errors,
@@ -21,6 +23,8 @@ from aioqueue.brokers.redis.connection import (
 )
 from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.refusals import is_refusal
+from aioqueue.errors import SerializationError
+from aioqueue.serialization import decode
 
 __all__ = ["Admin"]
 
@@ -60,11 +64,70 @@ class Admin(RedisConnection):
 
     async def abort(self, job_id: str) -> str:
         """Abort one job; see ``abort.lua``."""
-        keys = [self.keys.stream, self.keys.delayed, self.keys.job(job_id)]
-        # The token lets a re-sent request (lost reply) answer what it answered first.
-        args = [job_id, GROUP, self.result_ttl_ms, self.keys.abort_channel, uuid.uuid4().hex]
-        with redis_errors("aborting a job"):
-            return text(await self._eval("abort", keys, args))
+        (found,) = await self.abort_many([job_id])
+        return found
+
+    async def abort_many(self, job_ids: Sequence[str]) -> list[str]:
+        """Abort jobs, one ``abort.lua`` call each, pipelined; returns the status each had."""
+        calls: list[Call] = []
+        for job_id in job_ids:
+            keys = [self.keys.stream, self.keys.delayed, self.keys.job(job_id), self.keys.events]
+            # The token lets a re-sent request (lost reply) answer what it answered first.
+            token = uuid.uuid4().hex
+            args = [
+                job_id,
+                GROUP,
+                self.result_ttl_ms,
+                self.keys.abort_channel,
+                token,
+                self.events_cap,
+            ]
+            calls.append(("abort", keys, args))
+        if not calls:
+            return []
+        with redis_errors("aborting jobs"):
+            return [text(found) for found in await self._eval_many(calls)]
+
+    async def events_tail(self) -> str:
+        """The cursor after the newest event kept."""
+        with redis_errors("reading job events"):
+            newest = await self.client.xrevrange(self.keys.events, "+", "-", count=1)
+        return f"{text(newest[0][0])}/*" if newest else "0-0/*"
+
+    async def events(self, after: str, count: int, block: float | None) -> list[StoredEvent]:
+        """Events after cursor ``after``: the rest of its entry, then XREAD (blocking up to
+        ``block`` seconds when there is nothing newer)."""
+        entry, _, index = after.partition("/")
+        if not STREAM_ID.fullmatch(entry) or not (index == "*" or index.isdigit()):
+            raise ValueError(f"not an event cursor: {after!r}")
+        found: list[StoredEvent] = []
+        with redis_errors("reading job events"):
+            if index != "*":
+                rows = await self.client.xrange(self.keys.events, entry, entry)
+                for entry_id, fields in cast(Any, rows):
+                    found += _events(entry_id, fields, int(index) + 1)
+            if found:
+                return found
+            streams: dict[Any, Any] = {self.keys.events: entry}
+            if block is None:
+                reply = await self.client.xread(streams, count=count)
+            else:
+                reply = await self.reader.xread(
+                    streams, count=count, block=max(int(block * 1000), 1)
+                )
+        for _, entries in cast(Any, reply) or []:
+            for entry_id, fields in entries:
+                found += _events(entry_id, fields, 0)
+        return found
+
+    async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The status of each job (None: no such job), in one round trip."""
+        with redis_errors("reading job statuses"):
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hget(self.keys.job(job_id), "status")
+            replies = await pipe.execute(raise_on_error=False)
+        return [text(r) if isinstance(r, bytes) else None for r in replies]
 
     async def counts(self) -> QueueCounts:
         """Ready, pending (delivered, unsettled), delayed and dead job counts."""
@@ -210,8 +273,14 @@ class Admin(RedisConnection):
         with redis_errors("requeueing dead letters"):
             for start in range(0, len(job_ids), CHUNK):
                 chunk = job_ids[start : start + CHUNK]
-                keys = [self.keys.stream, self.keys.dead, *(self.keys.job(i) for i in chunk)]
-                requeued += int(await self._eval("requeue", keys, [token, *chunk]))
+                keys = [
+                    self.keys.stream,
+                    self.keys.dead,
+                    self.keys.events,
+                    *(self.keys.job(i) for i in chunk),
+                ]
+                args = [token, self.events_cap, *chunk]
+                requeued += int(await self._eval("requeue", keys, args))
         return requeued
 
     async def purge_dead(self, job_ids: Sequence[str]) -> int:
@@ -240,6 +309,36 @@ def _int(fields: dict[bytes, bytes], name: bytes) -> int | None:
         return None
 
 
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _events(entry_id: Any, fields: dict[bytes, bytes] | None, start: int) -> list[StoredEvent]:
+    """The events of one entry from index ``start``; an entry aioqueue did not write (or
+    cannot read) holds none."""
+    entry = text(entry_id)
+    try:
+        batch = decode(fields[b"e"]) if fields and b"e" in fields else []
+    except SerializationError:
+        return []
+    at_ms = int(entry.partition("-")[0])
+    found: list[StoredEvent] = []
+    for index, item in enumerate(batch if isinstance(batch, list) else []):
+        if index < start or not isinstance(item, list) or len(item) < 2:
+            continue
+        job_id, kind = item[0], item[1]
+        if isinstance(job_id, str) and isinstance(kind, str):
+            found.append(StoredEvent(f"{entry}/{index}", at_ms, job_id, kind, tuple(item[2:])))
+    return found
+
+
+def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
+    value = fields.get(name)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
     return JobRecord(
         job_id=job_id,
@@ -255,4 +354,7 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
         error=fields.get(b"error"),
         reason=text(fields.get(b"reason", b"")),
         worker=text(fields.get(b"worker", b"")),
+        progress=_float(fields, b"progress"),
+        progress_message=text(fields.get(b"progress_message", b"")),
+        progress_ms=_int(fields, b"progress_at"),
     )

@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from aioqueue.brokers.base import ServerFacts
 from aioqueue.brokers.redis import scripts
 from aioqueue.brokers.redis.access import (
+    OPTIONAL,
     OUTSIDE,
     READS,
     ROLE_SCRIPTS,
@@ -139,10 +140,13 @@ class RedisConnection:
         block: float = 5.0,
         max_connections: int = 64,
         max_payload_bytes: int = 1_048_576,
+        events_max_len: int = 10_000,
     ) -> None:
         self.url = url
         self.keys = Keys(queue)
         self.result_ttl_ms = int(result_ttl * 1000)
+        # Entries the events stream keeps (XADD MAXLEN ~); 0: the scripts record no events.
+        self.events_cap = events_max_len
         # A worker refuses larger jobs itself: anyone who can write to Redis can write one.
         self.max_payload_bytes = max_payload_bytes
         # A blocking read must never look like a dead connection: the socket timeout is
@@ -326,7 +330,7 @@ class RedisConnection:
                 return
             commands = set(SCRIPTING)
             for name in todo:
-                commands |= script_commands(name)
+                commands |= script_commands(name) - OPTIONAL
             what = f"the {' and '.join(todo)} script{'s' if len(todo) > 1 else ''}"
             with self._errors(f"checking the rights {what} needs"):
                 await self._probe(sorted(commands), f", which {what} needs")

@@ -59,6 +59,7 @@ class CronClaims(RedisConnection):
                     keys.stream,
                     new_key,
                     keys.job(previous) if previous else new_key,
+                    keys.events,
                 ]
                 args = [
                     name,
@@ -70,6 +71,7 @@ class CronClaims(RedisConnection):
                     GROUP,
                     previous,
                     self.claimer,
+                    self.events_cap,
                 ]
                 answer = text(await self._eval("cron_claim", script_keys, args))
                 if answer != "stale":

@@ -38,6 +38,12 @@ class Keys:
         return f"{self.prefix}:dead"
 
     @property
+    def events(self) -> str:
+        """Capped stream of job events; each entry holds the events of one script call
+        (field ``e``: msgpack array of ``[job id, event, details...]``)."""
+        return f"{self.prefix}:events"
+
+    @property
     def cron(self) -> str:
         """Sorted set: cron job name -> last claimed fire time in ms."""
         return f"{self.prefix}:cron"

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import redis.exceptions as rexc
 
-from aioqueue.brokers.base import Again, Delivery, Done, NewJob, Recorded, Settlement
+from aioqueue.brokers.base import Again, Delivery, Done, FlowNode, NewJob, Recorded, Settlement
 from aioqueue.brokers.redis.connection import (
     CHUNK,
     Call,
@@ -47,6 +47,56 @@ def _describe(exc: Exception) -> str:
     return f"Redis refused part of the enqueue: {exc}"
 
 
+def _lines(edges: Sequence[tuple[str, int]]) -> str:
+    """Edges as enqueue.lua reads them: ``<id>\t<slot>`` per line (ids hold no control
+    characters, see JobOptions)."""
+    return "\n".join(f"{job_id}\t{slot}" for job_id, slot in edges)
+
+
+def _specs(jobs: Sequence[NewJob]) -> list[Any]:
+    """The sparse specs enqueue.lua reads for a workflow: (index, spec) for each job that is
+    more than a plain job. An edge into a group node of the batch goes into the group's
+    ``members`` runs instead of its member's spec, so a group's members need none."""
+    groups = {job.job_id for job in jobs if job.flow is not None and job.flow.kind == "group"}
+    members: dict[str, list[tuple[int, int]]] = {gid: [] for gid in groups}
+    own_next: dict[int, list[tuple[str, int]]] = {}
+    for index, job in enumerate(jobs, 1):
+        for dependant, slot in job.flow.next if job.flow is not None else ():
+            if dependant in groups:
+                members[dependant].append((slot, index))
+            else:
+                own_next.setdefault(index, []).append((dependant, slot))
+    plain = FlowNode()
+    specs: list[Any] = []
+    for index, job in enumerate(jobs, 1):
+        node = job.flow or plain
+        nxt = own_next.get(index, ())
+        scheduled = job.run_at_ms or job.delay_ms
+        default = node.kind == "job" and not (node.pending or node.after or node.feed)
+        if default and not nxt and not scheduled:
+            continue
+        runs = _runs(sorted(members[job.job_id])) if job.job_id in members else ""
+        specs += [
+            index,
+            f"{job.run_at_ms}\x1f{job.delay_ms}\x1f{node.kind}\x1f{node.policy}"
+            f"\x1f{'1' if node.feed else ''}\x1f{node.pending}\x1f{_lines(nxt)}"
+            f"\x1f{_lines(node.after)}\x1f{runs}",
+        ]
+    return specs
+
+
+def _runs(slots: Sequence[tuple[int, int]]) -> str:
+    """(slot, job index) pairs as runs ``<slot>:<index>:<count>`` where both go up by one."""
+    runs: list[list[int]] = []
+    for slot, index in slots:
+        last = runs[-1] if runs else None
+        if last is not None and slot == last[0] + last[2] and index == last[1] + last[2]:
+            last[2] += 1
+        else:
+            runs.append([slot, index, 1])
+    return ",".join(f"{s}:{i}:{c}" for s, i, c in runs)
+
+
 class Lifecycle(RedisConnection):
     """What producers and workers do to jobs."""
 
@@ -57,17 +107,24 @@ class Lifecycle(RedisConnection):
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
         """Write jobs in chunks of one script call each, pipelined; see ``enqueue.lua``."""
         calls: list[Call] = []
+        flow = any(job.flow is not None for job in jobs)
         # With a max_size the whole batch is one script call, so QueueFull is all or nothing;
-        # without one, chunks keep each call short.
-        size = len(jobs) if max_size > 0 else CHUNK
+        # a workflow is one call too, so it is written all or nothing; otherwise chunks keep
+        # each call short.
+        size = len(jobs) if max_size > 0 or flow else CHUNK
         skip = len(self.keys.job_prefix.encode())  # Lua counts bytes
         for start in range(0, len(jobs), max(size, 1)):
             chunk = jobs[start : start + size]
             timed = any(job.run_at_ms or job.delay_ms for job in chunk)
-            keys = [self.keys.stream, self.keys.delayed]
-            args: list[Any] = [max_size, skip, "1" if timed else "0"]
+            keys = [self.keys.stream, self.keys.delayed, self.keys.events]
+            mode = "2" if flow else "1" if timed else "0"
+            args: list[Any] = [max_size, skip, mode, self.result_ttl_ms, self.events_cap]
             job_key = self.keys.job
-            if timed:
+            if flow:
+                keys += [job_key(job.job_id) for job in chunk]
+                args += [job.envelope for job in chunk]
+                args += _specs(chunk)
+            elif timed:
                 for job in chunk:
                     keys.append(job_key(job.job_id))
                     args += [job.envelope, job.run_at_ms, job.delay_ms]
@@ -87,8 +144,8 @@ class Lifecycle(RedisConnection):
                 # Chunks are separate script calls: the ones before and after a failed one
                 # may have been written. Say exactly which jobs are stored.
                 cause = cause or _describe(result)
-                failed += [key[len(self.keys.job_prefix) :] for key in keys[2:]]
-                created += [False] * (len(keys) - 2)
+                failed += [key[len(self.keys.job_prefix) :] for key in keys[3:]]
+                created += [False] * (len(keys) - 3)
             else:
                 created += [flag == 1 for flag in result]
         if failed:
@@ -232,13 +289,15 @@ class Lifecycle(RedisConnection):
                 known.append((text(job_id), entry))
         if not known:
             return []
-        keys = [self.keys.stream, self.keys.dead]
+        keys = [self.keys.stream, self.keys.dead, self.keys.delayed, self.keys.events]
         args: list[Any] = [
             GROUP,
             consumer,
             max_deliveries,
             "1" if check else "0",
             self.max_payload_bytes,
+            self.result_ttl_ms,
+            self.events_cap,
         ]
         for job_id, entry in known:
             keys.append(self.keys.job(job_id))
@@ -249,7 +308,10 @@ class Lifecycle(RedisConnection):
             verdict = text(result[0])
             if verdict == "run":
                 envelope = result[1] if isinstance(result[1], bytes) else b""
-                deliveries.append(Delivery(job_id, entry, envelope, int(result[2]), int(result[3])))
+                fed = result[4] if len(result) > 4 and isinstance(result[4], bytes) else None
+                deliveries.append(
+                    Delivery(job_id, entry, envelope, int(result[2]), int(result[3]), fed)
+                )
             elif verdict == "dead":
                 logger.error(
                     "job %s dead-lettered: its worker was lost %d times",
@@ -319,8 +381,8 @@ class Lifecycle(RedisConnection):
         trip. Returns what became of each (see ``settle.lua``)."""
         calls: list[Call] = []
         for start in range(0, len(settlements), CHUNK):
-            keys = [self.keys.stream, self.keys.delayed, self.keys.dead]
-            args: list[Any] = [GROUP, consumer, self.result_ttl_ms]
+            keys = [self.keys.stream, self.keys.delayed, self.keys.dead, self.keys.events]
+            args: list[Any] = [GROUP, consumer, self.result_ttl_ms, self.events_cap]
             for item in settlements[start : start + CHUNK]:
                 delivery = item.delivery
                 keys.append(self.keys.job(delivery.job_id))
@@ -373,6 +435,23 @@ class Lifecycle(RedisConnection):
                 lost += [text(entry) for entry in gone]
                 aborted += [text(entry) for entry in stopped]
         return lost, aborted
+
+    async def progress(
+        self, consumer: str, delivery: Delivery, fraction: float, message: str, seq: int
+    ) -> bool:
+        """Store and announce progress; see ``progress.lua``."""
+        keys = [self.keys.job(delivery.job_id), self.keys.events]
+        args: list[Any] = [
+            delivery.job_id,
+            consumer,
+            delivery.entry_id,
+            repr(float(fraction)),
+            message,
+            seq,
+            self.events_cap,
+        ]
+        with redis_errors("reporting progress"):
+            return int(await self._eval("progress", keys, args)) == 1
 
     async def listen_aborts(
         self, on_abort: Callable[[str], None], on_ready: Callable[[], None]

@@ -21,6 +21,7 @@ NAMES = (
     "enqueue",
     "ensure_group",
     "forget_consumers",
+    "progress",
     "promote",
     "purge_dead",
     "release",

@@ -49,3 +49,194 @@ local function remember(key, answer)
   return answer
 end
 
+
+-- Job events (docs/workflows.md#job-events): a script that changes jobs appends ONE entry
+-- to the queue's events stream holding all its events, field 'e': a msgpack array of
+-- [job id, event, details...]. One entry per call keeps the cost per job to a table insert;
+-- XADD MAXLEN ~ cap bounds the stream (cap 0: no events are kept).
+local function event(events, id, kind, a, b)
+  events[#events + 1] = {id, kind, a, b}
+end
+
+local function flush_events(key, cap, events)
+  if #events > 0 and (tonumber(cap) or 0) > 0 then
+    redis.call('XADD', key, 'MAXLEN', '~', cap, '*', 'e', cmsgpack.pack(events))
+  end
+end
+
+-- Workflows (docs/workflows.md). A job that must wait for others is 'waiting', with
+-- 'pending' dependencies left; every dependency lists its dependants in its 'next' field,
+-- one line '<dependant id>\t<slot>' each. The script that makes a job final hands its id
+-- to flow_drain, which settles every edge out of it in the same atomic step: the dependant
+-- records the outcome in its field 'in:<slot>' and, when nothing is pending any more, is
+-- released (a job goes to the stream or the delayed set; a group node completes with its
+-- members' results as one msgpack array, or fails). The first outcome of an edge counts
+-- and later ones (a dead member requeued and run again) only replace the stored value, so
+-- a repeat, a takeover or a second run never counts an edge twice. Dependants are found
+-- by id under the same key prefix, so every key stays in the queue's hash slot.
+-- A flow context: {stream, delayed, ttl, prefix, now, events}.
+
+-- An ErrorInfo (msgpack [type, message, traceback]) as three strings, whatever was stored.
+local function error_parts(raw)
+  local ok, parts = pcall(cmsgpack.unpack, raw or '')
+  if ok and type(parts) == 'table' then
+    return tostring(parts[1] or 'Error'), tostring(parts[2] or ''), tostring(parts[3] or '')
+  end
+  return 'UnreadableError', '', ''
+end
+
+local function be32(n)
+  return string.char(math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256)
+end
+
+local function array_header(n)
+  if n < 16 then
+    return string.char(0x90 + n)
+  elseif n < 65536 then
+    return string.char(0xdc, math.floor(n / 256), n % 256)
+  end
+  return string.char(0xdd) .. be32(n)
+end
+
+-- A failed member inside a group's result: msgpack extension 42 holding a MemberFailure.
+local function member_error(payload)
+  return string.char(0xc9) .. be32(#payload) .. string.char(42) .. payload
+end
+
+-- The error a dependant fails with: a dependency that itself failed for a dependency (a
+-- chain, a group) passes its error on unchanged, so a long chain never nests messages.
+local function dependency_error(did, status, raw)
+  local kind, message, tb = error_parts(raw)
+  if kind == 'DependencyFailed' or kind == 'GroupFailed' then
+    return raw
+  end
+  local what
+  if status == 'missing' then
+    what = 'dependency ' .. did .. ' does not exist'
+  elseif status == 'aborted' then
+    what = 'dependency ' .. did .. ' was aborted'
+  else
+    what = 'dependency ' .. did .. ' ended ' .. status .. ': ' .. kind .. ': ' .. message
+  end
+  return cmsgpack.pack({'DependencyFailed', what, tb})
+end
+
+local function flow_final(ctx, work, wkey, wid, status, fields, reason)
+  redis.call('HSET', wkey, 'status', status, 'finished', ctx.now, unpack(fields))
+  redis.call('PEXPIRE', wkey, ctx.ttl)
+  notify(wkey, wid, redis.call('HGET', wkey, 'watchers'))
+  event(ctx.events, wid, status == 'complete' and 'completed' or status, reason)
+  work[#work + 1] = wid
+end
+
+-- A group node whose members have all ended: one array of their results, in member order.
+local function complete_group(ctx, work, wkey, wid, policy)
+  local n = tonumber(redis.call('HGET', wkey, 'size')) or 0
+  local parts, failures, named = {array_header(n)}, 0, {}
+  for first = 1, n, 1000 do
+    local fields = {}
+    for i = first, math.min(first + 999, n) do
+      fields[#fields + 1] = 'in:' .. i
+    end
+    local values = redis.call('HMGET', wkey, unpack(fields))
+    for j = 1, #fields do
+      local value = values[j] or 'c\192'
+      if string.sub(value, 1, 1) == 'c' then
+        parts[#parts + 1] = string.sub(value, 2)
+      else
+        local payload = string.sub(value, 2)
+        failures = failures + 1
+        parts[#parts + 1] = member_error(payload)
+        if #named < 3 then
+          local m = cmsgpack.unpack(payload)
+          named[#named + 1] = m[2] .. ' ' .. m[1] .. ' (' .. m[3] .. ': ' .. string.sub(m[4], 1, 200) .. ')'
+        end
+      end
+    end
+    redis.call('HDEL', wkey, unpack(fields))
+  end
+  if failures > 0 and policy ~= 'pass' then
+    local message = failures .. ' of ' .. n .. ' members failed: ' .. table.concat(named, '; ')
+    if failures > #named then
+      message = message .. '; ...'
+    end
+    local reason = failures .. ' members failed'
+    flow_final(ctx, work, wkey, wid, 'failed', {'error',
+      cmsgpack.pack({'GroupFailed', message, ''}), 'reason', reason}, reason)
+  else
+    flow_final(ctx, work, wkey, wid, 'complete', {'result', table.concat(parts)})
+  end
+end
+
+local function release(ctx, work, wkey, wid, kind, policy)
+  if kind == 'group' then
+    complete_group(ctx, work, wkey, wid, policy)
+    return
+  end
+  local run_at = tonumber(redis.call('HGET', wkey, 'run_at')) or 0
+  if run_at > tonumber(ctx.now) then
+    redis.call('HSET', wkey, 'status', 'scheduled')
+    redis.call('ZADD', ctx.delayed, run_at, wid)
+    event(ctx.events, wid, 'released', 'scheduled')
+  else
+    local entry = redis.call('XADD', ctx.stream, '*', 'j', wid)
+    redis.call('HSET', wkey, 'status', 'queued', 'entry', entry)
+    event(ctx.events, wid, 'released', 'queued')
+  end
+end
+
+-- Record dependency did's outcome on dependant wid's edge 'slot'.
+local function resolve_edge(ctx, work, did, d, wid, slot)
+  local wkey = ctx.prefix .. wid
+  local w = redis.pcall('HMGET', wkey, 'status', 'policy', 'feed', 'kind')
+  if w.err or w[1] ~= 'waiting' then
+    return
+  end
+  local status = d[1] or 'missing'
+  local ok = status == 'complete'
+  local value = status
+  if w[4] == 'group' then
+    if ok then
+      value = 'c' .. (d[2] or '\192')
+    else
+      local kind, message, tb = error_parts(d[3])
+      value = 'x' .. cmsgpack.pack({status, did, kind, message, tb})
+    end
+  elseif w[3] and ok then
+    value = 'c' .. (d[2] or '\192')
+  end
+  if redis.call('HSET', wkey, 'in:' .. slot, value) == 0 then
+    return
+  end
+  local policy = w[2] or 'fast'
+  if not ok and policy == 'fast' then
+    local reason = 'dependency ' .. did .. ' ' .. status
+    flow_final(ctx, work, wkey, wid, 'failed', {'error', dependency_error(did, status, d[3]),
+      'reason', reason}, reason)
+  elseif redis.call('HINCRBY', wkey, 'pending', -1) <= 0 then
+    release(ctx, work, wkey, wid, w[4], policy)
+  end
+end
+
+-- Settle every edge out of the jobs in 'work' (ids of jobs that just became final, or
+-- {id, {status, result, error, next}} from a caller that holds them already), and out of
+-- the jobs that became final because of them.
+local function flow_drain(ctx, work)
+  while #work > 0 do
+    local did, d = table.remove(work), nil
+    if type(did) == 'table' then
+      did, d = did[1], did[2]
+    else
+      d = redis.pcall('HMGET', ctx.prefix .. did, 'status', 'result', 'error', 'next')
+    end
+    if not d.err and d[4] then
+      for line in string.gmatch(d[4], '[^\n]+') do
+        local wid, slot = string.match(line, '^(.*)\t(%d+)$')
+        if wid then
+          resolve_edge(ctx, work, did, d, wid, slot)
+        end
+      end
+    end
+  end
+end

@@ -1,12 +1,13 @@
 #!lua flags=allow-oom
--- abort.lua: abort a queued, delayed or running job.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] hash of the job
+-- abort.lua: abort a queued, delayed, waiting or running job.
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] hash of the job, KEYS[4] events stream
 -- ARGV[1] job id, ARGV[2] group, ARGV[3] result TTL (ms), ARGV[4] abort channel,
---   ARGV[5] a token unique to this abort request
+--   ARGV[5] a token unique to this abort request, ARGV[6] events cap
 -- Returns the status the job had ('not_found' if none).
 -- Invariant: a queued or delayed job leaves the stream / zset here; a running job is
 -- marked aborted and its worker is told on the abort channel to cancel it. The settle
 -- script never overwrites 'aborted', so a run that finishes anyway cannot resurrect it.
+-- Workflows: the job's dependants get its outcome (aborted) in the same step.
 -- Repeat-safe: the request's token and the status it found are kept on the job, so the
 -- same request re-sent after a lost reply answers what it answered the first time.
 local status, token, found = unpack(redis.call('HMGET', KEYS[3], 'status', 'abort_token',
@@ -39,4 +40,11 @@ if status == 'running' then
   redis.pcall('PUBLISH', ARGV[4], ARGV[1])
 end
 notify(KEYS[3], ARGV[1], redis.call('HGET', KEYS[3], 'watchers'))
+local events = {}
+event(events, ARGV[1], 'aborted', status)
+if redis.call('HEXISTS', KEYS[3], 'next') == 1 then
+  flow_drain({stream = KEYS[1], delayed = KEYS[2], ttl = ARGV[3], now = redis_now_text(),
+    prefix = string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[1]), events = events}, {ARGV[1]})
+end
+flush_events(KEYS[4], ARGV[6], events)
 return status

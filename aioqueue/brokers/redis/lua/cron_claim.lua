@@ -2,12 +2,14 @@
 -- KEYS[1] cron zset (name -> last claimed fire ms), KEYS[2] cron-runs hash (name -> job id
 --   of the last run enqueued), KEYS[3] cron-claims hash (name -> '<fire ms> <answer>
 --   <claimer>' of the last claim), KEYS[4] stream, KEYS[5] hash of the new run's job,
---   KEYS[6] hash of the previous run's job (KEYS[5] again when there is none)
+--   KEYS[6] hash of the previous run's job (KEYS[5] again when there is none),
+--   KEYS[7] events stream
 -- ARGV[1] cron job name, ARGV[2] fire time (ms on Redis's clock), ARGV[3] job id of the
 --   run ('cron:<name>:<fire ms>'), ARGV[4] encoded envelope, ARGV[5] '1' if the job is
 --   unique (a run never starts beside the previous one), ARGV[6] lease (ms),
 --   ARGV[7] consumer group, ARGV[8] job id of the previous run as the caller read it from
---   KEYS[2] ('' if none), ARGV[9] claimer (an id of the calling broker)
+--   KEYS[2] ('' if none), ARGV[9] claimer (an id of the calling broker), ARGV[10] events
+--   cap
 -- Returns one of:
 --   'claimed'  this claimer claimed the tick and enqueued its run
 --   'overlap'  this claimer claimed the tick and skipped its run: the previous run of a
@@ -81,6 +83,7 @@ if redis.call('EXISTS', KEYS[5]) == 0 then
   local entry = redis.call('XADD', KEYS[4], '*', 'j', id)
   redis.call('HSET', KEYS[5], 'env', ARGV[4], 'status', 'queued', 'enqueued', now,
     'entry', entry)
+  flush_events(KEYS[7], ARGV[10], {{id, 'enqueued', 'queued'}})
 end
 redis.call('HSET', KEYS[2], name, id)
 redis.call('HSET', KEYS[3], name, ARGV[2] .. ' claimed ' .. claimer)

@@ -1,35 +1,93 @@
 -- enqueue.lua: write a batch of new jobs, all or nothing with respect to max_size.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[2 + i] hash of job i
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] events stream, KEYS[3 + i] hash of job i
 -- ARGV[1] max_size (0 = unlimited),
---   ARGV[2] length of the job-key prefix (the job id is the rest of KEYS[2 + i]),
---   ARGV[3] '1' if every job carries a run_at and a delay after its envelope, '0' if all
---   run now,
---   then per job i: encoded envelope [, run_at (ms on Redis's clock, 0 = none),
---   delay (ms from now on Redis's clock, 0 = none)]
+--   ARGV[2] length of the job-key prefix (the job id is the rest of KEYS[3 + i]),
+--   ARGV[3] the layout of each job's arguments: '0' all run now: envelope;
+--     '1' timed: envelope, run_at (ms on Redis's clock, 0 = none), delay (ms from now on
+--     Redis's clock, 0 = none); '2' a workflow (docs/workflows.md): envelope only, and
+--     after every job's envelope, pairs (job index in this batch, spec) for the jobs that
+--     are more than a plain job: a spec is fields separated by \31: run_at, delay, kind
+--     ('job' or 'group'), policy, feed ('1' = the dependency's result is the first
+--     argument, '' = none), pending (how many dependencies), next (its dependants in this
+--     batch, lines '<id>\t<slot>'), after (its dependencies outside this batch, lines
+--     '<id>\t<slot>'), members (a group's members in this batch, runs
+--     '<first slot>:<first job index>:<count>' separated by commas). Members listed by
+--     their group need no spec of their own, so a large group costs what as many plain
+--     jobs cost, plus one argument,
+--   ARGV[4] result TTL in ms (used by workflows: a dependant that fails at once expires),
+--   ARGV[5] events cap (entries kept in the events stream, 0 = none),
+--   then the jobs' arguments.
 -- Returns -1 when the new jobs would take ready + delayed past max_size (nothing is
 -- written), else a table with 1 for each job written and 0 for each id that already existed.
 -- Invariant: a job id exists at most once, and a live job is in exactly one of the ready
--- stream and the delayed zset. Counting and writing in one script makes QueueFull exact.
+-- stream, the delayed zset and (workflows) 'waiting' for its dependencies. Counting and
+-- writing in one script makes QueueFull exact, and a workflow is written all or nothing.
 -- Repeat-safe: a job whose stored envelope is byte-for-byte the one given (the envelope
 -- holds the enqueue time and the id) was written by this very call before its reply was
--- lost, and is reported as written again.
+-- lost, and is reported as written again; its edges were written with it.
 -- Due times are on Redis's clock, so a producer whose clock is off cannot make a delay
 -- longer or shorter. The hash starts with only what every job needs; 'attempt' (1) and
 -- 'deliveries' (0) are implied until first written, which keeps bulk enqueue cheap.
 local max_size = tonumber(ARGV[1])
 local skip = tonumber(ARGV[2])
-local timed = ARGV[3] == '1'
-local step = timed and 3 or 1
-local n = #KEYS - 2
-local fresh, repeated, seen = {}, {}, {}
-local new = 0
+local mode = ARGV[3]
+local step = (mode == '1' and 3) or 1
+local n = #KEYS - 3
+local fresh, repeated, seen, fresh_ids, specs, member_of = {}, {}, {}, {}, {}, {}
+local new, fresh_count = 0, 0
+
+-- A workflow job's fields: run_at, delay, kind, policy, feed, pending, next, after, members.
+local SPEC = '^(%d*)\31(%d*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)\31([^\31]*)\31'
+  .. '([^\31]*)\31(.*)$'
+local function spec_of(text)
+  local run_at, delay, kind, policy, feed, pending, nxt, after, members =
+    string.match(text, SPEC)
+  return {run_at = tonumber(run_at) or 0, delay = tonumber(delay) or 0, kind = kind or 'job',
+    policy = policy or 'fast', feed = feed or '', pending = tonumber(pending) or 0,
+    next = nxt or '', after = after or '', members = members or ''}
+end
+
+if mode == '2' then
+  for at = 6 + n, #ARGV - 1, 2 do
+    local i = tonumber(ARGV[at])
+    local spec = spec_of(ARGV[at + 1])
+    specs[i] = spec
+    -- Each member of a group names the group as its dependant: '<group id>\t<slot>'.
+    local gid = string.sub(KEYS[3 + i], skip + 1)
+    for run in string.gmatch(spec.members, '[^,]+') do
+      local slot, first, count = string.match(run, '^(%d+):(%d+):(%d+)$')
+      slot, first = tonumber(slot), tonumber(first)
+      for k = 0, tonumber(count) - 1 do
+        local line = gid .. '\t' .. (slot + k)
+        local had = member_of[first + k]
+        member_of[first + k] = had and (had .. '\n' .. line) or line
+      end
+    end
+  end
+end
+
+-- A job's dependants in this batch, from its own spec and from the groups it is in.
+local function dependants(i)
+  local spec, member = specs[i], member_of[i]
+  local own = spec and spec.next or ''
+  if member and own ~= '' then
+    return own .. '\n' .. member
+  end
+  return member or own
+end
+
 for i = 1, n do
-  local key = KEYS[2 + i]
+  local key = KEYS[3 + i]
+  local at = 5 + (i - 1) * step
   if not seen[key] then
     if redis.call('EXISTS', key) == 0 then
       fresh[i] = true
-      new = new + 1
-    elseif redis.call('HGET', key, 'env') == ARGV[4 + (i - 1) * step] then
+      fresh_count = fresh_count + 1
+      fresh_ids[string.sub(key, skip + 1)] = true
+      if not specs[i] or specs[i].kind ~= 'group' then
+        new = new + 1
+      end
+    elseif redis.call('HGET', key, 'env') == ARGV[at + 1] then
       repeated[i] = true
     end
   end
@@ -43,32 +101,120 @@ if max_size > 0 and new > 0 then
 end
 local now = redis_now()
 local out = {}
+local events = {}
+local ctx = {stream = KEYS[1], delayed = KEYS[2], ttl = ARGV[4],
+  prefix = string.sub(KEYS[4] or '', 1, skip), now = tostring(now), events = events}
+local work, edges, groups = {}, {}, {}
+
+-- Only dependants written by this call are wired: an id that already existed is returned
+-- as it stands and must not start waiting for anything.
+local all_fresh = fresh_count == n
+local function fresh_lines(lines)
+  if all_fresh then
+    return lines
+  end
+  local kept = {}
+  for line in string.gmatch(lines, '[^\n]+') do
+    if fresh_ids[string.match(line, '^(.*)\t')] then
+      kept[#kept + 1] = line
+    end
+  end
+  return table.concat(kept, '\n')
+end
+
 for i = 1, n do
+  local key = KEYS[3 + i]
+  local id = string.sub(key, skip + 1)
+  local at = 5 + (i - 1) * step
+  local env = ARGV[at + 1]
   if fresh[i] then
-    local key = KEYS[2 + i]
-    local id = string.sub(key, skip + 1)
-    local at = 3 + (i - 1) * step
-    local env = ARGV[at + 1]
-    local run_at = 0
-    if timed then
-      run_at = tonumber(ARGV[at + 2])
-      local delay = tonumber(ARGV[at + 3])
-      if delay > 0 then
-        run_at = math.max(run_at, now + delay)
+    local run_at, delay = 0, 0
+    local spec = specs[i]
+    if spec then
+      run_at, delay = spec.run_at, spec.delay
+    elseif mode == '1' then
+      run_at, delay = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+    end
+    if delay > 0 then
+      run_at = math.max(run_at, now + delay)
+    end
+    local kind, pending = 'job', 0
+    local fields = {'env', env, 'enqueued', now}
+    local nxt = dependants(i)
+    if nxt ~= '' then
+      nxt = fresh_lines(nxt)
+      if nxt ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'next', nxt
       end
     end
-    if run_at > now then
-      redis.call('HSET', key, 'env', env, 'status', 'scheduled', 'enqueued', now, 'run_at', run_at)
+    if spec then
+      kind, pending = spec.kind, spec.pending
+      for line in string.gmatch(spec.after, '[^\n]+') do
+        edges[#edges + 1] = {line, id}
+      end
+    end
+    local status
+    if kind == 'group' or pending > 0 then
+      status = 'waiting'
+      for _, f in ipairs({'pending', pending, 'policy', spec.policy}) do
+        fields[#fields + 1] = f
+      end
+      if run_at > 0 then
+        fields[#fields + 1], fields[#fields + 2] = 'run_at', run_at
+      end
+      if spec.feed ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'feed', spec.feed
+      end
+      if kind == 'group' then
+        fields[#fields + 1], fields[#fields + 2] = 'kind', 'group'
+        fields[#fields + 1], fields[#fields + 2] = 'size', pending
+        groups[#groups + 1] = {key, id}
+      end
+    elseif run_at > now then
+      status = 'scheduled'
+      fields[#fields + 1], fields[#fields + 2] = 'run_at', run_at
       redis.call('ZADD', KEYS[2], run_at, id)
     else
-      local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
-      redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
+      status = 'queued'
+      fields[#fields + 1] = 'entry'
+      fields[#fields + 1] = redis.call('XADD', KEYS[1], '*', 'j', id)
     end
+    fields[#fields + 1], fields[#fields + 2] = 'status', status
+    redis.call('HSET', key, unpack(fields))
+    event(events, id, 'enqueued', status)
     out[i] = 1
   elseif repeated[i] then
     out[i] = 1
   else
+    -- An existing job named as a dependency in this batch: wire it like one outside it.
+    for line in string.gmatch(fresh_lines(dependants(i)), '[^\n]+') do
+      local wid, slot = string.match(line, '^(.*)\t(%d+)$')
+      edges[#edges + 1] = {id .. '\t' .. slot, wid}
+    end
     out[i] = 0
   end
 end
+
+-- Dependencies that existed before this call: wait for them, or take their outcome now.
+local final = {complete = true, failed = true, dead = true, aborted = true}
+for _, edge in ipairs(edges) do
+  local did, slot = string.match(edge[1], '^(.*)\t(%d+)$')
+  local dkey = ctx.prefix .. did
+  local d = redis.pcall('HMGET', dkey, 'status', 'result', 'error', 'next')
+  if d.err or not d[1] or final[d[1]] then
+    resolve_edge(ctx, work, did, d.err and {} or d, edge[2], slot)
+  else
+    local line = edge[2] .. '\t' .. slot
+    redis.call('HSET', dkey, 'next', d[4] and (d[4] .. '\n' .. line) or line)
+  end
+end
+-- A group with no members is complete at once.
+for _, g in ipairs(groups) do
+  if redis.call('HGET', g[1], 'status') == 'waiting'
+      and tonumber(redis.call('HGET', g[1], 'pending')) <= 0 then
+    release(ctx, work, g[1], g[2], 'group', redis.call('HGET', g[1], 'policy'))
+  end
+end
+flow_drain(ctx, work)
+flush_events(KEYS[3], ARGV[5], events)
 return out

@@ -1,8 +1,9 @@
 #!lua flags=allow-oom
 -- settle.lua: record the outcomes of finished jobs and remove their entries from the stream
 -- in the same step.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] dead zset, KEYS[3 + i] hash of job i
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] result TTL (ms),
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] dead zset, KEYS[4] events stream,
+--   KEYS[4 + i] hash of job i
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] result TTL (ms), ARGV[4] events cap,
 --   then per job i: job id, stream entry id, outcome, and by outcome:
 --   'complete': encoded result
 --   'retry': encoded error, reason, delay (ms): the job runs again after the delay,
@@ -21,17 +22,20 @@
 -- outcome recorded and changes nothing: one failure uses up one attempt, never two. The
 -- pair is also kept in 'settled', so a repeat that arrives after a retry was promoted (a
 -- new entry) still answers 1.
+-- Workflows: a job with dependants ('next') hands them its final outcome in the same step
+-- (see flow_drain in _prelude.lua); a retry is not final and hands over nothing.
 local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
 local now = redis_now()
 local now_text = tostring(now)
-local out, acked = {}, {}
-local at = 4
-for i = 1, #KEYS - 3 do
-  local key = KEYS[3 + i]
+local out, acked, work, events = {}, {}, {}, {}
+local at = 5
+for i = 1, #KEYS - 4 do
+  local key = KEYS[4 + i]
   local id, entry, outcome, data = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local reason, delay = ARGV[at + 4], ARGV[at + 5]
   at = at + (outcome == 'complete' and 4 or (outcome == 'retry' and 6 or 5))
-  local job = redis.pcall('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'settled')
+  local job = redis.pcall('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'settled',
+    'next')
   local pair = consumer .. ' ' .. entry
   if job.err then
     out[i] = 0  -- the key is no job record any more
@@ -47,6 +51,10 @@ for i = 1, #KEYS - 3 do
           'settled', pair)
         redis.call('PEXPIRE', key, ttl)
         notify(key, id, job[4])
+        event(events, id, 'completed')
+        if job[6] then
+          work[#work + 1] = {id, {'complete', data, false, job[6]}}
+        end
       elseif outcome == 'retry' then
         local run_at = now + tonumber(delay)
         -- A job that never failed before has no 'attempt' field yet: it was attempt 1.
@@ -55,6 +63,7 @@ for i = 1, #KEYS - 3 do
           'run_at', run_at, 'deliveries', 0, 'finished', now_text, 'attempt', attempt,
           'settled', pair)
         redis.call('ZADD', KEYS[2], run_at, id)
+        event(events, id, 'retrying', reason, attempt)
       else
         redis.call('HSET', key, 'status', outcome, 'error', data, 'reason', reason,
           'finished', now_text, 'settled', pair)
@@ -65,6 +74,13 @@ for i = 1, #KEYS - 3 do
           redis.call('PEXPIRE', key, ttl)
         end
         notify(key, id, job[4])
+        -- A job aborted while it ran was announced and handed to its dependants by abort.
+        if job[1] == 'running' then
+          event(events, id, outcome, reason)
+          if job[6] then
+            work[#work + 1] = {id, {outcome, false, data, job[6]}}
+          end
+        end
       end
     end
     acked[#acked + 1] = entry
@@ -72,4 +88,11 @@ for i = 1, #KEYS - 3 do
   end
 end
 ack(KEYS[1], group, acked)
+if #work > 0 then
+  local first = KEYS[5]
+  local ctx = {stream = KEYS[1], delayed = KEYS[2], ttl = ttl, now = now_text,
+    prefix = string.sub(first, 1, #first - #ARGV[5]), events = events}
+  flow_drain(ctx, work)
+end
+flush_events(KEYS[4], ARGV[4], events)
 return out
