@@ -138,6 +138,8 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
             fields["status"] = first
         elif kind in ("failed", "dead", "aborted"):
             fields["reason"] = first
+        if isinstance(fields.get("fraction"), int) and not isinstance(fields["fraction"], bool):
+            fields["fraction"] = float(fields["fraction"])  # Lua sends 0 and 1 as integers
         typed = {
             "status": str,
             "reason": str,

@@ -33,6 +33,7 @@ from aioqueue.task import JobOptions, JobRequest, Task, dependency_ids
 
 if TYPE_CHECKING:
     from aioqueue.middleware import Middleware
+    from aioqueue.serialization import MemberFailure
     from aioqueue.worker import Hook, Worker
     from aioqueue.workflow import Chain, Group, GroupJob
 
@@ -355,18 +356,31 @@ class Queue:
         first task."""
         from aioqueue.workflow import Group, _Plan
 
-        plan = _Plan(self)
+        plan = _Plan(self, workflow)
         out = plan.add(workflow, None)
         await plan.write()
         if isinstance(workflow, Group):
             return plan.group_job(out)
         return self.job(out, plan.result_task(out))
 
-    async def get_group(self, group_id: str) -> GroupJob[Any]:
-        """The handle of an enqueued group, from its id."""
+    @overload
+    async def get_group(self, group_id: str) -> GroupJob[Any]: ...
+
+    @overload
+    async def get_group(self, group_id: str, task: Task[Any, R]) -> GroupJob[R | MemberFailure]: ...
+
+    async def get_group(self, group_id: str, task: Task[Any, Any] | None = None) -> GroupJob[Any]:
+        """The handle of an enqueued group, from its id; pass the members' ``task`` to get
+        typed results (a :class:`~aioqueue.MemberFailure` where a member did not complete,
+        in a group made with ``on_failure="pass"``)."""
         from aioqueue.workflow import open_group
 
-        return await open_group(self, group_id)
+        return await open_group(self, group_id, task)
+
+    async def events_cursor(self) -> str:
+        """The cursor of the newest job event: ``queue.events(since=cursor)`` then sees
+        every event after this call, even one that happens before the iteration starts."""
+        return await (await self.connected_broker()).events_tail()
 
     def trace_carrier(self) -> dict[str, str] | None:
         """The tracing context to put into jobs enqueued now (see ``trace_context``)."""

@@ -8,7 +8,16 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
 
 from aioqueue.errors import ConfigurationError
 from aioqueue.retry import Backoff
@@ -18,7 +27,7 @@ if TYPE_CHECKING:
     from aioqueue.context import Context
     from aioqueue.job import Job
     from aioqueue.queue import Queue
-    from aioqueue.workflow import Chain, Partial
+    from aioqueue.workflow import Chain, Group, Partial
 
 __all__ = ["JobOptions", "JobRequest", "Task", "TaskOptions"]
 
@@ -128,14 +137,24 @@ class JobRequest(Generic[R]):
     queue: Queue | None = None
     """The queue of the task it was prepared from (None when prepared by name)."""
 
+    @overload
     def then(
-        self, task: Task[Concatenate[R, P2], R2], /, *args: P2.args, **kwargs: P2.kwargs
-    ) -> Chain[R2]:
-        """A chain: when this job completes, run ``task`` with its result as the first
-        argument, followed by ``args``."""
+        self, step: Task[Concatenate[R, P2], R2], /, *args: P2.args, **kwargs: P2.kwargs
+    ) -> Chain[R2]: ...
+
+    @overload
+    def then(self, step: Partial[R, R2], /) -> Chain[R2]: ...
+
+    @overload
+    def then(self, step: Group[R2], /) -> Chain[list[R2]]: ...
+
+    def then(self, step: Any, /, *args: Any, **kwargs: Any) -> Chain[Any]:
+        """A chain: when this job completes, run ``step`` with its result as the first
+        argument: a task (followed by ``args``), a ``task.partial(...)``, or a group of
+        partials (each member fed the result)."""
         from aioqueue.workflow import Chain
 
-        return Chain((self,)).then(task, *args, **kwargs)
+        return Chain((self,)).then(step, *args, **kwargs)
 
     async def enqueue(self) -> Job[R]:
         """Enqueue this job (on the queue of the task it was prepared from)."""

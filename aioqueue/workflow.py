@@ -28,6 +28,7 @@ from typing import (
     ParamSpec,
     TypeAlias,
     TypeVar,
+    Union,
     overload,
 )
 
@@ -64,6 +65,8 @@ GROUP_TASK = "aioqueue.group"
 """The task name in a group node's envelope; a group node never runs."""
 
 _POLICIES = {"fail": "wait", "pass": "pass"}
+MAX_GROUP_ID = 180
+"""Longest group id: the jobs of a named group's workflow get ids ``<group id>:<n>``."""
 
 
 class Partial(Generic[A, R]):
@@ -128,7 +131,7 @@ class Group(Generic[R]):
     async def enqueue(self) -> GroupJob[R]:
         """Enqueue every member at once (all or none) and return the group's handle."""
         queue = _queue_of(self)
-        plan = _Plan(queue)
+        plan = _Plan(queue, self)
         group_id = plan.add(self, None)
         await plan.write()
         return plan.group_job(group_id)
@@ -177,7 +180,7 @@ class Chain(Generic[R]):
     async def enqueue(self) -> Job[R]:
         """Enqueue the whole chain at once and return the handle of its last step."""
         queue = _queue_of(self)
-        plan = _Plan(queue)
+        plan = _Plan(queue, self)
         last = plan.add(self, None)
         await plan.write()
         return queue.job(last, plan.result_task(last))
@@ -213,12 +216,17 @@ def group(
     ``on_failure`` says what a member that does not complete (failed, dead, aborted) does
     to the group once every member has ended: ``"fail"`` fails it (and its callback) with
     the members' errors; ``"pass"`` completes it with a :class:`MemberFailure` in that
-    member's place. ``group_id`` names the group (idempotent, like ``job_id``).
+    member's place. ``group_id`` names the group and makes the whole workflow it is in
+    idempotent, like a ``job_id``: its jobs get ids ``<group_id>:<n>`` (where no
+    ``job_id`` was given), so enqueueing the same workflow again writes nothing and returns
+    the same handles.
     """
     if on_failure not in _POLICIES:
         raise ConfigurationError('on_failure must be "fail" or "pass"')
     if group_id is not None:
         JobOptions(job_id=group_id)  # the same rules as a job id
+        if len(group_id) > MAX_GROUP_ID:
+            raise ConfigurationError(f"group_id: at most {MAX_GROUP_ID} characters")
     return Group(list(members), on_failure, group_id)
 
 
@@ -308,16 +316,33 @@ def _status(value: str | None) -> JobStatus:
         return JobStatus.NOT_FOUND
 
 
-async def open_group(queue: Queue, group_id: str) -> GroupJob[Any]:
+def with_failures(result_type: Any) -> Any:
+    """``result_type | MemberFailure`` where msgspec can tell the two apart (not, for
+    instance, for another untagged Struct), else ``Any``."""
+    if result_type is Any:
+        return Any
+    candidate = Union[result_type, MemberFailure]  # noqa: UP007 (a runtime type)
+    try:
+        msgspec.msgpack.Decoder(candidate)
+    except TypeError:
+        return Any
+    return candidate
+
+
+async def open_group(
+    queue: Queue, group_id: str, task: Task[Any, Any] | None = None
+) -> GroupJob[Any]:
     """The handle of an existing group, from its id (its members are listed in its
-    record); raises :class:`JobNotFound` when there is none."""
+    record), its results typed by ``task``'s return type (with :class:`MemberFailure`
+    where a member did not complete); raises :class:`JobNotFound` when there is none."""
     record = await (await queue.connected_broker()).record(group_id)
     if record is None or not record.envelope:
         raise JobNotFound(group_id)
     envelope = decode_envelope(Signer().open(group_id, record.envelope))
     if envelope.task != GROUP_TASK or not envelope.args:
         raise JobNotFound(group_id)
-    return GroupJob(queue, group_id, msgspec.convert(envelope.args[0], list[str]))
+    result_type = Any if task is None else with_failures(task.signature.return_type)
+    return GroupJob(queue, group_id, msgspec.convert(envelope.args[0], list[str]), result_type)
 
 
 def _queue_of(step: Step) -> Queue:
@@ -348,13 +373,44 @@ class _Node:
     deps: list[tuple[str, int]]
 
 
-class _Plan:
-    """A workflow compiled into jobs and edges, written in one enqueue call."""
+def _first_group_id(step: Step) -> str | None:
+    """The id of the first named group in a workflow, depth first."""
+    if isinstance(step, Group):
+        if step.group_id is not None:
+            return step.group_id
+        members: tuple[Any, ...] = step.members
+    elif isinstance(step, Chain):
+        members = step.steps
+    else:
+        return None
+    for member in members:
+        found = _first_group_id(member)
+        if found is not None:
+            return found
+    return None
 
-    def __init__(self, queue: Queue) -> None:
+
+class _Plan:
+    """A workflow compiled into jobs and edges, written in one enqueue call.
+
+    In a workflow that holds a named group, jobs without a ``job_id`` are named after it
+    (``<group id>:<n>``, in the order they are compiled), which makes enqueueing the same
+    workflow twice write it once."""
+
+    def __init__(self, queue: Queue, workflow: Step) -> None:
         self.queue = queue
         self.nodes: dict[str, _Node] = {}
         self.members: dict[str, list[str]] = {}
+        self.prefix = _first_group_id(workflow)
+        self.count = 0
+
+    def _id(self, given: str | None) -> str:
+        if given is not None:
+            return given
+        if self.prefix is None:
+            return new_job_id()
+        self.count += 1
+        return f"{self.prefix}:{self.count}"
 
     def _new(self, node: _Node) -> str:
         if node.job_id in self.nodes:
@@ -369,7 +425,12 @@ class _Plan:
             first = len(deps) + 1
             deps += [(d, slot) for slot, d in enumerate(options.depends_on, first)]
         policy = "any" if options.on_dependency_failure == "run" else "fast"
-        job_id = options.job_id or new_job_id()
+        if fed is not None and policy == "any":
+            raise ConfigurationError(
+                f"{request.task}: a step fed the previous result cannot run without it "
+                '(on_dependency_failure="run")'
+            )
+        job_id = self._id(options.job_id)
         if job_id in self.nodes:
             raise ConfigurationError(f"job id {job_id!r} appears twice in one workflow")
         self.nodes[job_id] = _Node(job_id, request, "job", policy, fed is not None, deps)
@@ -399,7 +460,7 @@ class _Plan:
             return out
         ids = [self.add(member, fed) for member in step.members]
         node = _Node(
-            step.group_id or new_job_id(),
+            self._id(step.group_id),
             None,
             "group",
             _POLICIES[step.on_failure],
@@ -419,8 +480,9 @@ class _Plan:
         member_ids = self.members[group_id]
         kinds = {self.result_task(m) for m in member_ids}
         task = kinds.pop() if len(kinds) == 1 else None
-        typed = task is not None and self.nodes[group_id].policy != "pass"
-        result_type = task.signature.return_type if typed and task else Any
+        result_type = Any if task is None else task.signature.return_type
+        if self.nodes[group_id].policy == "pass":
+            result_type = with_failures(result_type)
         return GroupJob(self.queue, group_id, member_ids, result_type)
 
     async def write(self) -> None:

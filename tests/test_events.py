@@ -278,3 +278,17 @@ async def test_a_progress_report_repeated_after_a_lost_reply_is_announced_once(
         assert not await broker.progress("someone-else", delivery, 0.9, "late", 2)
     finally:
         await broker.close()
+
+
+async def test_whole_number_progress_is_a_fraction_in_events(queue: Queue) -> None:
+    @queue.task
+    async def steps(ctx: Context) -> None:
+        await ctx.progress(0, "starting")
+        await ctx.progress(1, "done")
+
+    cursor = await queue.events_cursor()
+    job = await steps.enqueue()
+    await drain(queue)
+    progress = [e for e in await collect(queue, cursor, 5) if e.kind == "progress"]
+    assert [(e.fraction, e.message) for e in progress] == [(0.0, "starting"), (1.0, "done")]
+    assert (await job.progress()) is not None

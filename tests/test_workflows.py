@@ -334,3 +334,101 @@ def test_composition_errors(storage_url: str) -> None:
         none.partial()  # type: ignore[misc]
     with pytest.raises(ConfigurationError):
         group([one.prepare(1)], on_failure="ignore")  # type: ignore[call-overload]
+
+
+async def test_a_named_workflow_enqueued_twice_is_written_once(app: App) -> None:
+    flow = group((app.double.prepare(i) for i in range(3)), group_id="nightly").then(app.total, "n")
+    first = await flow.enqueue()
+    again = await flow.enqueue()
+    assert first.id == again.id == "nightly:4"
+    g = await app.queue.get_group("nightly")
+    assert g.member_ids == ["nightly:1", "nightly:2", "nightly:3"]
+    async with running(app.queue.worker(concurrency=4)):
+        assert await again.result(timeout=WAIT) == "n:6"
+    assert app.runs["total"] == 1
+    assert [app.runs[f"double:{i}"] for i in range(3)] == [1, 1, 1]
+
+
+async def test_member_failures_name_how_they_ended(app: App) -> None:
+    members = [app.double.prepare(-1), app.held.prepare(1)]
+    async with running(app.queue.worker(concurrency=4)):
+        g = await group(members).enqueue()
+        await g.members[1].abort()
+        with pytest.raises(JobFailed) as caught:
+            await g.results(timeout=WAIT)
+        passed = await group([app.held.prepare(2)], on_failure="pass").enqueue()
+        await passed.members[0].abort()
+        (aborted,) = await passed.results(timeout=WAIT)
+        app.gate.set()
+    assert caught.value.error_type == "GroupFailed"
+    assert "2 of 2 members failed" in caught.value.remote_message
+    assert "aborted (JobAborted: the job was aborted)" in caught.value.remote_message
+    assert isinstance(aborted, MemberFailure)
+    assert (aborted.status, aborted.type) == ("aborted", "JobAborted")
+
+
+async def test_a_long_member_message_is_cut_on_a_character(storage_url: str) -> None:
+    queue = Queue(storage_url, name=f"wf-{uuid.uuid4().hex[:10]}")
+
+    @queue.task(retries=0)
+    async def fails(ctx: Context) -> None:
+        raise ValueError("é" * 150)
+
+    try:
+        g = await group([fails.prepare()]).enqueue()
+        await drain(queue)
+        with pytest.raises(JobFailed) as caught:
+            await g.results(timeout=WAIT)
+        assert caught.value.error_type == "GroupFailed"
+        assert ("é" * 90) in caught.value.remote_message
+        assert "1 member failed" in (await g.job.info()).reason
+    finally:
+        await queue.purge()
+        await queue.close()
+
+
+def test_a_fed_step_must_not_run_without_its_input(storage_url: str) -> None:
+    queue = Queue(storage_url, name="wf-fed")
+
+    @queue.task
+    async def one(ctx: Context, x: int) -> int:
+        return x
+
+    step = one.options(on_dependency_failure="run").partial()
+    with pytest.raises(ConfigurationError, match="cannot run without it"):
+        asyncio.run(queue.enqueue_flow(chain(one.prepare(1), step)))
+
+
+async def test_waiting_jobs_count_toward_max_size_once_released(storage_url: str) -> None:
+    queue = Queue(storage_url, name=f"wf-{uuid.uuid4().hex[:10]}", max_size=3)
+
+    @queue.task
+    async def one(ctx: Context, x: int) -> int:
+        return x
+
+    @queue.task
+    async def total(ctx: Context, xs: list[int]) -> int:
+        return sum(xs)
+
+    try:
+        # Three members fill the queue; the waiting callback is not counted yet.
+        job = await group(one.prepare(i) for i in range(3)).then(total).enqueue()
+        assert (await queue.counts()).ready == 3
+        with pytest.raises(QueueFull):
+            await one.enqueue(9)
+        await drain(queue)
+        assert await job.result(timeout=WAIT) == 3
+    finally:
+        await queue.purge()
+        await queue.close()
+
+
+async def test_a_reopened_group_is_typed_by_its_task(app: App) -> None:
+    members = [app.double.prepare(1), app.double.prepare(-2)]
+    g = await group(members, on_failure="pass", group_id="typed").enqueue()
+    await drain(app.queue)
+    reopened = await app.queue.get_group("typed", app.double)
+    first, second = await reopened.results(timeout=WAIT)
+    assert first == 2
+    assert isinstance(second, MemberFailure)
+    assert await g.results(timeout=WAIT) == [first, second]

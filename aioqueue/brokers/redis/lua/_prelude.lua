@@ -99,6 +99,32 @@ local function array_header(n)
   return string.char(0xdd) .. be32(n)
 end
 
+-- At most n bytes of a text, never ending inside a UTF-8 character.
+local function clip(text, n)
+  if #text <= n then
+    return text
+  end
+  local cut = string.sub(text, 1, n)
+  local last = #cut
+  while last > 0 and cut:byte(last) >= 0x80 and cut:byte(last) < 0xC0 do
+    last = last - 1
+  end
+  if last > 0 and cut:byte(last) >= 0xC0 then
+    last = last - 1
+  end
+  return string.sub(cut, 1, last)
+end
+
+-- How a dependency that did not complete failed: its error, or what ended it.
+local function outcome_error(status, raw)
+  if status == 'aborted' then
+    return 'JobAborted', 'the job was aborted', ''
+  elseif status == 'missing' then
+    return 'JobNotFound', 'no job with this id', ''
+  end
+  return error_parts(raw)
+end
+
 -- A failed member inside a group's result: msgpack extension 42 holding a MemberFailure.
 local function member_error(payload)
   return string.char(0xc9) .. be32(#payload) .. string.char(42) .. payload
@@ -150,7 +176,7 @@ local function complete_group(ctx, work, wkey, wid, policy)
         parts[#parts + 1] = member_error(payload)
         if #named < 3 then
           local m = cmsgpack.unpack(payload)
-          named[#named + 1] = m[2] .. ' ' .. m[1] .. ' (' .. m[3] .. ': ' .. string.sub(m[4], 1, 200) .. ')'
+          named[#named + 1] = m[2] .. ' ' .. m[1] .. ' (' .. m[3] .. ': ' .. clip(m[4], 200) .. ')'
         end
       end
     end
@@ -161,7 +187,7 @@ local function complete_group(ctx, work, wkey, wid, policy)
     if failures > #named then
       message = message .. '; ...'
     end
-    local reason = failures .. ' members failed'
+    local reason = failures .. (failures == 1 and ' member failed' or ' members failed')
     flow_final(ctx, work, wkey, wid, 'failed', {'error',
       cmsgpack.pack({'GroupFailed', message, ''}), 'reason', reason}, reason)
   else
@@ -200,7 +226,7 @@ local function resolve_edge(ctx, work, did, d, wid, slot)
     if ok then
       value = 'c' .. (d[2] or '\192')
     else
-      local kind, message, tb = error_parts(d[3])
+      local kind, message, tb = outcome_error(status, d[3])
       value = 'x' .. cmsgpack.pack({status, did, kind, message, tb})
     end
   elseif w[3] and ok then

@@ -84,7 +84,8 @@ for i = 1, n do
       fresh[i] = true
       fresh_count = fresh_count + 1
       fresh_ids[string.sub(key, skip + 1)] = true
-      if not specs[i] or specs[i].kind ~= 'group' then
+      -- max_size counts what is ready or delayed; a waiting job counts from its release.
+      if not specs[i] or (specs[i].kind ~= 'group' and specs[i].pending == 0) then
         new = new + 1
       end
     elseif redis.call('HGET', key, 'env') == ARGV[at + 1] then
