@@ -131,7 +131,12 @@ class Queue:
         if settings.redis_url.startswith("memory://"):
             from aioqueue.brokers.memory import MemoryBroker
 
-            return MemoryBroker(settings.redis_url, self.name, result_ttl=settings.result_ttl)
+            return MemoryBroker(
+                settings.redis_url,
+                self.name,
+                result_ttl=settings.result_ttl,
+                events_max_len=settings.events_max_len,
+            )
         from aioqueue.brokers.redis import RedisBroker
 
         return RedisBroker(
@@ -299,6 +304,7 @@ class Queue:
         trace = self.trace_carrier()
         new_jobs: list[NewJob] = []
         jobs: list[Job[Any]] = []
+        tasks = self.tasks
         for request in requests:
             options = request.options
             flow = None
@@ -309,8 +315,12 @@ class Queue:
                     after=tuple((d, slot) for slot, d in enumerate(options.depends_on, 1)),
                 )
             job_id = options.job_id or new_job_id()
-            new_jobs.append(self.new_job(request, job_id, now_ms, trace, flow))
-            jobs.append(self.job(job_id, self.tasks.get(request.task)))
+            task = tasks.get(request.task)
+            envelope = self._envelope(request, task, job_id, now_ms, trace)
+            new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms(), flow))
+            jobs.append(
+                Job(self, job_id, task.signature.return_type if task is not None else Any)
+            )
         if new_jobs:
             broker = await self.connected_broker()
             await broker.enqueue(new_jobs, self.settings.max_size)
@@ -326,7 +336,17 @@ class Queue:
     ) -> NewJob:
         """A request as the broker writes it: arguments checked against the task (when this
         process knows it), envelope encoded and sealed, size checked."""
-        task = self.tasks.get(request.task)
+        envelope = self._envelope(request, self.tasks.get(request.task), job_id, now_ms, trace)
+        return NewJob(job_id, envelope, *request.options.schedule_ms(), flow)
+
+    def _envelope(
+        self,
+        request: JobRequest[Any],
+        task: Task[Any, Any] | None,
+        job_id: str,
+        now_ms: int,
+        trace: dict[str, str] | None,
+    ) -> bytes:
         args, kwargs = request.args, request.kwargs
         if task is None:
             if self.tasks:
@@ -341,7 +361,7 @@ class Queue:
         limit = self.settings.max_payload_bytes
         if len(envelope) > limit:
             raise PayloadTooLarge(request.task, len(envelope), limit)
-        return NewJob(job_id, envelope, *options.schedule_ms(), flow)
+        return envelope
 
     @overload
     async def enqueue_flow(self, workflow: Group[R]) -> GroupJob[R]: ...

@@ -321,14 +321,19 @@ def _events(entry_id: Any, fields: dict[bytes, bytes] | None, start: int) -> lis
     except SerializationError:
         return []
     at_ms = int(entry.partition("-")[0])
-    found: list[StoredEvent] = []
-    for index, item in enumerate(batch if isinstance(batch, list) else []):
-        if index < start or not isinstance(item, list) or len(item) < 2:
+    flat: list[tuple[str, str, tuple[Any, ...]]] = []
+    for item in batch if isinstance(batch, list) else []:
+        if not isinstance(item, list) or len(item) < 2 or not isinstance(item[1], str):
             continue
-        job_id, kind = item[0], item[1]
-        if isinstance(job_id, str) and isinstance(kind, str):
-            found.append(StoredEvent(f"{entry}/{index}", at_ms, job_id, kind, tuple(item[2:])))
-    return found
+        # One item may name many jobs that share the event (a bulk enqueue).
+        for job_id in item[0] if isinstance(item[0], list) else [item[0]]:
+            if isinstance(job_id, str):
+                flat.append((job_id, item[1], tuple(item[2:])))
+    return [
+        StoredEvent(f"{entry}/{index}", at_ms, job_id, kind, details)
+        for index, (job_id, kind, details) in enumerate(flat)
+        if index >= start
+    ]
 
 
 def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:

@@ -52,7 +52,8 @@ end
 
 -- Job events (docs/workflows.md#job-events): a script that changes jobs appends ONE entry
 -- to the queue's events stream holding all its events, field 'e': a msgpack array of
--- [job id, event, details...]. One entry per call keeps the cost per job to a table insert;
+-- [job id, event, details...], where the job id may be an array of ids that share the
+-- event (a bulk enqueue). One entry per call keeps the cost per job to a table insert;
 -- XADD MAXLEN ~ cap bounds the stream (cap 0: no events are kept).
 local function event(events, id, kind, a, b)
   events[#events + 1] = {id, kind, a, b}

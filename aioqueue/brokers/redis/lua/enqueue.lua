@@ -123,12 +123,22 @@ local function fresh_lines(lines)
   return table.concat(kept, '\n')
 end
 
+-- Ids of the jobs written, per status they start in: one event names them all.
+local written = {queued = {}, scheduled = {}, waiting = {}}
+
 for i = 1, n do
   local key = KEYS[3 + i]
   local id = string.sub(key, skip + 1)
   local at = 5 + (i - 1) * step
   local env = ARGV[at + 1]
-  if fresh[i] then
+  if fresh[i] and not specs[i] and not member_of[i] and mode ~= '1' then
+    -- A plain job to run now: the bulk enqueue path, kept lean.
+    local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
+    redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
+    local ids = written.queued
+    ids[#ids + 1] = id
+    out[i] = 1
+  elseif fresh[i] then
     local run_at, delay = 0, 0
     local spec = specs[i]
     if spec then
@@ -182,7 +192,8 @@ for i = 1, n do
     end
     fields[#fields + 1], fields[#fields + 2] = 'status', status
     redis.call('HSET', key, unpack(fields))
-    event(events, id, 'enqueued', status)
+    local ids = written[status]
+    ids[#ids + 1] = id
     out[i] = 1
   elseif repeated[i] then
     out[i] = 1
@@ -214,6 +225,12 @@ for _, g in ipairs(groups) do
   if redis.call('HGET', g[1], 'status') == 'waiting'
       and tonumber(redis.call('HGET', g[1], 'pending')) <= 0 then
     release(ctx, work, g[1], g[2], 'group', redis.call('HGET', g[1], 'policy'))
+  end
+end
+for _, status in ipairs({'waiting', 'scheduled', 'queued'}) do
+  if #written[status] > 0 then
+    -- Written before anything this call released or failed, so they come first.
+    table.insert(events, 1, {written[status], 'enqueued', status})
   end
 end
 flow_drain(ctx, work)
