@@ -32,37 +32,75 @@ from aioqueue.brokers.base import (
     Recorded,
     ServerFacts,
     Settlement,
+    StoredEvent,
+    counted,
 )
 from aioqueue.brokers.memory_store import (
     FINAL,
+    FlowContext,
     Heartbeat,
     QueueState,
     ScoredSet,
     StoredJob,
     Waiters,
+    lua_number,
     now_ms,
+    parse_cursor,
     reset_stores,
     store_for,
 )
-from aioqueue.errors import QueueFull
+from aioqueue.errors import QueueFull, WorkflowConflict
 
 __all__ = ["MemoryBroker", "reset_stores"]
 
 END_OF_TIME_MS = 2**63
 """A due time no delayed job has: promoting ``early`` takes every one."""
 
+CHUNK = 500
+"""Jobs per script call where the Redis broker splits a call (its ``CHUNK``): each chunk is
+one step with its own events entry here too."""
+
+
+def _dependants(jobs: Sequence[NewJob]) -> list[list[tuple[str, int]]]:
+    """Each job's dependants in the batch (its ``FlowNode.next``) in the order enqueue.lua
+    lists them in its ``next`` field: the ones its own spec names first, then the group
+    nodes of the batch it is a member of (the Redis broker sends those in the groups'
+    ``members`` runs), by the group's place in the batch, then by slot."""
+    groups: dict[str, int] = {}
+    for index, job in enumerate(jobs):
+        if job.flow is not None and job.flow.kind == "group":
+            groups.setdefault(job.job_id, index)
+    ordered: list[list[tuple[str, int]]] = []
+    for job in jobs:
+        edges = job.flow.next if job.flow is not None else ()
+        own = [(w, s) for w, s in edges if w not in groups]
+        member = sorted(
+            ((w, s) for w, s in edges if w in groups), key=lambda e: (groups[e[0]], e[1])
+        )
+        ordered.append(own + member)
+    return ordered
+
 
 class MemoryBroker:
     """A queue's storage in this process's memory, shared by every broker on the same URL.
 
     ``url`` is ``memory://`` or ``memory://name``; ``queue`` the queue name; ``result_ttl``
-    how many seconds finished jobs are kept (dead letters are kept until purged).
+    how many seconds finished jobs are kept (dead letters are kept until purged);
+    ``events_max_len`` how many entries of job events are kept (0: none are recorded).
     """
 
-    def __init__(self, url: str, queue: str, *, result_ttl: float = 86_400.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        result_ttl: float = 86_400.0,
+        events_max_len: int = 10_000,
+    ) -> None:
         self.url = url
         self.queue = queue
         self.result_ttl = result_ttl
+        self.events_max_len = events_max_len
         self._store = store_for(url)
 
     def __repr__(self) -> str:
@@ -109,36 +147,122 @@ class MemoryBroker:
         """Write jobs (``enqueue.lua``): True per new id, and per id whose stored envelope is
         byte-for-byte the one given (the same enqueue, repeated); False per other id that
         exists (or repeats in the batch). A job runs at ``run_at_ms`` and no sooner than
-        ``delay_ms`` from now. Raises QueueFull, writing nothing, if the new jobs would take
-        ready + pending + delayed past ``max_size``."""
+        ``delay_ms`` from now. Raises QueueFull, writing nothing, if the new jobs that are
+        ready or delayed (waiting jobs and group nodes aside: they count from their release)
+        would take ready + pending + delayed past ``max_size``.
+
+        Workflows (``NewJob.flow``): a job with dependencies is stored ``waiting``, wired to
+        them; a dependency that has already ended hands over its outcome at once; a group
+        with no members completes at once. The whole batch is one atomic step; like the
+        Redis broker, a plain batch without ``max_size`` is written in chunks of
+        :data:`CHUNK` jobs, each with its own events entry (a job id repeated in a later
+        chunk is a repeat of the earlier one)."""
         state = await self._state()
+        flow = any(job.flow is not None for job in jobs)
+        size = len(jobs) if max_size > 0 or flow else CHUNK
+        created: list[bool] = []
+        for start in range(0, len(jobs), max(size, 1)):
+            created += self._enqueue_chunk(state, jobs[start : start + size], max_size)
+        return created
+
+    def _enqueue_chunk(
+        self, state: QueueState, jobs: Sequence[NewJob], max_size: int
+    ) -> list[bool]:
+        """One ``enqueue.lua`` call."""
         fresh: list[bool] = []
         created: list[bool] = []
         seen: set[str] = set()
+        fresh_ids: set[str] = set()
+        new = 0
+        dependants = _dependants(jobs)
         for job in jobs:
             stored = None if job.job_id in seen else state.job(job.job_id)
             is_new = job.job_id not in seen and stored is None
+            shape = job.flow.shape if job.flow is not None else ""
+            conflict = stored is not None and stored.envelope != job.envelope
+            if conflict and shape and stored is not None and stored.shape != shape:
+                raise WorkflowConflict(job.job_id)
             fresh.append(is_new)
             created.append(is_new or (stored is not None and stored.envelope == job.envelope))
             seen.add(job.job_id)
-        new = sum(fresh)
+            if is_new:
+                fresh_ids.add(job.job_id)
+                # max_size counts what is ready or delayed; a waiting job counts from its
+                # release.
+                if job.flow is None or (job.flow.kind != "group" and job.flow.pending == 0):
+                    new += 1
         if max_size > 0 and new > 0 and state.size() + new > max_size:
-            raise QueueFull(self.queue, max_size)
+            raise QueueFull(self.queue, max_size, counted(jobs))
         now = now_ms()
-        for job, is_new in zip(jobs, fresh, strict=True):
+        ctx = FlowContext(now, self.result_ttl)
+        # (dependency id, slot, dependant id) of edges to jobs that existed before this call.
+        edges: list[tuple[str, int, str]] = []
+        groups: list[str] = []
+        # Ids of the jobs written, per status they start in: one event item names them all.
+        written: dict[str, list[str]] = {"queued": [], "scheduled": [], "waiting": []}
+        for index, (job, is_new, is_created) in enumerate(zip(jobs, fresh, created, strict=True)):
+            node = job.flow
             if not is_new:
+                if not is_created and node is not None:
+                    # An existing job named as a dependency in this batch: wire it like one
+                    # outside it (only dependants written by this call wait for anything).
+                    edges += [(job.job_id, s, w) for w, s in dependants[index] if w in fresh_ids]
                 continue
             run_at = job.run_at_ms
             if job.delay_ms > 0:
                 run_at = max(run_at, now + job.delay_ms)
             stored = StoredJob(job.envelope, "queued", now)
             state.jobs[job.job_id] = stored
-            if run_at > now:
+            if node is not None:
+                following = [(w, s) for w, s in dependants[index] if w in fresh_ids]
+                if following:
+                    stored.next = following
+                edges += [(d, s, job.job_id) for d, s in node.after]
+            if node is not None and (node.kind == "group" or node.pending > 0):
+                stored.status = "waiting"
+                stored.pending = node.pending
+                stored.policy = node.policy
+                if run_at > 0:
+                    stored.run_at_ms = run_at
+                stored.feed = node.feed
+                if node.kind == "group":
+                    stored.kind = "group"
+                    stored.size = node.pending
+                    stored.shape = node.shape
+                    groups.append(job.job_id)
+            elif run_at > now:
                 stored.status = "scheduled"
                 stored.run_at_ms = run_at
                 state.delayed.add(job.job_id, run_at)
             else:
                 stored.entry = state.add_entry(job.job_id)
+            written[stored.status].append(job.job_id)
+        # Dependencies that existed before this call: wait for them, or take their outcome.
+        for did, slot, wid in edges:
+            dependency = state.job(did)
+            if dependency is None:
+                state.resolve_edge(ctx, did, (None, None, None), wid, slot)
+            elif dependency.status in FINAL:
+                outcome = (dependency.status, dependency.result, dependency.error)
+                state.resolve_edge(ctx, did, outcome, wid, slot)
+            elif dependency.next is None:
+                dependency.next = [(wid, slot)]
+            else:
+                dependency.next.append((wid, slot))
+        # A group with no members is complete at once.
+        for group_id in groups:
+            node_job = state.job(group_id)
+            if node_job is not None and node_job.status == "waiting" and node_job.pending <= 0:
+                state.release(ctx, group_id, node_job)
+        # Written before anything this call released or failed, so they come first: queued,
+        # scheduled, waiting (each item expanded into one event per job, as readers do).
+        ctx.events[:0] = [
+            (job_id, "enqueued", status)
+            for status in ("queued", "scheduled", "waiting")
+            for job_id in written[status]
+        ]
+        state.flow_drain(ctx)
+        state.events.add(self.events_max_len, ctx.events)
         return created
 
     # -- consuming -------------------------------------------------------------------------
@@ -159,7 +283,14 @@ class MemoryBroker:
             await state.ready_waiters.wait(remaining)
             state = await self._state()
         entries = state.deliver(consumer, count)
-        return state.begin(consumer, entries, max_deliveries, check=False)
+        return state.begin(
+            consumer,
+            entries,
+            max_deliveries,
+            check=False,
+            ttl=self.result_ttl,
+            cap=self.events_max_len,
+        )
 
     async def reclaim(
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
@@ -181,7 +312,14 @@ class MemoryBroker:
                 taken.append((entry, row.job_id))
         if taken:
             state.consumers[consumer] = now
-        return state.begin(consumer, taken, max_deliveries, check=True)
+        return state.begin(
+            consumer,
+            taken,
+            max_deliveries,
+            check=True,
+            ttl=self.result_ttl,
+            cap=self.events_max_len,
+        )
 
     async def adopt(
         self, consumer: str, known: Collection[str], count: int, max_deliveries: int
@@ -195,48 +333,74 @@ class MemoryBroker:
         while start < len(unknown) and len(adopted) < count:
             batch = unknown[start : start + count - len(adopted)]
             start += len(batch)
-            adopted += state.begin(consumer, batch, max_deliveries, check=True)
+            adopted += state.begin(
+                consumer,
+                batch,
+                max_deliveries,
+                check=True,
+                ttl=self.result_ttl,
+                cap=self.events_max_len,
+            )
         return adopted
 
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
-        """Record outcomes (``settle.lua``), in order. A settlement is accepted only from the
+        """Record outcomes (``settle.lua``), in order, one step per :data:`CHUNK`
+        settlements as the Redis broker splits them. A settlement is accepted only from the
         consumer and entry that began the job (False otherwise: the lease was lost). An
         accepted outcome is applied only to a running job (an aborted job takes only
         'aborted'); one already settled (a repeat) changes nothing. The entries of accepted
-        settlements are dropped."""
+        settlements are dropped. The final outcome of a running job is announced and handed
+        to its dependants (:meth:`QueueState.flow_drain`); a retry hands over nothing, and a
+        job aborted while it ran was announced and handed over by the abort."""
         state = await self._state()
-        now = now_ms()
         out: list[Recorded] = []
-        for settlement in settlements:
-            delivery = settlement.delivery
-            job_id = delivery.job_id
-            job = state.job(job_id)
-            pair = (consumer, delivery.entry_id)
-            if job is None or job.worker != consumer or job.entry != delivery.entry_id:
-                settled = job is not None and job.settled == pair
-                out.append(Recorded.YES if settled else Recorded.LOST)
-                continue
-            aborting = isinstance(settlement, Finished) and settlement.status == "aborted"
-            state.drop_entry(delivery.entry_id)
-            if job.status == "aborted" and not aborting:
-                out.append(Recorded.ABORTED)
-                continue
-            if job.status == "running" or (job.status == "aborted" and aborting):
-                self._apply(state, job_id, job, settlement, now)
-                job.settled = pair
-            out.append(Recorded.YES)
+        for start in range(0, len(settlements), CHUNK):
+            ctx = FlowContext(now_ms(), self.result_ttl)
+            for settlement in settlements[start : start + CHUNK]:
+                out.append(self._settle_one(state, ctx, consumer, settlement))
+            state.flow_drain(ctx)
+            state.events.add(self.events_max_len, ctx.events)
         return out
 
+    def _settle_one(
+        self, state: QueueState, ctx: FlowContext, consumer: str, settlement: Settlement
+    ) -> Recorded:
+        delivery = settlement.delivery
+        job_id = delivery.job_id
+        job = state.job(job_id)
+        pair = (consumer, delivery.entry_id)
+        if job is None or job.worker != consumer or job.entry != delivery.entry_id:
+            settled = job is not None and job.settled == pair
+            return Recorded.YES if settled else Recorded.LOST
+        aborting = isinstance(settlement, Finished) and settlement.status == "aborted"
+        state.drop_entry(delivery.entry_id)
+        if job.status == "aborted" and not aborting:
+            return Recorded.ABORTED
+        if job.status == "running" or (job.status == "aborted" and aborting):
+            self._apply(state, ctx, job_id, job, settlement)
+            job.settled = pair
+        return Recorded.YES
+
     def _apply(
-        self, state: QueueState, job_id: str, job: StoredJob, settlement: Settlement, now: int
+        self,
+        state: QueueState,
+        ctx: FlowContext,
+        job_id: str,
+        job: StoredJob,
+        settlement: Settlement,
     ) -> None:
-        """Write one accepted outcome to its job."""
+        """Write one accepted outcome to its job (running, or aborted while it ran and
+        settled as aborted)."""
+        now = ctx.now
         if isinstance(settlement, Done):
             job.status = "complete"
             job.result = settlement.result
             job.finished_ms = now
             state.expire(job_id, job, self.result_ttl)
             state.finalized(job_id)
+            ctx.event(job_id, "completed")
+            if job.next:
+                ctx.work.append(job_id)
         elif isinstance(settlement, Again):
             run_at = now + settlement.delay_ms
             job.status = "retrying"
@@ -247,7 +411,9 @@ class MemoryBroker:
             job.finished_ms = now
             job.attempt += 1
             state.delayed.add(job_id, run_at)
+            ctx.event(job_id, "retrying", settlement.reason, job.attempt)
         else:
+            was_running = job.status == "running"
             job.status = settlement.status
             job.error = settlement.error
             job.reason = settlement.reason
@@ -258,6 +424,11 @@ class MemoryBroker:
             else:
                 state.expire(job_id, job, self.result_ttl)
             state.finalized(job_id)
+            # A job aborted while it ran was announced and handed to its dependants by abort.
+            if was_running:
+                ctx.event(job_id, settlement.status, settlement.reason)
+                if job.next:
+                    ctx.work.append(job_id)
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]
@@ -284,6 +455,35 @@ class MemoryBroker:
         if claimed:
             state.consumers[consumer] = now
         return lost, aborted
+
+    async def progress(
+        self, consumer: str, delivery: Delivery, fraction: float, message: str, seq: int
+    ) -> bool:
+        """Store and announce a running job's progress (``progress.lua``): only while the
+        job runs under this consumer and entry (False otherwise: a late report never
+        overwrites a newer run's). Report ``seq`` of the delivery stored already (a repeat)
+        answers True and announces nothing twice."""
+        state = await self._state()
+        job = state.job(delivery.job_id)
+        if (
+            job is None
+            or job.status != "running"
+            or job.worker != consumer
+            or job.entry != delivery.entry_id
+        ):
+            return False
+        mark = (delivery.entry_id, seq)
+        if job.progress_seq == mark:
+            return True
+        number = float(fraction)
+        job.progress = number
+        job.progress_message = message
+        job.progress_ms = now_ms()
+        job.progress_seq = mark
+        state.events.add(
+            self.events_max_len, [(delivery.job_id, "progress", lua_number(number), message)]
+        )
+        return True
 
     async def listen_aborts(
         self, on_abort: Callable[[str], None], on_ready: Callable[[], None]
@@ -393,9 +593,19 @@ class MemoryBroker:
                     del state.final_waiters[job_id]
 
     async def abort(self, job_id: str) -> str:
-        """Abort a queued, delayed or running job (``abort.lua``); returns the status it had
-        (``not_found`` if none). Listeners are told to cancel a running one."""
+        """Abort a queued, delayed, waiting or running job (``abort.lua``); returns the status
+        it had (``not_found`` if none). Listeners are told to cancel a running one; its
+        dependants get its outcome (aborted) in the same step."""
+        (found,) = await self.abort_many([job_id])
+        return found
+
+    async def abort_many(self, job_ids: Sequence[str]) -> list[str]:
+        """Abort jobs, one after another as ``abort.lua`` does each (one events entry
+        each); returns the status each had."""
         state = await self._state()
+        return [self._abort(state, job_id) for job_id in job_ids]
+
+    def _abort(self, state: QueueState, job_id: str) -> str:
         job = state.job(job_id)
         if job is None:
             return "not_found"
@@ -406,13 +616,57 @@ class MemoryBroker:
             state.delayed.discard(job_id)
         elif status == "queued" and job.entry:
             state.drop_entry(job.entry)
+        ctx = FlowContext(now_ms(), self.result_ttl)
         job.status = "aborted"
-        job.finished_ms = now_ms()
+        job.finished_ms = ctx.now
         state.expire(job_id, job, self.result_ttl)
         if status == "running":
             state.publish_abort(job_id)
         state.finalized(job_id)
+        ctx.event(job_id, "aborted", status)
+        if job.next:
+            ctx.work.append(job_id)
+            state.flow_drain(ctx)
+        state.events.add(self.events_max_len, ctx.events)
         return status
+
+    async def events_tail(self) -> str:
+        """The cursor after the newest event kept (``0-0/*`` when none is)."""
+        newest = (await self._state()).events.newest()
+        return "0-0/*" if newest is None else f"{newest.entry_id}/*"
+
+    async def events(self, after: str, count: int, block: float | None) -> list[StoredEvent]:
+        """Events after cursor ``after`` (``<entry id>/<index>``: the rest of that entry
+        first; ``<entry id>/*``: from the next entry; ``0-0/*``: from the oldest kept), from
+        up to ``count`` entries. With none, waits up to ``block`` seconds for a new entry
+        (None: returns at once). Raises ValueError for a malformed cursor."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
+        key, index = parse_cursor(after)
+        state = await self._state()
+        if index is not None:
+            entry = state.events.find(key)
+            found = [] if entry is None else entry.stored(index + 1)
+            if found:
+                return found
+        loop = asyncio.get_running_loop()
+        # As the Redis broker's XREAD: BLOCK is at least 1 ms (0 would wait forever).
+        deadline = None if block is None else loop.time() + max(block, 0.001)
+        while True:
+            entries = state.events.after(key, count if count > 0 else len(state.events))
+            if entries or deadline is None:
+                return [event for entry in entries for event in entry.stored()]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            await state.events.waiters.wait(remaining)
+            state = await self._state()
+
+    async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The status of each job (None: no such job), in one step."""
+        state = await self._state()
+        jobs = [state.job(job_id) for job_id in job_ids]
+        return [None if job is None else job.status for job in jobs]
 
     async def counts(self) -> QueueCounts:
         """Ready, pending (delivered, unsettled), delayed and dead job counts."""
@@ -451,7 +705,8 @@ class MemoryBroker:
 
     async def purge_queue(self) -> int:
         """Delete everything stored for the queue; returns how many job records and other
-        non-empty structures (ready queue, delayed, dead, cron state, heartbeats) went."""
+        non-empty structures (ready queue, delayed, dead, cron state, heartbeats, events)
+        went."""
         state = await self._state()
         state.drop_expired_workers()
         structures = (
@@ -462,6 +717,7 @@ class MemoryBroker:
             bool(state.cron_runs),
             bool(state.cron_claims),
             bool(state.workers),
+            bool(state.events),
         )
         gone = len(state.jobs) + len(state.workers) + sum(structures)
         job_ids = list(state.jobs)
@@ -475,6 +731,7 @@ class MemoryBroker:
         state.cron_claims.clear()
         state.workers.clear()
         state.consumers.clear()
+        state.events.clear()
         for job_id in job_ids:
             state.finalized(job_id)
         return gone
@@ -524,6 +781,7 @@ class MemoryBroker:
             stored = StoredJob(job.envelope, "queued", now)
             state.jobs[job.job_id] = stored
             stored.entry = state.add_entry(job.job_id)
+            state.events.add(self.events_max_len, [(job.job_id, "enqueued", "queued")])
         state.cron_runs[name] = job.job_id
         state.cron_claims[name] = (fire_ms, claimer, CronClaim.CLAIMED)
         return CronClaim.CLAIMED
@@ -557,25 +815,31 @@ class MemoryBroker:
         return (await self._state()).dead.ordered()
 
     async def requeue_dead(self, job_ids: Sequence[str]) -> int:
-        """Put dead jobs back in the ready queue from attempt 1 (``requeue.lua``); ids that
-        are not dead, or name no job to run, are ignored. Returns how many were requeued."""
+        """Put dead jobs back in the ready queue from attempt 1 (``requeue.lua``, one step
+        and events entry per :data:`CHUNK` ids); ids that are not dead, or name no job to
+        run, are ignored. Returns how many were requeued."""
         state = await self._state()
         now = now_ms()
         requeued = 0
-        for job_id in job_ids:
-            job = state.job(job_id)
-            # A dead letter without a job to run (a foreign entry's) stays listed.
-            if job is None or job.envelope is None or job_id not in state.dead:
-                continue
-            state.dead.discard(job_id)
-            job.status = "queued"
-            job.attempt = 1
-            job.deliveries = 0
-            job.enqueued_ms = now
-            job.finished_ms = job.run_at_ms = job.started_ms = None
-            job.worker = ""
-            job.entry = state.add_entry(job_id)
-            requeued += 1
+        job_ids = list(dict.fromkeys(job_ids))  # an id named twice is one job
+        for start in range(0, len(job_ids), CHUNK):
+            ctx = FlowContext(now, self.result_ttl)
+            for job_id in job_ids[start : start + CHUNK]:
+                job = state.job(job_id)
+                # A dead letter without a job to run (a foreign entry's) stays listed.
+                if job is None or job.envelope is None or job_id not in state.dead:
+                    continue
+                state.dead.discard(job_id)
+                job.status = "queued"
+                job.attempt = 1
+                job.deliveries = 0
+                job.enqueued_ms = now
+                job.finished_ms = job.run_at_ms = job.started_ms = None
+                job.worker = ""
+                job.entry = state.add_entry(job_id)
+                ctx.event(job_id, "enqueued", "queued")
+                requeued += 1
+            state.events.add(self.events_max_len, ctx.events)
         return requeued
 
     async def purge_dead(self, job_ids: Sequence[str]) -> int:

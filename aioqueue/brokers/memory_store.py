@@ -17,7 +17,24 @@ cron-claims hash            :attr:`QueueState.cron_claims`
 worker heartbeat keys       :attr:`QueueState.workers`, each with an expiry
 pub/sub channels            :class:`Waiters` (result waits, blocked fetches) and one
                             :class:`asyncio.Queue` per abort listener
+workflow fields of a job    :attr:`StoredJob.next`, ``pending``, ``policy``, ``feed``,
+(``next``, ``in:<slot>``)   ``kind``, ``size`` and :attr:`StoredJob.inputs`
+progress fields of a job    :attr:`StoredJob.progress`, ``progress_message``,
+                            ``progress_ms``, ``progress_seq``
+events stream               :class:`EventLog` (:attr:`QueueState.events`)
 ==========================  ========================================================
+
+Workflows follow the flow functions of ``_prelude.lua`` (``resolve_edge``, ``release``,
+``complete_group``, ``flow_drain``) as methods of :class:`QueueState`, with the same values
+byte for byte: an edge's stored outcome, a group's result (one msgpack array, members that
+did not complete as extension 42) and the errors dependants fail with are built here as the
+scripts build them with ``cmsgpack``.
+
+Job events follow ``event`` and ``flush_events`` of ``_prelude.lua``: each step that the
+scripts do in one call collects its events in a list (:attr:`FlowContext.events`) and
+appends it as ONE entry to the queue's :class:`EventLog`, with the same kinds and details in
+the same order, as ``cmsgpack`` would hand them back (a Lua number that is whole comes back
+as an int, see :func:`lua_number`).
 
 Stores are shared per URL: every broker on ``memory://name`` in this process sees the same
 :class:`MemoryStore` (``memory://`` is the store named ``""``), so a producer's ``Queue`` and
@@ -32,26 +49,43 @@ from two running loops at once raises :class:`RuntimeError`. Stores are not thre
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
+import math
+import re
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aioqueue.brokers.base import CronClaim, Delivery, JobRecord
+from aioqueue.brokers.base import CronClaim, Delivery, JobRecord, StoredEvent
 
 __all__ = [
     "FINAL",
     "SCHEME",
+    "Event",
+    "EventEntry",
+    "EventLog",
+    "FlowContext",
     "Heartbeat",
     "MemoryStore",
+    "Outcome",
     "PendingEntry",
     "QueueState",
     "ScoredSet",
     "StoredJob",
     "Waiters",
+    "array_header",
+    "clip",
+    "dependency_error",
+    "error_parts",
+    "lua_number",
+    "member_error",
     "now_ms",
+    "outcome_error",
+    "pack_texts",
     "reset_stores",
     "store_for",
 ]
@@ -65,6 +99,39 @@ FINAL = frozenset({"complete", "failed", "dead", "aborted"})
 def now_ms() -> int:
     """Wall-clock time in Unix ms: the clock every stored timestamp and delay uses."""
     return int(time.time() * 1000)
+
+
+Outcome = tuple[str | None, bytes | None, bytes | None]
+"""A dependency's ``status``, ``result`` and ``error`` as ``flow_drain`` reads them (status
+None: there is no such job)."""
+
+Event = tuple[object, ...]
+"""One job event as ``event()`` records it: ``(job id, kind, details...)``."""
+
+
+def lua_number(value: float) -> int | float:
+    """A number as ``cmsgpack`` packs a Lua number: a whole one as an integer."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
+@dataclass(slots=True)
+class FlowContext:
+    """The flow context of the scripts (``{stream, delayed, ttl, prefix, now, events}``)
+    and their ``work`` list: ids of jobs that just became final, whose edges are still to
+    settle."""
+
+    now: int
+    """The step's time in Unix ms."""
+    ttl: float
+    """The result TTL in seconds: a workflow node that ends expires after it."""
+    work: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    """The events of the step, appended as one entry when it ends (``flush_events``)."""
+
+    def event(self, job_id: str, kind: str, *details: object) -> None:
+        """``event``: record one job event of this step."""
+        self.events.append((job_id, kind, *details))
 
 
 @dataclass(slots=True)
@@ -90,6 +157,33 @@ class StoredJob:
     """(consumer, entry) whose outcome was recorded last: a repeat of it answers recorded."""
     expires_at: float | None = None
     """``time.monotonic()`` deadline after which the record is gone; None = kept."""
+    # Workflows (the fields enqueue.lua writes for a job of a workflow).
+    next: list[tuple[str, int]] | None = None
+    """(dependant id, slot) of every job waiting on this one, in the order the edges were
+    written (the ``next`` field; None: it has none)."""
+    pending: int = 0
+    """Dependencies not ended yet, while ``waiting``."""
+    policy: str = "fast"
+    """What a dependency that does not complete does: ``fast``, ``any`` (jobs), ``wait``,
+    ``pass`` (groups)."""
+    feed: bool = False
+    """The dependency on slot 1 feeds its result as the first argument."""
+    kind: str = "job"
+    """``group``: a node that never runs and completes with its members' results."""
+    size: int = 0
+    """A group's number of members."""
+    shape: str = ""
+    """A named group's digest of its whole workflow (``FlowNode.shape``)."""
+    inputs: dict[int, bytes] | None = None
+    """The ``in:<slot>`` fields: each ended dependency's outcome on its edge, as the scripts
+    store it: ``b"c"`` + its encoded result, ``b"x"`` + msgpack ``[status, id, type,
+    message, traceback]`` (a group's member that did not complete), or its bare status."""
+    # Progress (progress.lua).
+    progress: float | None = None
+    progress_message: str = ""
+    progress_ms: int | None = None
+    progress_seq: tuple[str, int] | None = None
+    """(entry, report number) of the last progress stored: a repeat announces nothing."""
 
     def to_record(self, job_id: str) -> JobRecord:
         """The broker-neutral view of this record."""
@@ -107,6 +201,9 @@ class StoredJob:
             error=self.error,
             reason=self.reason,
             worker=self.worker,
+            progress=self.progress,
+            progress_message=self.progress_message,
+            progress_ms=self.progress_ms,
         )
 
 
@@ -220,6 +317,99 @@ class Waiters:
                 future.set_result(None)
 
 
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+"""A stream entry id as the Redis broker accepts it in an event cursor."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventEntry:
+    """One entry of the events stream: the events one step recorded."""
+
+    key: tuple[int, int]
+    """Its id as numbers (ms, sequence): ids only go up."""
+    events: tuple[Event, ...]
+
+    @property
+    def entry_id(self) -> str:
+        return f"{self.key[0]}-{self.key[1]}"
+
+    def stored(self, start: int = 0) -> list[StoredEvent]:
+        """Its events from index ``start`` on, as the Redis broker reads them."""
+        entry = self.entry_id
+        return [
+            StoredEvent(f"{entry}/{index}", self.key[0], str(e[0]), str(e[1]), tuple(e[2:]))
+            for index, e in enumerate(self.events)
+            if index >= start
+        ]
+
+
+def parse_cursor(cursor: str) -> tuple[tuple[int, int], int | None]:
+    """An event cursor ``<entry id>/<index>`` or ``<entry id>/*`` as (entry key, index or
+    None); raises ValueError for anything else, as the Redis broker does."""
+    entry, _, index = cursor.partition("/")
+    if not STREAM_ID.fullmatch(entry) or not (index == "*" or index.isdigit()):
+        raise ValueError(f"not an event cursor: {cursor!r}")
+    ms, _, seq = entry.partition("-")
+    return (int(ms), int(seq)), None if index == "*" else int(index)
+
+
+class EventLog:
+    """The queue's capped events stream (XADD MAXLEN / XRANGE / XREAD): entries oldest
+    first, trimmed from the front, with the waiters of blocked readers."""
+
+    __slots__ = ("_entries", "_last", "_start", "waiters")
+
+    def __init__(self) -> None:
+        self._entries: list[EventEntry] = []
+        self._start = 0
+        """Entries before this index are trimmed (dropped in bulk, now and then)."""
+        self._last = (0, 0)
+        self.waiters = Waiters()
+
+    def __len__(self) -> int:
+        return len(self._entries) - self._start
+
+    def add(self, cap: int, events: Sequence[Event]) -> None:
+        """``flush_events``: append the events of one step as one entry and keep at most
+        ``cap`` entries (cap 0: nothing is kept, nothing trimmed); wakes blocked readers."""
+        if not events or cap <= 0:
+            return
+        ms = now_ms()
+        last_ms, seq = self._last
+        self._last = (ms, 0) if ms > last_ms else (last_ms, seq + 1)
+        self._entries.append(EventEntry(self._last, tuple(events)))
+        if len(self) > cap:
+            self._start = len(self._entries) - cap
+            if self._start > len(self._entries) // 2:
+                del self._entries[: self._start]
+                self._start = 0
+        self.waiters.wake_all()
+
+    def clear(self) -> None:
+        """Delete every entry (the key is gone); ids keep going up."""
+        self._entries = []
+        self._start = 0
+
+    def newest(self) -> EventEntry | None:
+        """The newest entry kept, or None."""
+        return self._entries[-1] if len(self) else None
+
+    def _index_after(self, key: tuple[int, int]) -> int:
+        return bisect.bisect_right(self._entries, key, lo=self._start, key=lambda e: e.key)
+
+    def find(self, key: tuple[int, int]) -> EventEntry | None:
+        """The entry with this id, if kept (XRANGE id id)."""
+        index = self._index_after(key) - 1
+        if index >= self._start and self._entries[index].key == key:
+            return self._entries[index]
+        return None
+
+    def after(self, key: tuple[int, int], count: int) -> list[EventEntry]:
+        """Up to ``count`` entries with a greater id, oldest first (XREAD COUNT)."""
+        start = self._index_after(key)
+        return self._entries[start : start + count]
+
+
 @dataclass(eq=False)
 class QueueState:
     """Everything stored for one queue of one store."""
@@ -242,6 +432,7 @@ class QueueState:
     """The cron-claims hash: name -> (fire ms, claiming broker's token, answer) of its last
     claim, so a repeated call is answered as the first one was."""
     workers: dict[str, Heartbeat] = field(default_factory=dict)
+    events: EventLog = field(default_factory=EventLog)
     ready_waiters: Waiters = field(default_factory=Waiters)
     final_waiters: dict[str, Waiters] = field(default_factory=dict)
     abort_listeners: set[asyncio.Queue[str]] = field(default_factory=set)
@@ -321,6 +512,8 @@ class QueueState:
         max_deliveries: int,
         *,
         check: bool,
+        ttl: float,
+        cap: int,
     ) -> list[Delivery]:
         """``begin.lua``: count the delivery of each entry, then run, skip or dead-letter its job.
 
@@ -328,9 +521,14 @@ class QueueState:
         delivery is identified by (consumer, entry): a job already running under this pair
         is returned as it stands without counting another delivery, and one dead-lettered
         under it answers dead again. An entry that is not its job's current one (stale or
-        forged) is skipped and dropped.
+        forged), or whose job is ``waiting`` for its dependencies, is skipped and dropped.
+        A job fed by its dependency carries that input. A job dead-lettered here hands its
+        outcome to its dependants (:meth:`flow_drain`; ``ttl``: the result TTL in seconds).
+        Its events (started, dead and what the dependants did) are one entry (``cap``: the
+        events cap).
         """
         now = now_ms()
+        ctx = FlowContext(now, ttl)
         deliveries: list[Delivery] = []
         for entry, job_id in entries:
             if check and not self.owns(consumer, entry):
@@ -339,34 +537,169 @@ class QueueState:
             mine = job is not None and job.worker == consumer and job.entry == entry
             if job is not None and mine and job.status == "running":
                 envelope = job.envelope if job.envelope is not None else b""
-                deliveries.append(Delivery(job_id, entry, envelope, job.attempt, job.deliveries))
+                deliveries.append(
+                    Delivery(job_id, entry, envelope, job.attempt, job.deliveries, _input(job))
+                )
                 continue
             if job is not None and mine and job.status == "dead":
                 self.drop_entry(entry)
                 _log_dead(job_id, job.deliveries)
                 continue
-            if job is None or job.status in FINAL or job.entry != entry:
+            if job is None or job.status in FINAL or job.status == "waiting" or job.entry != entry:
                 self.drop_entry(entry)
                 continue
             job.deliveries += 1
             if job.deliveries > max_deliveries:
+                # bury(): dead-lettered with a WorkerLost error.
+                message = (
+                    f"the job was handed out {job.deliveries} times; each time its worker died"
+                )
                 job.status = "dead"
                 job.finished_ms = now
                 job.worker = consumer
+                job.entry = entry
                 job.reason = f"worker lost {job.deliveries - 1} times"
+                job.error = pack_texts(b"WorkerLost", message.encode(), b"")
                 job.expires_at = None
                 self.dead.add(job_id, now)
                 self.drop_entry(entry)
                 self.finalized(job_id)
+                ctx.event(job_id, "dead", job.reason)
+                ctx.work.append(job_id)
                 _log_dead(job_id, job.deliveries)
                 continue
             job.status = "running"
             job.started_ms = now
             job.worker = consumer
             job.entry = entry
+            ctx.event(job_id, "started", job.attempt, consumer)
             envelope = job.envelope if job.envelope is not None else b""
-            deliveries.append(Delivery(job_id, entry, envelope, job.attempt, job.deliveries))
+            deliveries.append(
+                Delivery(job_id, entry, envelope, job.attempt, job.deliveries, _input(job))
+            )
+        self.flow_drain(ctx)
+        self.events.add(cap, ctx.events)
         return deliveries
+
+    # -- workflows (the flow functions of _prelude.lua) -------------------------------------
+
+    def flow_final(
+        self,
+        ctx: FlowContext,
+        wid: str,
+        w: StoredJob,
+        status: str,
+        *,
+        result: bytes | None = None,
+        error: bytes | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """``flow_final``: a waiting job ends without running; its dependants are next."""
+        w.status = status
+        w.finished_ms = ctx.now
+        if result is not None:
+            w.result = result
+        if error is not None:
+            w.error = error
+        if reason is not None:
+            w.reason = reason
+        self.expire(wid, w, ctx.ttl)
+        self.finalized(wid)
+        if reason is None:
+            ctx.event(wid, "completed" if status == "complete" else status)
+        else:
+            ctx.event(wid, "completed" if status == "complete" else status, reason)
+        ctx.work.append(wid)
+
+    def complete_group(self, ctx: FlowContext, wid: str, w: StoredJob) -> None:
+        """``complete_group``: a group node whose members have all ended completes with one
+        msgpack array of their results in member order (a member that did not complete as
+        extension 42), or fails when one did not and its policy is not ``pass``."""
+        n = w.size
+        inputs = w.inputs if w.inputs is not None else {}
+        parts = [array_header(n)]
+        failures = 0
+        named: list[bytes] = []
+        for slot in range(1, n + 1):
+            value = inputs.pop(slot, b"c\xc0")
+            if value[:1] == b"c":
+                parts.append(value[1:])
+            else:
+                payload = value[1:]
+                failures += 1
+                parts.append(member_error(payload))
+                if len(named) < 3:
+                    m = _member_parts(payload)
+                    named.append(m[1] + b" " + m[0] + b" (" + m[2] + b": " + clip(m[3], 200) + b")")
+        if failures > 0 and w.policy != "pass":
+            message = f"{failures} of {n} members failed: ".encode() + b"; ".join(named)
+            if failures > len(named):
+                message += b"; ..."
+            error = pack_texts(b"GroupFailed", message, b"")
+            reason = f"{failures} member failed" if failures == 1 else f"{failures} members failed"
+            self.flow_final(ctx, wid, w, "failed", error=error, reason=reason)
+        else:
+            self.flow_final(ctx, wid, w, "complete", result=b"".join(parts))
+
+    def release(self, ctx: FlowContext, wid: str, w: StoredJob) -> None:
+        """``release``: a job with nothing left to wait for goes to the ready queue, or to
+        the delayed set when it is due later; a group node completes (or fails)."""
+        if w.kind == "group":
+            self.complete_group(ctx, wid, w)
+            return
+        run_at = w.run_at_ms or 0
+        if run_at > ctx.now:
+            w.status = "scheduled"
+            self.delayed.add(wid, run_at)
+        else:
+            w.entry = self.add_entry(wid)
+            w.status = "queued"
+        ctx.event(wid, "released", w.status)
+
+    def resolve_edge(self, ctx: FlowContext, did: str, d: Outcome, wid: str, slot: int) -> None:
+        """``resolve_edge``: record dependency ``did``'s outcome ``d`` (status, result,
+        error; status None: no such job) on dependant ``wid``'s edge ``slot``. Only the
+        first outcome of an edge counts; a later one replaces the stored value."""
+        w = self.job(wid)
+        if w is None or w.status != "waiting":
+            return
+        status = d[0] if d[0] is not None else "missing"
+        ok = status == "complete"
+        value = status.encode()
+        if w.kind == "group":
+            if ok:
+                value = b"c" + (d[1] if d[1] is not None else b"\xc0")
+            else:
+                kind, message, tb = outcome_error(status, d[2])
+                value = b"x" + pack_texts(status.encode(), did.encode(), kind, message, tb)
+        elif w.feed and ok:
+            value = b"c" + (d[1] if d[1] is not None else b"\xc0")
+        if w.inputs is None:
+            w.inputs = {}
+        counted = slot in w.inputs
+        w.inputs[slot] = value
+        if counted:
+            return
+        if not ok and w.policy == "fast":
+            error = dependency_error(did, status, d[2])
+            reason = f"dependency {did} {status}"
+            self.flow_final(ctx, wid, w, "failed", error=error, reason=reason)
+        else:
+            w.pending -= 1
+            if w.pending <= 0:
+                self.release(ctx, wid, w)
+
+    def flow_drain(self, ctx: FlowContext) -> None:
+        """``flow_drain``: settle every edge out of the jobs in ``ctx.work`` (jobs that just
+        became final), and out of the jobs that became final because of them."""
+        work = ctx.work
+        while work:
+            did = work.pop()
+            d = self.job(did)
+            if d is not None and d.next:
+                outcome: Outcome = (d.status, d.result, d.error)
+                for wid, slot in list(d.next):
+                    self.resolve_edge(ctx, did, outcome, wid, slot)
 
     # -- notifications ---------------------------------------------------------------------
 
@@ -384,6 +717,7 @@ class QueueState:
     def drop_waiters(self) -> None:
         """Forget waiters and listeners of an event loop that is gone."""
         self.ready_waiters = Waiters()
+        self.events.waiters = Waiters()
         self.final_waiters.clear()
         self.abort_listeners.clear()
 
@@ -415,6 +749,15 @@ class QueueState:
         return removed
 
 
+def _input(job: StoredJob) -> bytes | None:
+    """begin.lua's ``input``: what a job fed by its dependency gets (``in:1`` without its
+    one-byte tag), or None."""
+    if job.feed and job.inputs is not None:
+        value = job.inputs.get(1)
+        return None if value is None else value[1:]
+    return None
+
+
 def _log_dead(job_id: str, deliveries: int) -> None:
     logger.error(
         "job %s dead-lettered: its worker was lost %d times",
@@ -422,6 +765,226 @@ def _log_dead(job_id: str, deliveries: int) -> None:
         deliveries - 1,
         extra={"job_id": job_id},
     )
+
+
+# -- workflow values, byte for byte as the scripts build them with cmsgpack --------------------
+
+
+def _str_header(n: int) -> bytes:
+    if n < 32:
+        return bytes((0xA0 | n,))
+    if n <= 0xFF:
+        return bytes((0xD9, n))
+    if n <= 0xFFFF:
+        return b"\xda" + n.to_bytes(2, "big")
+    return b"\xdb" + n.to_bytes(4, "big")
+
+
+def array_header(n: int) -> bytes:
+    """``array_header``: the msgpack header of an array of ``n`` values."""
+    if n < 16:
+        return bytes((0x90 + n,))
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def pack_texts(*texts: bytes) -> bytes:
+    """``cmsgpack.pack({...})`` of a table of strings: a msgpack array of str values (Lua
+    strings are bytes, so this takes bytes)."""
+    return array_header(len(texts)) + b"".join(_str_header(len(t)) + t for t in texts)
+
+
+def member_error(payload: bytes) -> bytes:
+    """``member_error``: a group member that did not complete, inside the group's result:
+    msgpack extension 42 (ext 32 framing) holding ``payload``."""
+    return b"\xc9" + len(payload).to_bytes(4, "big") + b"\x2a" + payload
+
+
+class _BadData(ValueError):
+    """What ``cmsgpack.unpack`` raises for bad or truncated input."""
+
+
+# Numbers by their format byte; cmsgpack reads a uint 64 as a signed one, and so does this.
+_FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i"}
+_FIXED.update({0xD3: ">q", 0xCA: ">f", 0xCB: ">d"})
+
+
+def _read(data: bytes, pos: int) -> tuple[object, int]:
+    """One msgpack value at ``pos`` as ``cmsgpack`` hands it to Lua: strings as bytes,
+    every number as a float, arrays as lists, maps as dicts. Like ``cmsgpack``, it knows no
+    bin or ext types. Returns the value and the position after it."""
+    if pos >= len(data):
+        raise _BadData("Missing bytes in input.")
+    b = data[pos]
+    pos += 1
+    if b <= 0x7F:
+        return float(b), pos
+    if b >= 0xE0:
+        return float(b - 0x100), pos
+    if b <= 0x8F:
+        return _read_map(data, pos, b & 0x0F)
+    if b <= 0x9F:
+        return _read_array(data, pos, b & 0x0F)
+    if b <= 0xBF:
+        return _read_bytes(data, pos, b & 0x1F)
+    if b == 0xC0:
+        return None, pos
+    if b in (0xC2, 0xC3):
+        return b == 0xC3, pos
+    if b in _FIXED:
+        fmt = _FIXED[b]
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise _BadData("Missing bytes in input.")
+        (number,) = struct.unpack_from(fmt, data, pos)
+        return float(number), pos + size
+    lengths = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
+    if b not in lengths:
+        raise _BadData("Bad data format in input.")
+    size = lengths[b]
+    if pos + size > len(data):
+        raise _BadData("Missing bytes in input.")
+    n = int.from_bytes(data[pos : pos + size], "big")
+    pos += size
+    if b <= 0xDB:
+        return _read_bytes(data, pos, n)
+    if b <= 0xDD:
+        return _read_array(data, pos, n)
+    return _read_map(data, pos, n)
+
+
+def _read_bytes(data: bytes, pos: int, n: int) -> tuple[object, int]:
+    if pos + n > len(data):
+        raise _BadData("Missing bytes in input.")
+    return data[pos : pos + n], pos + n
+
+
+def _read_array(data: bytes, pos: int, n: int) -> tuple[object, int]:
+    items: list[object] = []
+    for _ in range(n):
+        item, pos = _read(data, pos)
+        items.append(item)
+    return items, pos
+
+
+def _read_map(data: bytes, pos: int, n: int) -> tuple[object, int]:
+    table: dict[object, object] = {}
+    for _ in range(n):
+        key, pos = _read(data, pos)
+        value, pos = _read(data, pos)
+        if key is None or (isinstance(key, float) and math.isnan(key)):
+            raise _BadData("table index is nil or NaN")
+        # Lua tells true from 1 and compares tables by identity.
+        if isinstance(key, bool):
+            key = ("boolean", key)
+        elif not isinstance(key, bytes | float):
+            key = object()
+        table[key] = value
+    return table, pos
+
+
+def _lua_first(raw: bytes) -> object:
+    """The first value ``cmsgpack.unpack(raw)`` returns (None for none). It decodes every
+    value in ``raw``, so bad data anywhere raises _BadData."""
+    values: list[object] = []
+    pos = 0
+    try:
+        while pos < len(raw):
+            value, pos = _read(raw, pos)
+            values.append(value)
+    except RecursionError as exc:
+        raise _BadData("too deeply nested") from exc
+    return values[0] if values else None
+
+
+def _tostring(value: object, default: bytes) -> bytes:
+    """Lua's ``tostring(value or default)`` on a value :func:`_read` gave."""
+    if value is None or value is False:
+        return default
+    if value is True:
+        return b"true"
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return b"-nan" if math.copysign(1.0, value) < 0 else b"nan"
+        return b"%.14g" % value
+    return b"table: 0x0"  # Lua prints a table's address
+
+
+def _item(table: object, index: int) -> object:
+    """``table[index]`` of a Lua table :func:`_read` gave (1-based)."""
+    if isinstance(table, list):
+        return table[index - 1] if index <= len(table) else None
+    if isinstance(table, dict):
+        return table.get(float(index))
+    return None
+
+
+def error_parts(raw: bytes | None) -> tuple[bytes, bytes, bytes]:
+    """``error_parts``: an ErrorInfo (msgpack ``[type, message, traceback]``) as three
+    strings, whatever was stored."""
+    try:
+        parts = _lua_first(raw if raw is not None else b"")
+    except _BadData:
+        return b"UnreadableError", b"", b""
+    if not isinstance(parts, list | dict):
+        return b"UnreadableError", b"", b""
+    return (
+        _tostring(_item(parts, 1), b"Error"),
+        _tostring(_item(parts, 2), b""),
+        _tostring(_item(parts, 3), b""),
+    )
+
+
+def outcome_error(status: str, raw: bytes | None) -> tuple[bytes, bytes, bytes]:
+    """``outcome_error``: how a dependency that did not complete failed: its error, or what
+    ended it."""
+    if status == "aborted":
+        return b"JobAborted", b"the job was aborted", b""
+    if status == "missing":
+        return b"JobNotFound", b"no job with this id", b""
+    return error_parts(raw)
+
+
+def clip(text: bytes, n: int) -> bytes:
+    """``clip``: at most ``n`` bytes of a text, never ending inside a UTF-8 character."""
+    if len(text) <= n:
+        return text
+    cut = text[:n]
+    start = len(cut)
+    while start > 1 and 0x80 <= cut[start - 1] < 0xC0:
+        start -= 1
+    lead = cut[start - 1]
+    size = 4 if lead >= 0xF0 else 3 if lead >= 0xE0 else 2 if lead >= 0xC0 else 1
+    if start + size - 1 > len(cut):
+        return cut[: start - 1]
+    return cut
+
+
+def _member_parts(payload: bytes) -> list[bytes]:
+    """The ``[status, id, type, message, traceback]`` of a member's payload (made by
+    :meth:`QueueState.resolve_edge`, hence five strings)."""
+    parts = _lua_first(payload)
+    assert isinstance(parts, list)
+    return [_tostring(part, b"") for part in parts]
+
+
+def dependency_error(did: str, status: str, raw: bytes | None) -> bytes:
+    """``dependency_error``: the error a dependant fails with. A dependency that itself
+    failed for a dependency (a chain, a group) passes its error on unchanged, so a long
+    chain never nests messages."""
+    kind, message, tb = error_parts(raw)
+    if raw is not None and kind in (b"DependencyFailed", b"GroupFailed"):
+        return raw
+    if status == "missing":
+        what = f"dependency {did} does not exist".encode()
+    elif status == "aborted":
+        what = f"dependency {did} was aborted".encode()
+    else:
+        what = f"dependency {did} ended {status}: ".encode() + kind + b": " + message
+    return pack_texts(b"DependencyFailed", what, tb)
 
 
 class MemoryStore:
