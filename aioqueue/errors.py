@@ -95,14 +95,35 @@ class EnqueueError(AioqueueError):
 
 
 class QueueFull(EnqueueError):
-    """The queue already holds ``max_size`` unfinished jobs (ready, running or delayed)."""
+    """The queue already holds ``max_size`` unfinished jobs (ready, running or delayed), or
+    one batch (``enqueue_many``, a workflow) holds more jobs than ``max_size`` allows."""
 
-    def __init__(self, queue: str, max_size: int) -> None:
+    def __init__(self, queue: str, max_size: int, batch: int = 0) -> None:
         self.queue = queue
         self.max_size = max_size
+        self.batch = batch
+        if batch > max_size:
+            message = (
+                f"{batch} jobs enqueued at once can never fit queue {queue!r} "
+                f"(max_size {max_size}): enqueue them in smaller batches or raise max_size"
+            )
+        else:
+            message = (
+                f"queue {queue!r} is full ({max_size} unfinished jobs): "
+                "retry later, add workers or raise max_size"
+            )
+        super().__init__(message)
+
+
+class WorkflowConflict(EnqueueError):
+    """A workflow names a group (``group_id``) that already exists for a different
+    workflow; nothing was written."""
+
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
         super().__init__(
-            f"queue {queue!r} is full ({max_size} unfinished jobs): "
-            "retry later, add workers or raise max_size"
+            f"group {group_id!r} already exists for a different workflow: nothing was "
+            "written; use another group_id (the same workflow again returns the existing one)"
         )
 
 
@@ -163,6 +184,16 @@ class JobFailed(JobError):
         self.remote_message = message
         self.traceback = traceback
         super().__init__(job_id, f"job {job_id!r} {status}: {error_type}: {message}")
+
+
+class GroupFailed(JobFailed):
+    """A group ended with members that did not complete (``on_failure="fail"``), and so did
+    the callback that waited on it; the message names the first of those members."""
+
+
+class DependencyFailed(JobFailed):
+    """A job waiting on others failed without running: a dependency (an earlier chain step,
+    a ``depends_on`` job) failed, was dead-lettered or aborted, or does not exist."""
 
 
 class JobAborted(JobError):

@@ -162,7 +162,7 @@ async def execute(
     except Retry as exc:
         return _failure(running, task, exc, retries)
     except Fail as exc:
-        return Finished(delivery, "failed", error_info(exc), "Fail raised")
+        return Finished(delivery, "failed", error_info(exc), _fail_reason(exc))
     except Exception as exc:
         if task.non_retryable and isinstance(exc, task.non_retryable):
             return Finished(delivery, "failed", error_info(exc), "non-retryable error")
@@ -194,6 +194,12 @@ def _reporter(report: ProgressSink, delivery: Delivery) -> Callable[[float, str]
         return report(delivery, fraction, message, sent)
 
     return send
+
+
+def _fail_reason(exc: Fail) -> str:
+    """``Fail: <its message>`` (cut at 200 characters), or ``Fail raised``."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"Fail: {message[:200]}" if message else "Fail raised"
 
 
 def _timeout_message(task: str, timeout: float | None) -> str:

@@ -12,6 +12,8 @@ import msgspec
 
 from aioqueue.brokers.base import JobRecord, StoredEvent
 from aioqueue.errors import (
+    DependencyFailed,
+    GroupFailed,
     JobAborted,
     JobFailed,
     JobNotFound,
@@ -66,6 +68,10 @@ _STATUSES = frozenset(
     {"waiting", "queued", "scheduled", "running", "retrying", "complete", "failed", "dead"}
 )
 _FINAL_EVENTS = frozenset({"completed", "failed", "dead", "aborted"})
+_WORKFLOW_FAILURES: dict[str, type[JobFailed]] = {
+    "GroupFailed": GroupFailed,
+    "DependencyFailed": DependencyFailed,
+}
 EVENT_WAIT = 5.0
 """Longest one blocking read of the event stream waits, in seconds."""
 _FINAL = frozenset(
@@ -289,7 +295,8 @@ class Job(Generic[R]):
             raise JobAborted(self.id)
         error = decode_error(record.error) if record.error else ErrorInfo("Unknown", record.reason)
         message = f"{error.message} ({record.reason})" if record.reason else error.message
-        raise JobFailed(self.id, status.value, error.type, message, error.traceback)
+        kind = _WORKFLOW_FAILURES.get(error.type, JobFailed)
+        raise kind(self.id, status.value, error.type, message, error.traceback)
 
     async def progress(self) -> JobProgress | None:
         """The progress the task last reported (``ctx.progress``), or None."""

@@ -277,7 +277,7 @@ class Queue:
         at: datetime | None = None,
         retries: int | None = None,
         timeout: float | None = None,
-        depends_on: Iterable[Job[Any] | str] = (),
+        depends_on: Iterable[Job[Any] | GroupJob[Any] | str] = (),
         on_dependency_failure: Literal["fail", "run"] = "fail",
     ) -> QueueOptions:
         """Per-job options for enqueue by name: ``queue.options(delay=5).enqueue("t", 1)``;
@@ -318,9 +318,7 @@ class Queue:
             task = tasks.get(request.task)
             envelope = self._envelope(request, task, job_id, now_ms, trace)
             new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms(), flow))
-            jobs.append(
-                Job(self, job_id, task.signature.return_type if task is not None else Any)
-            )
+            jobs.append(Job(self, job_id, task.signature.return_type if task is not None else Any))
         if new_jobs:
             broker = await self.connected_broker()
             await broker.enqueue(new_jobs, self.settings.max_size)

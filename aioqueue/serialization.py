@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from aioqueue.errors import InvalidArguments, SerializationError
+from aioqueue.errors import ConfigurationError, InvalidArguments, SerializationError
 
 MAX_RETRIES = 10_000
 """Most retries a job may ask for."""
@@ -212,7 +212,15 @@ class Signature:
                 annotation = tuple[annotation, ...]  # type: ignore[valid-type]
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 annotation = dict[str, annotation]  # type: ignore[valid-type]
-            self._types[param.name] = annotation if _msgspec_supports(annotation) else Any
+            supported = _msgspec_supports(annotation)
+            if not supported and "MemberFailure" in repr(annotation):
+                # Silently unchecked, a callback would get plain dicts for its results.
+                raise ConfigurationError(
+                    f"task {task_name!r}: parameter {param.name!r}: msgspec cannot tell "
+                    f"MemberFailure apart from the other types in {annotation!r} (an untagged "
+                    "Struct, for instance): return a dataclass, a dict or a tagged Struct"
+                )
+            self._types[param.name] = annotation if supported else Any
         self._typed = any(t is not Any for t in self._types.values())
         # Fast path for the common shape: plain positional parameters without defaults, called
         # with exactly that many positional arguments. One msgspec call checks them all.

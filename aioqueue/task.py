@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from aioqueue.context import Context
     from aioqueue.job import Job
     from aioqueue.queue import Queue
-    from aioqueue.workflow import Chain, Group, Partial
+    from aioqueue.workflow import Chain, Group, GroupJob, Partial
 
 __all__ = ["JobOptions", "JobRequest", "Task", "TaskOptions"]
 
@@ -118,9 +118,17 @@ def check_limits(prefix: str, retries: int | None, timeout: float | None) -> Non
         raise ConfigurationError(f"{prefix}timeout must be > 0 and at most {MAX_TIMEOUT:g} s")
 
 
-def dependency_ids(depends_on: Iterable[Job[Any] | str]) -> tuple[str, ...]:
-    """Job ids from jobs or ids, for ``depends_on``."""
-    return tuple(item if isinstance(item, str) else item.id for item in depends_on)
+def dependency_ids(depends_on: Iterable[Job[Any] | GroupJob[Any] | str]) -> tuple[str, ...]:
+    """Job ids from jobs, groups or ids, for ``depends_on``."""
+    if isinstance(depends_on, str):
+        raise ConfigurationError("depends_on takes a list of jobs or job ids, not one string")
+    ids: list[str] = []
+    for item in depends_on:
+        job_id = item if isinstance(item, str) else getattr(item, "id", None)
+        if not isinstance(job_id, str):
+            raise ConfigurationError(f"depends_on: {item!r} is neither a job nor a job id")
+        ids.append(job_id)
+    return tuple(ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +231,7 @@ class Task(Generic[P, R]):
         at: datetime | None = None,
         retries: int | None = None,
         timeout: float | None = None,
-        depends_on: Iterable[Job[Any] | str] = (),
+        depends_on: Iterable[Job[Any] | GroupJob[Any] | str] = (),
         on_dependency_failure: Literal["fail", "run"] = "fail",
     ) -> TaskOptions[P, R]:
         """Per-job options: ``task.options(delay=60, job_id="x").enqueue(...)``; see

@@ -16,6 +16,7 @@ once every member has ended. See docs/workflows.md.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -340,7 +341,7 @@ async def open_group(
         raise JobNotFound(group_id)
     envelope = decode_envelope(Signer().open(group_id, record.envelope))
     if envelope.task != GROUP_TASK or not envelope.args:
-        raise JobNotFound(group_id)
+        raise ConfigurationError(f"job {group_id!r} is not a group (its task is {envelope.task!r})")
     result_type = Any if task is None else with_failures(task.signature.return_type)
     return GroupJob(queue, group_id, msgspec.convert(envelope.args[0], list[str]), result_type)
 
@@ -403,6 +404,7 @@ class _Plan:
         self.members: dict[str, list[str]] = {}
         self.prefix = _first_group_id(workflow)
         self.count = 0
+        self.named: set[str] = set()
 
     def _id(self, given: str | None) -> str:
         if given is not None:
@@ -459,6 +461,8 @@ class _Plan:
             assert out is not None
             return out
         ids = [self.add(member, fed) for member in step.members]
+        if step.group_id is not None:
+            self.named.add(step.group_id)
         node = _Node(
             self._id(step.group_id),
             None,
@@ -485,6 +489,25 @@ class _Plan:
             result_type = with_failures(result_type)
         return GroupJob(self.queue, group_id, member_ids, result_type)
 
+    def shape(self) -> str:
+        """A digest of the whole workflow (its jobs, arguments and edges, not when it was
+        enqueued): a named group stores it, so the same name for another workflow is
+        refused instead of silently answered with the old one."""
+        parts = [
+            (
+                job_id,
+                node.kind,
+                node.policy,
+                node.feed,
+                node.deps,
+                None
+                if node.request is None
+                else (node.request.task, node.request.args, node.request.kwargs),
+            )
+            for job_id, node in self.nodes.items()
+        ]
+        return hashlib.sha256(encode(parts)).hexdigest()[:32]
+
     async def write(self) -> None:
         """Enqueue every job of the plan in one atomic call."""
         queue = self.queue
@@ -495,6 +518,7 @@ class _Plan:
         for node in nodes.values():
             for dependency, slot in node.deps:
                 following.setdefault(dependency, []).append((node.job_id, slot))
+        shape = self.shape() if self.named else ""
         jobs: list[NewJob] = []
         for job_id, node in nodes.items():
             deps = node.deps
@@ -505,6 +529,7 @@ class _Plan:
                 len(deps),
                 tuple(following.get(job_id, ())),
                 tuple(dep for dep in deps if dep[0] not in nodes) if deps else (),
+                shape if job_id in self.named else "",
             )
             if node.request is None:
                 envelope = encode(

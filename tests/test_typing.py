@@ -94,10 +94,10 @@ def test_mypy_checks_workflow_steps(tmp_path: Path) -> None:
     errors = [line.split(": error: ")[1] for line in stdout.splitlines() if ": error: " in line]
     assert status == 1, stdout
     assert errors == [
-        'Argument 2 to "then" of "JobRequest" has incompatible type "int"; expected "str"  '
-        "[arg-type]",
-        'Argument 1 to "then" of "JobRequest" has incompatible type "Task[[list[list[str]]], '
-        'int]"; expected "Task[[bytes], int]"  [arg-type]',
+        'No overload variant of "then" of "JobRequest" matches argument types '
+        '"Task[[bytes, str], list[str]]", "int"  [call-overload]',
+        'No overload variant of "then" of "JobRequest" matches argument type '
+        '"Task[[list[list[str]]], int]"  [call-overload]',
         'Incompatible types in assignment (expression has type "int", variable has type "str")  '
         "[assignment]",
     ], stdout

@@ -17,12 +17,15 @@ from helpers import eventually, running
 from aioqueue import (
     ConfigurationError,
     Context,
+    DependencyFailed,
+    GroupFailed,
     JobFailed,
     JobStatus,
     MemberFailure,
     Queue,
     QueueFull,
     Retry,
+    WorkflowConflict,
     chain,
     group,
 )
@@ -432,3 +435,49 @@ async def test_a_reopened_group_is_typed_by_its_task(app: App) -> None:
     assert first == 2
     assert isinstance(second, MemberFailure)
     assert await g.results(timeout=WAIT) == [first, second]
+
+
+async def test_a_group_id_reused_for_another_workflow_is_refused(app: App) -> None:
+    first = group((app.double.prepare(i) for i in (1, 2)), group_id="rep").then(app.total, "a")
+    other = group((app.double.prepare(i) for i in (5, 6, 7)), group_id="rep").then(app.total, "b")
+    await first.enqueue()
+    with pytest.raises(WorkflowConflict, match="'rep' already exists"):
+        await other.enqueue()
+    await drain(app.queue)
+    assert app.runs["double:5"] == 0
+    assert app.inputs == [[2, 4]]
+
+
+async def test_workflow_failures_are_their_own_exceptions(app: App) -> None:
+    bad_group = await group([app.double.prepare(-1)]).then(app.total, "x").enqueue()
+    bad_chain = await app.double.prepare(-2).then(app.add, 1).enqueue()
+    await drain(app.queue)
+    with pytest.raises(GroupFailed):
+        await bad_group.result(timeout=WAIT)
+    with pytest.raises(DependencyFailed):
+        await bad_chain.result(timeout=WAIT)
+
+
+async def test_a_batch_larger_than_max_size_says_it_can_never_fit(storage_url: str) -> None:
+    queue = Queue(storage_url, name=f"wf-{uuid.uuid4().hex[:10]}", max_size=5)
+
+    @queue.task
+    async def one(ctx: Context, x: int) -> int:
+        return x
+
+    try:
+        with pytest.raises(QueueFull, match="6 jobs enqueued at once can never fit"):
+            await group(one.prepare(i) for i in range(6)).enqueue()
+    finally:
+        await queue.purge()
+        await queue.close()
+
+
+async def test_bad_dependencies_and_group_ids_are_typed_errors(app: App) -> None:
+    with pytest.raises(ConfigurationError, match="neither a job nor a job id"):
+        app.add.options(depends_on=[123])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="not one string"):
+        app.add.options(depends_on="abc")
+    plain = await app.add.enqueue(1, 2)
+    with pytest.raises(ConfigurationError, match="is not a group"):
+        await app.queue.get_group(plain.id)

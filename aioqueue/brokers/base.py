@@ -51,6 +51,17 @@ class FlowNode:
     """(dependant id, slot) for dependants written in the same batch."""
     after: tuple[tuple[str, int], ...] = ()
     """(dependency id, slot) for dependencies that are not in the batch."""
+    shape: str = ""
+    """For a named group: a digest of the whole workflow. Enqueueing a workflow whose named
+    group exists with another digest raises :class:`~aioqueue.WorkflowConflict`."""
+
+
+def counted(jobs: Sequence[NewJob]) -> int:
+    """How many of ``jobs`` count toward ``max_size`` when written: not a group node, not
+    waiting on other jobs."""
+    return sum(
+        1 for job in jobs if job.flow is None or not (job.flow.pending or job.flow.kind == "group")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,6 @@ from aioqueue import (
     Retry,
     Task,
     Worker,
-    chain,
     group,
 )
 
@@ -220,9 +219,7 @@ class ReportTasks:
         summary: Partial[list[Delivery | MemberFailure], DeliverySummary] = (
             self.record_summary.options(job_id=jobs.summary).partial(report_id, list(recipients))
         )
-        # chain(), untyped, rather than render.then(emails).then(summary): a prepared job's
-        # then() takes a task only, not a group.
-        return chain(render, emails, summary)
+        return render.then(emails).then(summary)
 
 
 def compose(report: Report, to: str, sender: str, message_id: str) -> EmailMessage:

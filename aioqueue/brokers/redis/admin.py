@@ -97,6 +97,8 @@ class Admin(RedisConnection):
     async def events(self, after: str, count: int, block: float | None) -> list[StoredEvent]:
         """Events after cursor ``after``: the rest of its entry, then XREAD (blocking up to
         ``block`` seconds when there is nothing newer)."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
         entry, _, index = after.partition("/")
         if not STREAM_ID.fullmatch(entry) or not (index == "*" or index.isdigit()):
             raise ValueError(f"not an event cursor: {after!r}")

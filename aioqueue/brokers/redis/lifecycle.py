@@ -16,7 +16,16 @@ from typing import Any, cast
 
 import redis.exceptions as rexc
 
-from aioqueue.brokers.base import Again, Delivery, Done, FlowNode, NewJob, Recorded, Settlement
+from aioqueue.brokers.base import (
+    Again,
+    Delivery,
+    Done,
+    FlowNode,
+    NewJob,
+    Recorded,
+    Settlement,
+    counted,
+)
 from aioqueue.brokers.redis.connection import (
     CHUNK,
     Call,
@@ -28,7 +37,7 @@ from aioqueue.brokers.redis.connection import (
 from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.refusals import is_refusal
 from aioqueue.brokers.redis.waiter import pubsub_messages
-from aioqueue.errors import EnqueueIncomplete, QueueFull
+from aioqueue.errors import EnqueueIncomplete, QueueFull, WorkflowConflict
 from aioqueue.serialization import TASK_NAME, ErrorInfo, encode
 
 __all__ = ["Lifecycle"]
@@ -80,9 +89,14 @@ def _specs(jobs: Sequence[NewJob]) -> list[Any]:
             index,
             f"{job.run_at_ms}\x1f{job.delay_ms}\x1f{node.kind}\x1f{node.policy}"
             f"\x1f{'1' if node.feed else ''}\x1f{node.pending}\x1f{_lines(nxt)}"
-            f"\x1f{_lines(node.after)}\x1f{runs}",
+            f"\x1f{_lines(node.after)}\x1f{runs}\x1f{node.shape}",
         ]
     return specs
+
+
+def _named_group(jobs: Sequence[NewJob]) -> str:
+    """The id of the named group of a workflow batch (the one with a shape)."""
+    return next((job.job_id for job in jobs if job.flow is not None and job.flow.shape), "?")
 
 
 def _runs(slots: Sequence[tuple[int, int]]) -> str:
@@ -139,7 +153,9 @@ class Lifecycle(RedisConnection):
         cause = ""
         for (_, keys, _), result in zip(calls, results, strict=True):
             if result == -1:
-                raise QueueFull(self.keys.queue, max_size)
+                raise QueueFull(self.keys.queue, max_size, counted(jobs))
+            if result == -2:
+                raise WorkflowConflict(_named_group(jobs))
             if isinstance(result, Exception):
                 # Chunks are separate script calls: the ones before and after a failed one
                 # may have been written. Say exactly which jobs are stored.

@@ -106,14 +106,17 @@ local function clip(text, n)
     return text
   end
   local cut = string.sub(text, 1, n)
-  local last = #cut
-  while last > 0 and cut:byte(last) >= 0x80 and cut:byte(last) < 0xC0 do
-    last = last - 1
+  -- Find where the last character starts; drop it only if the cut left it incomplete.
+  local start = #cut
+  while start > 1 and cut:byte(start) >= 0x80 and cut:byte(start) < 0xC0 do
+    start = start - 1
   end
-  if last > 0 and cut:byte(last) >= 0xC0 then
-    last = last - 1
+  local lead = cut:byte(start)
+  local size = (lead >= 0xF0 and 4) or (lead >= 0xE0 and 3) or (lead >= 0xC0 and 2) or 1
+  if start + size - 1 > #cut then
+    return string.sub(cut, 1, start - 1)
   end
-  return string.sub(cut, 1, last)
+  return cut
 end
 
 -- How a dependency that did not complete failed: its error, or what ended it.

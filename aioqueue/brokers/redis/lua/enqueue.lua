@@ -11,14 +11,16 @@
 --     argument, '' = none), pending (how many dependencies), next (its dependants in this
 --     batch, lines '<id>\t<slot>'), after (its dependencies outside this batch, lines
 --     '<id>\t<slot>'), members (a group's members in this batch, runs
---     '<first slot>:<first job index>:<count>' separated by commas). Members listed by
+--     '<first slot>:<first job index>:<count>' separated by commas), shape (a named
+--     group's digest of its whole workflow). Members listed by
 --     their group need no spec of their own, so a large group costs what as many plain
 --     jobs cost, plus one argument,
 --   ARGV[4] result TTL in ms (used by workflows: a dependant that fails at once expires),
 --   ARGV[5] events cap (entries kept in the events stream, 0 = none),
 --   then the jobs' arguments.
 -- Returns -1 when the new jobs would take ready + delayed past max_size (nothing is
--- written), else a table with 1 for each job written and 0 for each id that already existed.
+-- written), -2 when a named group of the workflow exists with another shape (a different
+-- workflow under the same group id: nothing is written), else a table with 1 for each job written and 0 for each id that already existed.
 -- Invariant: a job id exists at most once, and a live job is in exactly one of the ready
 -- stream, the delayed zset and (workflows) 'waiting' for its dependencies. Counting and
 -- writing in one script makes QueueFull exact, and a workflow is written all or nothing.
@@ -36,15 +38,16 @@ local n = #KEYS - 3
 local fresh, repeated, seen, fresh_ids, specs, member_of = {}, {}, {}, {}, {}, {}
 local new, fresh_count = 0, 0
 
--- A workflow job's fields: run_at, delay, kind, policy, feed, pending, next, after, members.
+-- A workflow job's fields: run_at, delay, kind, policy, feed, pending, next, after, members,
+-- shape.
 local SPEC = '^(%d*)\31(%d*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)\31([^\31]*)\31'
-  .. '([^\31]*)\31(.*)$'
+  .. '([^\31]*)\31([^\31]*)\31(.*)$'
 local function spec_of(text)
-  local run_at, delay, kind, policy, feed, pending, nxt, after, members =
+  local run_at, delay, kind, policy, feed, pending, nxt, after, members, shape =
     string.match(text, SPEC)
   return {run_at = tonumber(run_at) or 0, delay = tonumber(delay) or 0, kind = kind or 'job',
     policy = policy or 'fast', feed = feed or '', pending = tonumber(pending) or 0,
-    next = nxt or '', after = after or '', members = members or ''}
+    next = nxt or '', after = after or '', members = members or '', shape = shape or ''}
 end
 
 if mode == '2' then
@@ -90,6 +93,9 @@ for i = 1, n do
       end
     elseif redis.call('HGET', key, 'env') == ARGV[at + 1] then
       repeated[i] = true
+    elseif specs[i] and specs[i].shape ~= ''
+        and redis.call('HGET', key, 'shape') ~= specs[i].shape then
+      return -2
     end
   end
   seen[key] = true
@@ -179,6 +185,9 @@ for i = 1, n do
       if kind == 'group' then
         fields[#fields + 1], fields[#fields + 2] = 'kind', 'group'
         fields[#fields + 1], fields[#fields + 2] = 'size', pending
+        if spec.shape ~= '' then
+          fields[#fields + 1], fields[#fields + 2] = 'shape', spec.shape
+        end
         groups[#groups + 1] = {key, id}
       end
     elseif run_at > now then
