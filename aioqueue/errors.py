@@ -11,7 +11,8 @@ AioqueueError
 │   ├── UnsupportedRedis        the server is older than Redis 7.0
 │   └── EnqueueIncomplete       a bulk enqueue failed part-way; says which jobs were written
 ├── EnqueueError                a job was refused at enqueue; nothing was written
-│   ├── QueueFull               the queue holds max_size unfinished jobs
+│   ├── QueueFull               the queue holds max_size unfinished jobs (or a batch never fits)
+│   ├── WorkflowConflict        a group_id already names a different workflow
 │   ├── PayloadTooLarge         the encoded job exceeds max_payload_bytes
 │   ├── SerializationError      arguments or a result msgspec cannot encode
 │   ├── UnknownTask             no task of that name is registered
@@ -19,6 +20,8 @@ AioqueueError
 ├── JobError                    about one job, seen from a producer
 │   ├── JobNotFound             no such job (never enqueued, or its result expired)
 │   ├── JobFailed               the job ended in failure; carries the remote error
+│   │   ├── GroupFailed         a group (and its callback) failed: members did not complete
+│   │   └── DependencyFailed    a job waiting on others failed because one of them did
 │   ├── JobAborted              the job was aborted before it completed
 │   └── ResultTimeout           waiting for a result took longer than asked (also TimeoutError)
 ├── JobTimeout                  raised inside a worker when a task overruns its timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aioqueue import Backoff, Context, JobFailed, Queue
+from aioqueue import Backoff, Context, JobFailed, Queue, group
 
 queue = Queue("redis://localhost:6379/0", name="quickstart")
 
@@ -38,11 +38,12 @@ async def broken(ctx: Context) -> None:
 
 
 @queue.task()
-async def total(ctx: Context, numbers: list[int]) -> int:
-    """Fan out one sub-job per number, then fan in their results."""
-    jobs = await add.map([(n, n) for n in numbers])
-    results = await asyncio.gather(*(job.result(timeout=30) for job in jobs))
-    return sum(results)
+async def total(ctx: Context, sums: list[int]) -> int:
+    """A group's fan-in callback: runs once, after every member, with their results in order.
+
+    No job waits in a worker slot for the others meanwhile (see docs/workflows.md).
+    """
+    return sum(sums)
 
 
 worker = queue.worker(concurrency=50)
@@ -58,7 +59,8 @@ async def main() -> None:
         job = await flaky.enqueue(7)
         print(f"flaky(7) = {await job.result(timeout=10)!r}")
 
-        job = await total.enqueue(list(range(1, 11)))
+        # Fan out one add job per number, then fan in: total gets the list of their results.
+        job = await group(add.prepare(n, n) for n in range(1, 11)).then(total).enqueue()
         print(f"total(1..10 doubled via 10 sub-jobs) = {await job.result(timeout=30)}")
 
         job = await broken.enqueue()
