@@ -110,6 +110,10 @@ async def execute(
         message = f"no task named {envelope.task!r} is registered on this worker"
         return _dead(delivery, "UnknownTask", message, "unknown task")
     args = envelope.args
+    if (delivery.input is not None) != envelope.fed:
+        # Only a job enqueued as a workflow step takes an input, and it always has one.
+        message = "an input it does not take" if not envelope.fed else "no input"
+        return _dead(delivery, "UnexpectedInput", f"the job was handed {message}", "bad input")
     if delivery.input is not None:
         # A workflow step: the result of the job it depends on is its first argument.
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -12,6 +13,7 @@ import msgspec
 
 from aioqueue.brokers.base import JobRecord, StoredEvent
 from aioqueue.errors import (
+    ConfigurationError,
     DependencyFailed,
     GroupFailed,
     JobAborted,
@@ -68,6 +70,21 @@ _STATUSES = frozenset(
     {"waiting", "queued", "scheduled", "running", "retrying", "complete", "failed", "dead"}
 )
 _FINAL_EVENTS = frozenset({"completed", "failed", "dead", "aborted"})
+_CURSOR = re.compile(r"(\d{1,20})-(\d{1,20})/(\*|\d{1,9})")
+
+
+def check_cursor(cursor: str) -> str:
+    """An event cursor as given, or :class:`ConfigurationError` if it is none (a stream id
+    ``<ms>-<seq>`` below 2**64 each, ``/``, an index or ``*``)."""
+    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
+    if match is None or max(int(match[1]), int(match[2])) >= 2**64:
+        raise ConfigurationError(
+            f"not an event cursor: {cursor!r} (take one from an event's cursor, "
+            "queue.events_cursor(), or '0-0/*' for the oldest event kept)"
+        )
+    return cursor
+
+
 _WORKFLOW_FAILURES: dict[str, type[JobFailed]] = {
     "GroupFailed": GroupFailed,
     "DependencyFailed": DependencyFailed,
@@ -250,6 +267,11 @@ class Job(Generic[R]):
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, queue={self._queue.name!r})"
 
+    @property
+    def queue_name(self) -> str:
+        """The name of the queue the job is on."""
+        return self._queue.name
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Job) and other.id == self.id and other._queue is self._queue
 
@@ -311,26 +333,27 @@ class Job(Generic[R]):
         job for a while, not thousands at once. Ends at once, after what is kept, when the
         job has ended already or does not exist."""
         broker = await self._queue.connected_broker()
-        cursor, live = since, False
+        cursor, live = check_cursor(since), False
         while True:
             batch = await broker.events(cursor, 500, EVENT_WAIT if live else None)
             for stored in batch:
                 cursor = stored.cursor
-                if stored.job_id == self.id:
+                if stored.kind and stored.job_id == self.id:
                     yield JobEvent.from_stored(stored)
                     if stored.kind in _FINAL_EVENTS:
                         return
             if batch:
                 continue
-            if not live:
-                record = await broker.record(self.id)
-                if record is None or record.status in _FINAL:
-                    # Its last events may have arrived since the read above.
-                    for stored in await broker.events(cursor, 500, None):
-                        if stored.job_id == self.id:
-                            yield JobEvent.from_stored(stored)
-                    return
-                live = True
+            # Nothing new: has the job ended without an event to say so (events not kept,
+            # trimmed, or the job deleted)?
+            record = await broker.record(self.id)
+            if record is None or record.status in _FINAL:
+                # Its last events may have arrived since the read above.
+                for stored in await broker.events(cursor, 500, None):
+                    if stored.kind and stored.job_id == self.id:
+                        yield JobEvent.from_stored(stored)
+                return
+            live = True
 
     async def abort(self) -> JobStatus:
         """Abort the job: a queued or delayed job never runs; a running one is cancelled.

@@ -24,7 +24,7 @@ from aioqueue.context import Context
 from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
-from aioqueue.job import EVENT_WAIT, Job, JobEvent, JobInfo
+from aioqueue.job import EVENT_WAIT, Job, JobEvent, JobInfo, check_cursor
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, Signer, encode
 from aioqueue.settings import Settings, resolve_settings, unknown_keywords
@@ -288,7 +288,7 @@ class Queue:
             at=at,
             retries=retries,
             timeout=timeout,
-            depends_on=dependency_ids(depends_on),
+            depends_on=dependency_ids(depends_on, self),
             on_dependency_failure=on_dependency_failure,
         )
         return QueueOptions(self, options)
@@ -305,6 +305,13 @@ class Queue:
         new_jobs: list[NewJob] = []
         jobs: list[Job[Any]] = []
         tasks = self.tasks
+        requests = list(requests)
+        if any(request.options.depends_on for request in requests):
+            from aioqueue.workflow import refuse_cycles
+
+            refuse_cycles(
+                {r.options.job_id: list(r.options.depends_on) for r in requests if r.options.job_id}
+            )
         for request in requests:
             options = request.options
             flow = None
@@ -331,10 +338,15 @@ class Queue:
         now_ms: int,
         trace: dict[str, str] | None,
         flow: FlowNode | None = None,
+        *,
+        fed: bool = False,
     ) -> NewJob:
         """A request as the broker writes it: arguments checked against the task (when this
-        process knows it), envelope encoded and sealed, size checked."""
-        envelope = self._envelope(request, self.tasks.get(request.task), job_id, now_ms, trace)
+        process knows it), envelope encoded and sealed, size checked. ``fed``: a workflow
+        step whose first argument its dependency's result supplies (the signed envelope
+        says so, so nobody can add an input to another job)."""
+        task = self.tasks.get(request.task)
+        envelope = self._envelope(request, task, job_id, now_ms, trace, fed=fed)
         return NewJob(job_id, envelope, *request.options.schedule_ms(), flow)
 
     def _envelope(
@@ -344,6 +356,8 @@ class Queue:
         job_id: str,
         now_ms: int,
         trace: dict[str, str] | None,
+        *,
+        fed: bool = False,
     ) -> bytes:
         args, kwargs = request.args, request.kwargs
         if task is None:
@@ -353,7 +367,16 @@ class Queue:
             args, kwargs = task.signature.bind(args, kwargs)
         options = request.options
         envelope = encode(
-            Envelope(request.task, args, kwargs, now_ms, options.retries, options.timeout, trace)
+            Envelope(
+                request.task,
+                args,
+                kwargs,
+                now_ms,
+                options.retries,
+                options.timeout,
+                trace,
+                fed=fed,
+            )
         )
         envelope = self.signer.seal(job_id, envelope)
         limit = self.settings.max_payload_bytes
@@ -372,8 +395,12 @@ class Queue:
         it or none: returns a :class:`~aioqueue.GroupJob` for a group, the last step's
         :class:`Job` for a chain. ``workflow.enqueue()`` does the same on the queue of its
         first task."""
-        from aioqueue.workflow import Group, _Plan
+        from aioqueue.workflow import Chain, Group, _Plan
 
+        if not isinstance(workflow, Group | Chain):
+            raise ConfigurationError(
+                f"enqueue_flow takes a group or a chain, not {type(workflow).__name__}"
+            )
         plan = _Plan(self, workflow)
         out = plan.add(workflow, None)
         await plan.write()
@@ -425,11 +452,12 @@ class Queue:
         ``events_max_len`` entries; a consumer that falls further behind misses the
         oldest."""
         broker = await self.connected_broker()
-        cursor = since or await broker.events_tail()
+        cursor = check_cursor(since) if since is not None else await broker.events_tail()
         while True:
             for stored in await broker.events(cursor, 500, EVENT_WAIT):
                 cursor = stored.cursor
-                yield JobEvent.from_stored(stored)
+                if stored.kind:  # an entry with nothing readable only moves the cursor
+                    yield JobEvent.from_stored(stored)
 
     async def counts(self) -> QueueCounts:
         """How many jobs are ready, pending (running), delayed and dead."""

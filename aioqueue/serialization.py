@@ -52,6 +52,9 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True)
     trace: dict[str, str] | None = None
     # For cron runs: the scheduled fire time of the tick, in Unix ms.
     fire_ms: Millis | None = None
+    # A workflow step whose first argument is its dependency's result: signed with the
+    # rest, so nobody who can write Redis can hand an input to a job that takes none.
+    fed: bool = False
 
 
 class ErrorInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -217,8 +220,9 @@ class Signature:
                 # Silently unchecked, a callback would get plain dicts for its results.
                 raise ConfigurationError(
                     f"task {task_name!r}: parameter {param.name!r}: msgspec cannot tell "
-                    f"MemberFailure apart from the other types in {annotation!r} (an untagged "
-                    "Struct, for instance): return a dataclass, a dict or a tagged Struct"
+                    f"MemberFailure apart from the other types in {annotation!r}: results "
+                    "that are msgspec Structs cannot share a union with it; return a "
+                    "dataclass or a dict, or take list[Any] and check isinstance"
                 )
             self._types[param.name] = annotation if supported else Any
         self._typed = any(t is not Any for t in self._types.values())

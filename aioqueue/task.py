@@ -67,6 +67,8 @@ class JobOptions:
         for dependency in self.depends_on:
             if not isinstance(dependency, str) or not re.fullmatch(TASK_NAME, dependency):
                 raise ConfigurationError(f"depends_on: {dependency!r} is no job id")
+        if self.job_id is not None and self.job_id in self.depends_on:
+            raise ConfigurationError(f"job {self.job_id!r} cannot depend on itself")
         if self.delay is not None and self.at is not None:
             raise ConfigurationError("give either delay or at, not both")
         if self.at is not None and self.at.tzinfo is None:
@@ -118,8 +120,10 @@ def check_limits(prefix: str, retries: int | None, timeout: float | None) -> Non
         raise ConfigurationError(f"{prefix}timeout must be > 0 and at most {MAX_TIMEOUT:g} s")
 
 
-def dependency_ids(depends_on: Iterable[Job[Any] | GroupJob[Any] | str]) -> tuple[str, ...]:
-    """Job ids from jobs, groups or ids, for ``depends_on``."""
+def dependency_ids(
+    depends_on: Iterable[Job[Any] | GroupJob[Any] | str], queue: Queue
+) -> tuple[str, ...]:
+    """Job ids from jobs, groups or ids, for ``depends_on`` of a job on ``queue``."""
     if isinstance(depends_on, str):
         raise ConfigurationError("depends_on takes a list of jobs or job ids, not one string")
     ids: list[str] = []
@@ -127,6 +131,12 @@ def dependency_ids(depends_on: Iterable[Job[Any] | GroupJob[Any] | str]) -> tupl
         job_id = item if isinstance(item, str) else getattr(item, "id", None)
         if not isinstance(job_id, str):
             raise ConfigurationError(f"depends_on: {item!r} is neither a job nor a job id")
+        other = getattr(item, "queue_name", queue.name)
+        if other != queue.name:
+            raise ConfigurationError(
+                f"depends_on: job {job_id!r} is on queue {other!r}, not {queue.name!r}: a "
+                "job can only wait for jobs of its own queue"
+            )
         ids.append(job_id)
     return tuple(ids)
 
@@ -242,7 +252,7 @@ class Task(Generic[P, R]):
             at=at,
             retries=retries,
             timeout=timeout,
-            depends_on=dependency_ids(depends_on),
+            depends_on=dependency_ids(depends_on, self.queue),
             on_dependency_failure=on_dependency_failure,
         )
         return TaskOptions(self, options)

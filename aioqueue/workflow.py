@@ -63,9 +63,13 @@ R2 = TypeVar("R2")
 P2 = ParamSpec("P2")
 
 GROUP_TASK = "aioqueue.group"
+# Sets and dicts in a fixed order: the same workflow has the same digest in every process.
+_DETERMINISTIC = msgspec.msgpack.Encoder(order="deterministic")
 """The task name in a group node's envelope; a group node never runs."""
 
 _POLICIES = {"fail": "wait", "pass": "pass"}
+MAX_DEPTH = 100
+"""How deeply groups and chains may nest in one workflow."""
 MAX_GROUP_ID = 180
 """Longest group id: the jobs of a named group's workflow get ids ``<group id>:<n>``."""
 
@@ -104,6 +108,11 @@ class Group(Generic[R]):
         for member in self.members:
             if isinstance(member, Group):
                 raise ConfigurationError("a group cannot hold a group: list its members instead")
+            if not isinstance(member, JobRequest | Partial | Chain):
+                raise ConfigurationError(
+                    f"a group holds task.prepare(...), task.partial(...) or chains, not "
+                    f"{type(member).__name__}"
+                )
 
     def __repr__(self) -> str:
         return f"Group({len(self.members)} members)"
@@ -224,6 +233,8 @@ def group(
     """
     if on_failure not in _POLICIES:
         raise ConfigurationError('on_failure must be "fail" or "pass"')
+    if group_id is not None and not isinstance(group_id, str):
+        raise ConfigurationError(f"group_id must be a string, not {type(group_id).__name__}")
     if group_id is not None:
         JobOptions(job_id=group_id)  # the same rules as a job id
         if len(group_id) > MAX_GROUP_ID:
@@ -235,6 +246,10 @@ def chain(first: JobRequest[Any] | Group[Any], *rest: Any) -> Chain[Any]:
     """Steps that run one after another, each fed the previous one's result as its first
     argument: ``chain(a.prepare(1), b, c.partial("x"), group([...]))``. For typed chains
     write ``a.prepare(1).then(b).then(c, "x")``."""
+    if not isinstance(first, JobRequest | Group):
+        raise ConfigurationError(
+            f"a chain starts with task.prepare(...) or a group, not {type(first).__name__}"
+        )
     built: Chain[Any] = Chain((first,))
     for step in rest:
         built = built.then(step)
@@ -259,18 +274,30 @@ class GroupStatus:
 class GroupJob(Generic[R]):
     """A handle on an enqueued group: ``await g.results()``, ``await g.status()``."""
 
-    __slots__ = ("_queue", "_result_type", "id", "member_ids")
+    __slots__ = ("_queue", "_result_type", "extra_ids", "id", "member_ids")
 
     def __init__(
-        self, queue: Queue, group_id: str, member_ids: Sequence[str], result_type: Any = Any
+        self,
+        queue: Queue,
+        group_id: str,
+        member_ids: Sequence[str],
+        result_type: Any = Any,
+        extra_ids: Sequence[str] = (),
     ) -> None:
         self.id = group_id
         self.member_ids = list(member_ids)
+        self.extra_ids = list(extra_ids)
+        """Jobs inside the group that are not its members' last steps (chain steps)."""
         self._queue = queue
         self._result_type = result_type
 
     def __repr__(self) -> str:
         return f"GroupJob(id={self.id!r}, members={len(self.member_ids)})"
+
+    @property
+    def queue_name(self) -> str:
+        """The name of the queue the group is on."""
+        return self._queue.name
 
     @property
     def job(self) -> Job[list[R]]:
@@ -302,12 +329,20 @@ class GroupJob(Generic[R]):
         return await self.job.result(timeout)
 
     async def abort(self) -> int:
-        """Abort the group: its callback never runs, and every member that has not ended
-        is aborted. Returns how many members were aborted."""
+        """Abort the group: every job in it that has not ended (chain steps included) is
+        aborted, and so are the jobs waiting on the group (its callback) that have not
+        started. Returns how many members were aborted."""
         broker = await self._queue.connected_broker()
+        waiting_on_it = await broker.dependants(self.id)
         await broker.abort_many([self.id])
-        found = await broker.abort_many(self.member_ids)
-        return sum(1 for status in found if not JobStatus(status).is_final)
+        found = await broker.abort_many([*self.member_ids, *self.extra_ids])
+        statuses = await broker.statuses(waiting_on_it)
+        pending = {"waiting", "queued", "scheduled", "retrying"}
+        await broker.abort_many(
+            [j for j, s in zip(waiting_on_it, statuses, strict=True) if s in pending]
+        )
+        members = found[: len(self.member_ids)]
+        return sum(1 for status in members if not _status(status).is_final)
 
 
 def _status(value: str | None) -> JobStatus:
@@ -343,7 +378,9 @@ async def open_group(
     if envelope.task != GROUP_TASK or not envelope.args:
         raise ConfigurationError(f"job {group_id!r} is not a group (its task is {envelope.task!r})")
     result_type = Any if task is None else with_failures(task.signature.return_type)
-    return GroupJob(queue, group_id, msgspec.convert(envelope.args[0], list[str]), result_type)
+    member_ids = msgspec.convert(envelope.args[0], list[str])
+    extra_ids = msgspec.convert(envelope.args[1], list[str]) if len(envelope.args) > 1 else []
+    return GroupJob(queue, group_id, member_ids, result_type, extra_ids)
 
 
 def _queue_of(step: Step) -> Queue:
@@ -374,8 +411,40 @@ class _Node:
     deps: list[tuple[str, int]]
 
 
-def _first_group_id(step: Step) -> str | None:
+def refuse_cycles(deps: dict[str, list[str]]) -> None:
+    """Raise :class:`ConfigurationError` when jobs of one batch wait on each other in a
+    circle (they would wait forever); ``deps`` maps each job to the jobs it waits on."""
+    done: set[str] = set()
+    for root in deps:
+        if root in done:
+            continue
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            job_id, index = stack.pop()
+            if index == 0:
+                if job_id in on_path:
+                    loop = [*path[path.index(job_id) :], job_id]
+                    raise ConfigurationError(f"dependency cycle: {' -> '.join(loop)}")
+                if job_id in done or job_id not in deps:
+                    continue
+                path.append(job_id)
+                on_path.add(job_id)
+            children = deps[job_id]
+            if index < len(children):
+                stack.append((job_id, index + 1))
+                stack.append((children[index], 0))
+            else:
+                path.pop()
+                on_path.discard(job_id)
+                done.add(job_id)
+
+
+def _first_group_id(step: Step, depth: int = 0) -> str | None:
     """The id of the first named group in a workflow, depth first."""
+    if depth > MAX_DEPTH:
+        raise ConfigurationError(f"a workflow nests at most {MAX_DEPTH} groups and chains")
     if isinstance(step, Group):
         if step.group_id is not None:
             return step.group_id
@@ -385,7 +454,7 @@ def _first_group_id(step: Step) -> str | None:
     else:
         return None
     for member in members:
-        found = _first_group_id(member)
+        found = _first_group_id(member, depth + 1)
         if found is not None:
             return found
     return None
@@ -402,6 +471,7 @@ class _Plan:
         self.queue = queue
         self.nodes: dict[str, _Node] = {}
         self.members: dict[str, list[str]] = {}
+        self.extras: dict[str, list[str]] = {}
         self.prefix = _first_group_id(workflow)
         self.count = 0
         self.named: set[str] = set()
@@ -438,9 +508,11 @@ class _Plan:
         self.nodes[job_id] = _Node(job_id, request, "job", policy, fed is not None, deps)
         return job_id
 
-    def add(self, step: Step, fed: str | None) -> str:
+    def add(self, step: Step, fed: str | None, depth: int = 0) -> str:
         """Add a step fed by job ``fed`` (None: fed nothing); returns the id of the job
         whose result is the step's result."""
+        if depth > MAX_DEPTH:
+            raise ConfigurationError(f"a workflow nests at most {MAX_DEPTH} groups and chains")
         if isinstance(step, JobRequest):
             if fed is not None:
                 raise ConfigurationError(
@@ -457,22 +529,35 @@ class _Plan:
         if isinstance(step, Chain):
             out = fed
             for item in step.steps:
-                out = self.add(item, out)
+                out = self.add(item, out, depth + 1)
             assert out is not None
             return out
-        ids = [self.add(member, fed) for member in step.members]
+        if not isinstance(step, Group):
+            raise ConfigurationError(
+                f"a workflow is made of task.prepare(...), task.partial(...), groups and "
+                f"chains, not {type(step).__name__}"
+            )
+        first = len(self.nodes)
+        ids = [self.add(member, fed, depth + 1) for member in step.members]
         if step.group_id is not None:
             self.named.add(step.group_id)
+        deps = [(member_id, slot) for slot, member_id in enumerate(ids, 1)]
+        if fed is not None:
+            # The gate (slot 0): a group inside a chain waits for the step before it, and
+            # fails at once when that step did not complete, even with no members.
+            deps.append((fed, 0))
         node = _Node(
-            self._id(step.group_id),
-            None,
-            "group",
-            _POLICIES[step.on_failure],
-            False,
-            [(member_id, slot) for slot, member_id in enumerate(ids, 1)],
+            self._id(step.group_id), None, "group", _POLICIES[step.on_failure], False, deps
         )
         self.members[node.job_id] = ids
+        inner = set(ids)
+        self.extras[node.job_id] = [j for j in list(self.nodes)[first:] if j not in inner]
         return self._new(node)
+
+    def _listed(self, group_id: str) -> tuple[list[str], ...]:
+        """What a group node's envelope lists: its members, and the other jobs inside it."""
+        extras = self.extras.get(group_id)
+        return (self.members[group_id], extras) if extras else (self.members[group_id],)
 
     def result_task(self, job_id: str) -> Task[Any, Any] | None:
         """The task whose result job ``job_id`` holds (None: a group, or unknown)."""
@@ -487,7 +572,8 @@ class _Plan:
         result_type = Any if task is None else task.signature.return_type
         if self.nodes[group_id].policy == "pass":
             result_type = with_failures(result_type)
-        return GroupJob(self.queue, group_id, member_ids, result_type)
+        extras = self.extras.get(group_id, [])
+        return GroupJob(self.queue, group_id, member_ids, result_type, extras)
 
     def shape(self) -> str:
         """A digest of the whole workflow (its jobs, arguments and edges, not when it was
@@ -506,7 +592,7 @@ class _Plan:
             )
             for job_id, node in self.nodes.items()
         ]
-        return hashlib.sha256(encode(parts)).hexdigest()[:32]
+        return hashlib.sha256(_DETERMINISTIC.encode(parts)).hexdigest()[:32]
 
     async def write(self) -> None:
         """Enqueue every job of the plan in one atomic call."""
@@ -514,6 +600,7 @@ class _Plan:
         now_ms = int(time.time() * 1000)
         trace = queue.trace_carrier()
         nodes = self.nodes
+        refuse_cycles({job_id: [d for d, _ in node.deps] for job_id, node in nodes.items()})
         following: dict[str, list[tuple[str, int]]] = {}
         for node in nodes.values():
             for dependency, slot in node.deps:
@@ -529,15 +616,18 @@ class _Plan:
                 len(deps),
                 tuple(following.get(job_id, ())),
                 tuple(dep for dep in deps if dep[0] not in nodes) if deps else (),
+                len(self.members[job_id]) if node.kind == "group" else None,
                 shape if job_id in self.named else "",
             )
             if node.request is None:
                 envelope = encode(
-                    Envelope(GROUP_TASK, (self.members[node.job_id],), {}, now_ms, trace=trace)
+                    Envelope(GROUP_TASK, self._listed(job_id), {}, now_ms, trace=trace)
                 )
                 sealed = queue.signer.seal(node.job_id, envelope)
                 jobs.append(NewJob(node.job_id, sealed, 0, 0, flow))
             else:
-                jobs.append(queue.new_job(node.request, node.job_id, now_ms, trace, flow))
+                jobs.append(
+                    queue.new_job(node.request, node.job_id, now_ms, trace, flow, fed=node.feed)
+                )
         broker = await queue.connected_broker()
         await broker.enqueue(jobs, queue.settings.max_size)

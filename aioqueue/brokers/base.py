@@ -51,6 +51,9 @@ class FlowNode:
     """(dependant id, slot) for dependants written in the same batch."""
     after: tuple[tuple[str, int], ...] = ()
     """(dependency id, slot) for dependencies that are not in the batch."""
+    size: int | None = None
+    """A group's member count (its edges from slot 1 on; slot 0 is the gate of a group
+    inside a chain); None: ``pending``."""
     shape: str = ""
     """For a named group: a digest of the whole workflow. Enqueueing a workflow whose named
     group exists with another digest raises :class:`~aioqueue.WorkflowConflict`."""
@@ -320,6 +323,10 @@ class AdminBroker(Protocol):
 
     async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         """The status of each job (None: no such job), in one round trip."""
+
+    async def dependants(self, job_id: str) -> list[str]:
+        """The ids of the jobs that wait (or waited) on this one, in the order they were
+        wired."""
 
     async def events_tail(self) -> str:
         """The cursor of the newest event kept (reading after it waits for new ones)."""

@@ -119,8 +119,18 @@ class Admin(RedisConnection):
                 )
         for _, entries in cast(Any, reply) or []:
             for entry_id, fields in entries:
-                found += _events(entry_id, fields, 0)
+                events = _events(entry_id, fields, 0)
+                # An entry with no readable event (written by something else) still moves
+                # the reader past it: a marker with no kind.
+                found += events or [StoredEvent(f"{text(entry_id)}/*", 0, "", "", ())]
         return found
+
+    async def dependants(self, job_id: str) -> list[str]:
+        """The jobs named in this job's ``next`` field (see ``_prelude.lua``)."""
+        with redis_errors("reading a job's dependants"):
+            raw = await self.client.hget(self.keys.job(job_id), "next")
+        lines = text(raw).split("\n") if isinstance(raw, bytes) else []
+        return [line.split("\t", 1)[0] for line in lines if "\t" in line]
 
     async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         """The status of each job (None: no such job), in one round trip."""

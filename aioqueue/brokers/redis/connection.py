@@ -98,6 +98,8 @@ class redis_errors:
                 "let workers drain the queue, or raise maxmemory"
             )
             raise RedisUnavailable(message) from exc
+        if isinstance(exc, rexc.ResponseError) and str(exc).startswith("BUSY"):
+            raise RedisUnavailable(f"Redis is busy running a script while {self.what}") from exc
         if isinstance(exc, rexc.BusyLoadingError):
             raise RedisUnavailable(
                 f"Redis is loading its dataset while {self.what}: {exc}"

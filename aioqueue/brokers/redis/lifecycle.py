@@ -89,7 +89,8 @@ def _specs(jobs: Sequence[NewJob]) -> list[Any]:
             index,
             f"{job.run_at_ms}\x1f{job.delay_ms}\x1f{node.kind}\x1f{node.policy}"
             f"\x1f{'1' if node.feed else ''}\x1f{node.pending}\x1f{_lines(nxt)}"
-            f"\x1f{_lines(node.after)}\x1f{runs}\x1f{node.shape}",
+            f"\x1f{_lines(node.after)}\x1f{runs}\x1f{node.shape}"
+            f"\x1f{'' if node.size is None else node.size}",
         ]
     return specs
 

@@ -67,7 +67,11 @@ end
 
 -- Workflows (docs/workflows.md). A job that must wait for others is 'waiting', with
 -- 'pending' dependencies left; every dependency lists its dependants in its 'next' field,
--- one line '<dependant id>\t<slot>' each. The script that makes a job final hands its id
+-- one line '<dependant id>\t<slot>\t<born>' each, where born is the dependant's
+-- 'enqueued' time: an edge to a dependant that expired and whose id was used again for
+-- another job is stale and ignored. Slot 0 of a group is its gate: the step before a
+-- group inside a chain, which it waits for and fails with, but whose result it does not
+-- keep. The script that makes a job final hands its id
 -- to flow_drain, which settles every edge out of it in the same atomic step: the dependant
 -- records the outcome in its field 'in:<slot>' and, when nothing is pending any more, is
 -- released (a job goes to the stream or the delayed set; a group node completes with its
@@ -216,17 +220,19 @@ local function release(ctx, work, wkey, wid, kind, policy)
   end
 end
 
--- Record dependency did's outcome on dependant wid's edge 'slot'.
-local function resolve_edge(ctx, work, did, d, wid, slot)
+-- Record dependency did's outcome on dependant wid's edge 'slot' (born: see above; '' for
+-- an edge that names no time).
+local function resolve_edge(ctx, work, did, d, wid, slot, born)
   local wkey = ctx.prefix .. wid
-  local w = redis.pcall('HMGET', wkey, 'status', 'policy', 'feed', 'kind')
-  if w.err or w[1] ~= 'waiting' then
+  local w = redis.pcall('HMGET', wkey, 'status', 'policy', 'feed', 'kind', 'enqueued')
+  if w.err or w[1] ~= 'waiting' or (born ~= '' and w[5] ~= born) then
     return
   end
   local status = d[1] or 'missing'
   local ok = status == 'complete'
   local value = status
-  if w[4] == 'group' then
+  local gate = slot == '0'
+  if w[4] == 'group' and not gate then
     if ok then
       value = 'c' .. (d[2] or '\192')
     else
@@ -240,7 +246,7 @@ local function resolve_edge(ctx, work, did, d, wid, slot)
     return
   end
   local policy = w[2] or 'fast'
-  if not ok and policy == 'fast' then
+  if not ok and (policy == 'fast' or gate) then
     local reason = 'dependency ' .. did .. ' ' .. status
     flow_final(ctx, work, wkey, wid, 'failed', {'error', dependency_error(did, status, d[3]),
       'reason', reason}, reason)
@@ -262,9 +268,9 @@ local function flow_drain(ctx, work)
     end
     if not d.err and d[4] then
       for line in string.gmatch(d[4], '[^\n]+') do
-        local wid, slot = string.match(line, '^(.*)\t(%d+)$')
+        local wid, slot, born = string.match(line, '^([^\t]*)\t(%d+)\t?(%d*)$')
         if wid then
-          resolve_edge(ctx, work, did, d, wid, slot)
+          resolve_edge(ctx, work, did, d, wid, slot, born)
         end
       end
     end

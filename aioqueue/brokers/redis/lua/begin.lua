@@ -92,6 +92,12 @@ for i = 1, #KEYS - 4 do
       bury(key, id, entry, 'payload too large', 'PayloadTooLarge',
         'the job is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')')
       out[i] = {'big', size}
+    elseif job[6] and redis.call('HSTRLEN', key, 'in:1') > max_payload + 1 then
+      -- A fed input (a group's results) counts against the same limit as an envelope.
+      local size = redis.call('HSTRLEN', key, 'in:1') - 1
+      bury(key, id, entry, 'input too large', 'PayloadTooLarge',
+        'its input is ' .. size .. ' bytes, more than max_payload_bytes (' .. max_payload .. ')')
+      out[i] = {'big', size}
     else
       local deliveries = redis.pcall('HINCRBY', key, 'deliveries', 1)
       if type(deliveries) == 'table' then

@@ -12,7 +12,8 @@
 --     batch, lines '<id>\t<slot>'), after (its dependencies outside this batch, lines
 --     '<id>\t<slot>'), members (a group's members in this batch, runs
 --     '<first slot>:<first job index>:<count>' separated by commas), shape (a named
---     group's digest of its whole workflow). Members listed by
+--     group's digest of its whole workflow), size (a group's member count; its pending
+--     count may hold one more edge, the gate, slot 0). Members listed by
 --     their group need no spec of their own, so a large group costs what as many plain
 --     jobs cost, plus one argument,
 --   ARGV[4] result TTL in ms (used by workflows: a dependant that fails at once expires),
@@ -41,13 +42,15 @@ local new, fresh_count = 0, 0
 -- A workflow job's fields: run_at, delay, kind, policy, feed, pending, next, after, members,
 -- shape.
 local SPEC = '^(%d*)\31(%d*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)\31([^\31]*)\31'
-  .. '([^\31]*)\31([^\31]*)\31(.*)$'
+  .. '([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)$'
 local function spec_of(text)
-  local run_at, delay, kind, policy, feed, pending, nxt, after, members, shape =
+  local run_at, delay, kind, policy, feed, pending, nxt, after, members, shape, size =
     string.match(text, SPEC)
+  pending = tonumber(pending) or 0
   return {run_at = tonumber(run_at) or 0, delay = tonumber(delay) or 0, kind = kind or 'job',
-    policy = policy or 'fast', feed = feed or '', pending = tonumber(pending) or 0,
-    next = nxt or '', after = after or '', members = members or '', shape = shape or ''}
+    policy = policy or 'fast', feed = feed or '', pending = pending, next = nxt or '',
+    after = after or '', members = members or '', shape = shape or '',
+    size = tonumber(size) or pending}
 end
 
 if mode == '2' then
@@ -161,6 +164,8 @@ for i = 1, n do
     if nxt ~= '' then
       nxt = fresh_lines(nxt)
       if nxt ~= '' then
+        -- Every dependant named here is written by this call: born now.
+        nxt = string.gsub(nxt, '[^\n]+', '%0\t' .. now)
         fields[#fields + 1], fields[#fields + 2] = 'next', nxt
       end
     end
@@ -184,7 +189,7 @@ for i = 1, n do
       end
       if kind == 'group' then
         fields[#fields + 1], fields[#fields + 2] = 'kind', 'group'
-        fields[#fields + 1], fields[#fields + 2] = 'size', pending
+        fields[#fields + 1], fields[#fields + 2] = 'size', spec.size
         if spec.shape ~= '' then
           fields[#fields + 1], fields[#fields + 2] = 'shape', spec.shape
         end
@@ -217,17 +222,29 @@ for i = 1, n do
 end
 
 -- Dependencies that existed before this call: wait for them, or take their outcome now.
+-- The lines for one dependency are gathered and appended once, so a thousand dependants
+-- of one job cost a thousand lines, not a thousand rewrites of a growing field.
 local final = {complete = true, failed = true, dead = true, aborted = true}
+local appends, order = {}, {}
 for _, edge in ipairs(edges) do
   local did, slot = string.match(edge[1], '^(.*)\t(%d+)$')
   local dkey = ctx.prefix .. did
-  local d = redis.pcall('HMGET', dkey, 'status', 'result', 'error', 'next')
-  if d.err or not d[1] or final[d[1]] then
-    resolve_edge(ctx, work, did, d.err and {} or d, edge[2], slot)
+  local d = appends[did] and {} or redis.pcall('HMGET', dkey, 'status', 'result', 'error')
+  if not appends[did] and (d.err or not d[1] or final[d[1]]) then
+    resolve_edge(ctx, work, did, d.err and {} or d, edge[2], slot, '')
   else
-    local line = edge[2] .. '\t' .. slot
-    redis.call('HSET', dkey, 'next', d[4] and (d[4] .. '\n' .. line) or line)
+    if not appends[did] then
+      appends[did], order[#order + 1] = {}, did
+    end
+    local lines = appends[did]
+    lines[#lines + 1] = edge[2] .. '\t' .. slot .. '\t' .. now
   end
+end
+for _, did in ipairs(order) do
+  local dkey = ctx.prefix .. did
+  local old = redis.call('HGET', dkey, 'next')
+  local add = table.concat(appends[did], '\n')
+  redis.call('HSET', dkey, 'next', old and (old .. '\n' .. add) or add)
 end
 -- A group with no members is complete at once.
 for _, g in ipairs(groups) do

@@ -35,7 +35,7 @@ for i = 1, #KEYS - 4 do
   local reason, delay = ARGV[at + 4], ARGV[at + 5]
   at = at + (outcome == 'complete' and 4 or (outcome == 'retry' and 6 or 5))
   local job = redis.pcall('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'settled',
-    'next')
+    'next', 'feed')
   local pair = consumer .. ' ' .. entry
   if job.err then
     out[i] = 0  -- the key is no job record any more
@@ -49,6 +49,9 @@ for i = 1, #KEYS - 4 do
       if outcome == 'complete' then
         redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now_text,
           'settled', pair)
+        if job[7] then
+          redis.call('HDEL', key, 'in:1')  -- a step's input is not kept once it ran
+        end
         redis.call('PEXPIRE', key, ttl)
         notify(key, id, job[4])
         event(events, id, 'completed')
@@ -72,6 +75,9 @@ for i = 1, #KEYS - 4 do
           redis.call('ZADD', KEYS[3], now_text, id)
         else
           redis.call('PEXPIRE', key, ttl)
+          if job[7] then
+            redis.call('HDEL', key, 'in:1')  -- kept only for a dead job, to requeue it
+          end
         end
         notify(key, id, job[4])
         -- A job aborted while it ran was announced and handed to its dependants by abort.
