@@ -214,7 +214,8 @@ class MemoryBroker:
             stored = StoredJob(job.envelope, "queued", now)
             state.jobs[job.job_id] = stored
             if node is not None:
-                following = [(w, s) for w, s in dependants[index] if w in fresh_ids]
+                # Every dependant named here is written by this call: born now.
+                following = [(w, s, now) for w, s in dependants[index] if w in fresh_ids]
                 if following:
                     stored.next = following
                 edges += [(d, s, job.job_id) for d, s in node.after]
@@ -227,7 +228,7 @@ class MemoryBroker:
                 stored.feed = node.feed
                 if node.kind == "group":
                     stored.kind = "group"
-                    stored.size = node.pending
+                    stored.size = node.pending if node.size is None else node.size
                     stored.shape = node.shape
                     groups.append(job.job_id)
             elif run_at > now:
@@ -238,17 +239,28 @@ class MemoryBroker:
                 stored.entry = state.add_entry(job.job_id)
             written[stored.status].append(job.job_id)
         # Dependencies that existed before this call: wait for them, or take their outcome.
+        # As enqueue.lua, the edges to one dependency are gathered and appended once, after
+        # every edge is seen: a dependency found waiting is not looked at again, even if an
+        # edge resolved meanwhile ended it (its drain then settles them all).
+        appends: dict[str, tuple[StoredJob, list[tuple[str, int, int]]]] = {}
         for did, slot, wid in edges:
+            gathered = appends.get(did)
+            if gathered is not None:
+                gathered[1].append((wid, slot, now))
+                continue
             dependency = state.job(did)
             if dependency is None:
-                state.resolve_edge(ctx, did, (None, None, None), wid, slot)
+                state.resolve_edge(ctx, did, (None, None, None), wid, slot, None)
             elif dependency.status in FINAL:
                 outcome = (dependency.status, dependency.result, dependency.error)
-                state.resolve_edge(ctx, did, outcome, wid, slot)
-            elif dependency.next is None:
-                dependency.next = [(wid, slot)]
+                state.resolve_edge(ctx, did, outcome, wid, slot, None)
             else:
-                dependency.next.append((wid, slot))
+                appends[did] = (dependency, [(wid, slot, now)])
+        for dependency, lines in appends.values():
+            if dependency.next is None:
+                dependency.next = lines
+            else:
+                dependency.next += lines
         # A group with no members is complete at once.
         for group_id in groups:
             node_job = state.job(group_id)
@@ -396,6 +408,8 @@ class MemoryBroker:
             job.status = "complete"
             job.result = settlement.result
             job.finished_ms = now
+            if job.feed and job.inputs is not None:
+                job.inputs.pop(1, None)  # a step's input is not kept once it ran
             state.expire(job_id, job, self.result_ttl)
             state.finalized(job_id)
             ctx.event(job_id, "completed")
@@ -423,6 +437,8 @@ class MemoryBroker:
                 state.dead.add(job_id, now)
             else:
                 state.expire(job_id, job, self.result_ttl)
+                if job.feed and job.inputs is not None:
+                    job.inputs.pop(1, None)  # kept only for a dead job, to requeue it
             state.finalized(job_id)
             # A job aborted while it ran was announced and handed to its dependants by abort.
             if was_running:
@@ -661,6 +677,12 @@ class MemoryBroker:
                 return []
             await state.events.waiters.wait(remaining)
             state = await self._state()
+
+    async def dependants(self, job_id: str) -> list[str]:
+        """The ids of the jobs that wait (or waited) on this one, in the order they were
+        wired (its ``next`` field)."""
+        job = (await self._state()).job(job_id)
+        return [] if job is None or job.next is None else [wid for wid, _, _ in job.next]
 
     async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         """The status of each job (None: no such job), in one step."""

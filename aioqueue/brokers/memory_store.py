@@ -158,9 +158,12 @@ class StoredJob:
     expires_at: float | None = None
     """``time.monotonic()`` deadline after which the record is gone; None = kept."""
     # Workflows (the fields enqueue.lua writes for a job of a workflow).
-    next: list[tuple[str, int]] | None = None
-    """(dependant id, slot) of every job waiting on this one, in the order the edges were
-    written (the ``next`` field; None: it has none)."""
+    next: list[tuple[str, int, int]] | None = None
+    """(dependant id, slot, born) of every job waiting on this one, in the order the edges
+    were written (the ``next`` field, lines ``<id>\t<slot>\t<born>``; None: it has none).
+    born is the dependant's ``enqueued_ms`` when the edge was written: an edge whose
+    dependant id now names another job (the first expired, the id was used again) is
+    stale and ignored."""
     pending: int = 0
     """Dependencies not ended yet, while ``waiting``."""
     policy: str = "fast"
@@ -171,13 +174,15 @@ class StoredJob:
     kind: str = "job"
     """``group``: a node that never runs and completes with its members' results."""
     size: int = 0
-    """A group's number of members."""
+    """A group's number of members (``FlowNode.size``, else its ``pending``): its slots
+    1..size. Slot 0 is its gate, the step before a group inside a chain."""
     shape: str = ""
     """A named group's digest of its whole workflow (``FlowNode.shape``)."""
     inputs: dict[int, bytes] | None = None
     """The ``in:<slot>`` fields: each ended dependency's outcome on its edge, as the scripts
     store it: ``b"c"`` + its encoded result, ``b"x"`` + msgpack ``[status, id, type,
-    message, traceback]`` (a group's member that did not complete), or its bare status."""
+    message, traceback]`` (a group's member that did not complete), or its bare status (a
+    group's gate, slot 0, keeps only that)."""
     # Progress (progress.lua).
     progress: float | None = None
     progress_message: str = ""
@@ -656,17 +661,24 @@ class QueueState:
             w.status = "queued"
         ctx.event(wid, "released", w.status)
 
-    def resolve_edge(self, ctx: FlowContext, did: str, d: Outcome, wid: str, slot: int) -> None:
+    def resolve_edge(
+        self, ctx: FlowContext, did: str, d: Outcome, wid: str, slot: int, born: int | None
+    ) -> None:
         """``resolve_edge``: record dependency ``did``'s outcome ``d`` (status, result,
         error; status None: no such job) on dependant ``wid``'s edge ``slot``. Only the
-        first outcome of an edge counts; a later one replaces the stored value."""
+        first outcome of an edge counts; a later one replaces the stored value. An edge
+        born for another job than the one ``wid`` names now (``born`` is not its
+        ``enqueued_ms``; None: the edge names no time) is ignored. Slot 0 is a gate: the
+        bare status is stored and a gate that did not complete fails the dependant at once,
+        whatever its policy (the scripts test the slot alone, not the kind)."""
         w = self.job(wid)
-        if w is None or w.status != "waiting":
+        if w is None or w.status != "waiting" or (born is not None and w.enqueued_ms != born):
             return
         status = d[0] if d[0] is not None else "missing"
         ok = status == "complete"
         value = status.encode()
-        if w.kind == "group":
+        gate = slot == 0
+        if w.kind == "group" and not gate:
             if ok:
                 value = b"c" + (d[1] if d[1] is not None else b"\xc0")
             else:
@@ -680,7 +692,7 @@ class QueueState:
         w.inputs[slot] = value
         if counted:
             return
-        if not ok and w.policy == "fast":
+        if not ok and (w.policy == "fast" or gate):
             error = dependency_error(did, status, d[2])
             reason = f"dependency {did} {status}"
             self.flow_final(ctx, wid, w, "failed", error=error, reason=reason)
@@ -698,8 +710,8 @@ class QueueState:
             d = self.job(did)
             if d is not None and d.next:
                 outcome: Outcome = (d.status, d.result, d.error)
-                for wid, slot in list(d.next):
-                    self.resolve_edge(ctx, did, outcome, wid, slot)
+                for wid, slot, born in list(d.next):
+                    self.resolve_edge(ctx, did, outcome, wid, slot, born)
 
     # -- notifications ---------------------------------------------------------------------
 
