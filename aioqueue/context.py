@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 from aioqueue.errors import InvalidArguments, RedisUnavailable
 
 if TYPE_CHECKING:
+    from aioqueue.brokers.base import Delivery
     from aioqueue.queue import Queue
+
+ProgressSink = Callable[["Delivery", float, str, int], Awaitable[bool]]
+"""Stores a progress report: (delivery, fraction, message, report number) -> stored."""
 
 __all__ = ["Context"]
 
@@ -44,8 +48,12 @@ class Context:
     """For cron runs, the scheduled time of the tick this run belongs to."""
     trace: dict[str, str] | None = None
     """The trace context the producer attached at enqueue (see ``Queue(trace_context=...)``)."""
-    reporter: Callable[[float, str], Awaitable[bool]] | None = field(default=None, repr=False)
+    report: ProgressSink | None = field(default=None, repr=False)
     """Where :meth:`progress` goes (set by the worker)."""
+    delivery: Delivery | None = field(default=None, repr=False)
+    """The delivery this run belongs to (set by the worker)."""
+    reports: int = field(default=0, repr=False)
+    """Progress reports sent so far: numbered, so a re-sent one is recognised."""
 
     async def progress(self, fraction: float, message: str = "") -> bool:
         """Store and announce how far the job is: ``await ctx.progress(0.4, "page 400 of
@@ -59,10 +67,12 @@ class Context:
             raise InvalidArguments(f"progress must be a number from 0 to 1, not {fraction!r}")
         if not 0 <= fraction <= 1:
             raise InvalidArguments(f"progress must be from 0 to 1, not {fraction!r}")
-        if self.reporter is None:
+        if self.report is None or self.delivery is None:
             return False
+        self.reports += 1
+        text = str(message)[:MAX_PROGRESS_MESSAGE]
         try:
-            return await self.reporter(float(fraction), str(message)[:MAX_PROGRESS_MESSAGE])
+            return await self.report(self.delivery, float(fraction), text, self.reports)
         except RedisUnavailable as exc:
             logger.warning("progress of job %s not stored: %s", self.job_id, exc)
             return False

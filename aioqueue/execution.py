@@ -11,13 +11,13 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from aioqueue.brokers.base import Again, Delivery, Done, Finished, Settlement
-from aioqueue.context import Context
+from aioqueue.context import Context, ProgressSink
 from aioqueue.errors import (
     Fail,
     InvalidArguments,
@@ -138,7 +138,8 @@ async def execute(
             else datetime.fromtimestamp(envelope.fire_ms / 1000, tz=timezone.utc)
         ),
         trace=envelope.trace,
-        reporter=None if report is None else _reporter(report, delivery),
+        report=report,
+        delivery=delivery,
     )
     timeout = envelope.timeout if envelope.timeout is not None else task.timeout
     if timeout is not None:
@@ -181,23 +182,6 @@ async def execute(
         return Done(delivery, encode(result))
     except SerializationError as exc:
         return Finished(delivery, "failed", error_info(exc), "unencodable result")
-
-
-ProgressSink = Callable[[Delivery, float, str, int], Awaitable[bool]]
-"""Stores a progress report: (delivery, fraction, message, report number) -> stored."""
-
-
-def _reporter(report: ProgressSink, delivery: Delivery) -> Callable[[float, str], Awaitable[bool]]:
-    """``ctx.progress`` for one delivery: reports numbered 1, 2, ... so a report re-sent
-    after a lost reply is recognised (see ``progress.lua``)."""
-    sent = 0
-
-    def send(fraction: float, message: str) -> Awaitable[bool]:
-        nonlocal sent
-        sent += 1
-        return report(delivery, fraction, message, sent)
-
-    return send
 
 
 def _fail_reason(exc: Fail) -> str:
