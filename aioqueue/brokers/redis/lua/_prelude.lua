@@ -55,8 +55,17 @@ end
 -- [job id, event, details...], where the job id may be an array of ids that share the
 -- event (a bulk enqueue). One entry per call keeps the cost per job to a table insert;
 -- XADD MAXLEN ~ cap bounds the stream (cap 0: no events are kept).
+-- Consecutive events of one kind with the same details share one item (a settle batch of
+-- completions is one item naming every job), which keeps the cost per job to a table
+-- insert and the order of events as it was.
 local function event(events, id, kind, a, b)
-  events[#events + 1] = {id, kind, a, b}
+  local last = events[#events]
+  if last and last[2] == kind and last[3] == a and last[4] == b then
+    local ids = last[1]
+    ids[#ids + 1] = id
+  else
+    events[#events + 1] = {{id}, kind, a, b}
+  end
 end
 
 local function flush_events(key, cap, events)
