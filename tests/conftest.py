@@ -22,6 +22,7 @@ from faultproxy import FaultProxy
 
 from aioqueue import Queue
 from aioqueue.brokers.memory import reset_stores
+from aioqueue.brokers.redis import RedisBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,3 +161,14 @@ def fault_proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
     and inject lost replies, delays, cuts and partitions (see tests/faultproxy.py)."""
     with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         yield proxy
+
+
+@pytest.fixture
+async def broker(fault_proxy: FaultProxy, queue_name: str) -> AsyncIterator[RedisBroker]:
+    """A RedisBroker on a fresh queue, connected through ``fault_proxy`` (its scripts'
+    replies can be lost), with the consumer group created."""
+    broker = RedisBroker(fault_proxy.url, queue_name, result_ttl=60)
+    await broker.connect()
+    await broker.ensure_group()
+    yield broker
+    await broker.close()

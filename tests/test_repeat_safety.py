@@ -4,8 +4,6 @@ call, and the state and the answer are what a single run gives."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis
 from faultproxy import FaultProxy
@@ -18,15 +16,6 @@ from aioqueue.serialization import Envelope, encode
 pytestmark = pytest.mark.timeout(30)
 
 CONSUMER = "worker-a"
-
-
-@pytest.fixture
-async def broker(fault_proxy: FaultProxy, queue_name: str) -> AsyncIterator[RedisBroker]:
-    broker = RedisBroker(fault_proxy.url, queue_name, result_ttl=60)
-    await broker.connect()
-    await broker.ensure_group()
-    yield broker
-    await broker.close()
 
 
 def sha(broker: RedisBroker, script: str) -> bytes:

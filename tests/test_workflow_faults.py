@@ -5,8 +5,6 @@ once and every member is counted once."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis
 from faultproxy import FaultProxy
@@ -19,15 +17,6 @@ from aioqueue.serialization import decode_result, encode
 pytestmark = pytest.mark.timeout(30)
 
 A, B = "worker-a", "worker-b"
-
-
-@pytest.fixture
-async def broker(fault_proxy: FaultProxy, queue_name: str) -> AsyncIterator[RedisBroker]:
-    broker = RedisBroker(fault_proxy.url, queue_name, result_ttl=60)
-    await broker.connect()
-    await broker.ensure_group()
-    yield broker
-    await broker.close()
 
 
 def lose(proxy: FaultProxy, broker: RedisBroker, script: str) -> bytes:
