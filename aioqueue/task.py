@@ -289,14 +289,12 @@ class TaskOptions(Generic[P, R]):
 
     def prepare(self, *args: P.args, **kwargs: P.kwargs) -> JobRequest[R]:
         """A prepared job with these options."""
-        checked_args, checked_kwargs = self.task.signature.bind(args, kwargs)
+        return self._request(self.task.signature.bind(args, kwargs))
+
+    def _request(self, bound: tuple[tuple[Any, ...], dict[str, Any]]) -> JobRequest[R]:
+        """A request for checked arguments ``(args, kwargs)`` with these options."""
         return JobRequest(
-            self.task.name,
-            checked_args,
-            checked_kwargs,
-            self.options,
-            checked=True,
-            queue=self.task.queue,
+            self.task.name, bound[0], bound[1], self.options, checked=True, queue=self.task.queue
         )
 
     def partial(
@@ -305,15 +303,7 @@ class TaskOptions(Generic[P, R]):
         """A workflow step with these options, fed its first argument at run time."""
         from aioqueue.workflow import Partial
 
-        checked_args, checked_kwargs = self.task.signature.bind_fed(args, kwargs)
-        request: JobRequest[R] = JobRequest(
-            self.task.name,
-            checked_args,
-            checked_kwargs,
-            self.options,
-            checked=True,
-            queue=self.task.queue,
-        )
+        request: JobRequest[R] = self._request(self.task.signature.bind_fed(args, kwargs))
         return Partial(request)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:

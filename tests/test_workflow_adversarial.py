@@ -182,8 +182,8 @@ async def test_a_reused_job_id_is_not_released_by_a_stale_edge(
             second = await notify.options(job_id="notify", depends_on=[new]).enqueue("second")
             assert await second.status() is JobStatus.WAITING
             gates["old"].set()
+            # The old dependency's edges are settled in the same script that completes it.
             await eventually(lambda: _is(old.status(), JobStatus.COMPLETE), timeout=WAIT)
-            await asyncio.sleep(0.5)
             assert await new.status() is JobStatus.RUNNING
             # The new job's only dependency is still running: it must still wait.
             try:
@@ -268,10 +268,11 @@ async def test_aborting_a_group_of_chains_stops_their_running_steps(queue: Queue
         return x
 
     g = await group([slow.prepare(1).then(after)]).enqueue()
-    async with running(queue.worker()):
+    async with running(queue.worker()) as worker:
         await asyncio.wait_for(started.wait(), WAIT)
         await g.abort()
-        await asyncio.sleep(2.5)
+        # The worker cancels the aborted step, which then no longer runs.
+        await eventually(lambda: worker.in_flight == 0, timeout=WAIT)
     assert finished == [], "the chain's running first step was not stopped by g.abort()"
 
 
@@ -302,9 +303,12 @@ async def test_aborting_a_group_whose_callback_is_not_running_yet_stops_the_call
     async with running(queue.worker()):
         await eventually(lambda: _is(callback.status(), JobStatus.SCHEDULED), timeout=WAIT)
         await g.abort()
-        await asyncio.sleep(3)
+        assert await callback.status() is JobStatus.ABORTED
+        # Its delay over (promoted early here), an aborted job is dropped, never queued.
+        await (await queue.connected_broker()).promote_due(100, early=True)
+        counts = await queue.counts()
+    assert (counts.ready, counts.pending, counts.delayed) == (0, 0, 0)
     assert ran == [], "the callback ran after g.abort()"
-    assert await callback.status() is JobStatus.ABORTED
 
 
 @dataclass(frozen=True)
