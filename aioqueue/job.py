@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import re
@@ -203,6 +204,9 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
     worker: str
     progress: JobProgress | None = None
     """The last progress the task reported, if any."""
+    replaced_by: str = ""
+    """Debounce: the id of the job that replaced this one (then ``aborted``, reason
+    ``debounced``); empty otherwise."""
 
     @classmethod
     def from_record(cls, record: JobRecord, result_type: Any = Any) -> JobInfo:
@@ -241,6 +245,7 @@ class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
             reason=record.reason,
             worker=record.worker,
             progress=JobProgress.from_record(record),
+            replaced_by=record.replaced_by,
         )
 
 
@@ -295,15 +300,27 @@ class Job(Generic[R]):
 
         Raises :class:`JobFailed` (with the remote error and traceback) if it failed or was
         dead-lettered, :class:`JobAborted`, :class:`JobNotFound`, or :class:`ResultTimeout`
-        after ``timeout`` seconds (``None`` waits as long as it takes).
+        after ``timeout`` seconds (``None`` waits as long as it takes). A job a debounce
+        replaced gives the outcome of the job that replaced it (and so on, to the one that
+        ran).
         """
         broker = await self._queue.connected_broker()
-        try:
-            record = await broker.wait_final(self.id, timeout)
-        except TimeoutError:
-            raise ResultTimeout(self.id, timeout or 0.0) from None
-        if record is None:
-            raise JobNotFound(self.id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        job_id, seen = self.id, {self.id}
+        while True:
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                record = await broker.wait_final(job_id, remaining)
+            except TimeoutError:
+                raise ResultTimeout(self.id, timeout or 0.0) from None
+            if record is None:
+                raise JobNotFound(job_id)
+            replacement = record.replaced_by if record.status == "aborted" else ""
+            if not replacement or replacement in seen:
+                break
+            job_id = replacement
+            seen.add(job_id)
         status = _status(record.status)
         if status is JobStatus.COMPLETE:
             data = record.result or b"\xc0"
