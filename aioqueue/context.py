@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from aioqueue.errors import InvalidArguments, RedisUnavailable
+from aioqueue.errors import ConfigurationError, InvalidArguments, RedisUnavailable
 
 if TYPE_CHECKING:
     from aioqueue.brokers.base import Delivery
+    from aioqueue.execution import Running
     from aioqueue.queue import Queue
+
+T = TypeVar("T")
 
 ProgressSink = Callable[["Delivery", float, str, int], Awaitable[bool]]
 """Stores a progress report: (delivery, fraction, message, report number) -> stored."""
@@ -33,6 +37,9 @@ class Context:
     ``state`` is one dict per worker, filled by ``on_startup`` hooks with shared resources
     (an HTTP client, a database pool) and read by tasks: ``ctx.state["http"]``. Sub-jobs are
     enqueued as usual, with ``await other_task.enqueue(...)`` or ``ctx.queue.enqueue(...)``.
+
+    A plain ``def`` task runs in a thread: it notices cancellation with :meth:`cancelled`
+    and awaits the coroutine methods (``progress``, enqueueing) through :meth:`run`.
     """
 
     job_id: str
@@ -54,6 +61,39 @@ class Context:
     """The delivery this run belongs to (set by the worker)."""
     reports: int = field(default=0, repr=False)
     """Progress reports sent so far: numbered, so a re-sent one is recognised."""
+    running: Running | None = field(default=None, repr=False)
+    """The worker's record of this run, which says when it was cancelled (set by the worker)."""
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    """The worker's event loop, where :meth:`run` sends coroutines (set for plain ``def``
+    tasks)."""
+
+    def cancelled(self) -> bool:
+        """True once the worker stopped waiting for this run: its timeout passed, it was
+        aborted, the worker is shutting down or lost the job's lease.
+
+        For plain ``def`` tasks, whose thread cannot be interrupted: check it between steps
+        and return (or raise) when it turns True; what the run returns from then on is
+        ignored. An async task is cancelled at its next ``await`` instead.
+        """
+        return self.running is not None and self.running.cancel_reason is not None
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """From a plain ``def`` task: run ``coroutine`` on the worker's event loop and wait
+        for its result (or exception), for instance
+        ``ctx.run(ctx.progress(0.5))`` or ``job = ctx.run(other_task.enqueue(7))``.
+
+        Raises :class:`ConfigurationError` when called on the event loop itself (an async
+        task awaits instead) or with no worker loop to run on.
+        """
+        loop = self.loop
+        if loop is None:
+            problem = "ctx.run is for plain def tasks, run by a worker or by awaiting the task"
+        elif _on_loop(loop):
+            problem = "ctx.run called on the event loop would wait for itself: await instead"
+        else:
+            return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        coroutine.close()
+        raise ConfigurationError(f"job {self.job_id}: {problem}")
 
     async def progress(self, fraction: float, message: str = "") -> bool:
         """Store and announce how far the job is: ``await ctx.progress(0.4, "page 400 of
@@ -76,3 +116,11 @@ class Context:
         except RedisUnavailable as exc:
             logger.warning("progress of job %s not stored: %s", self.job_id, exc)
             return False
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is running ``loop``."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -8,12 +8,18 @@ Kept apart from :mod:`aioqueue.worker`, which decides *when* jobs run; this modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import inspect
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Future as ThreadCall
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from aioqueue.brokers.base import Again, Delivery, Done, Finished, Settlement
@@ -56,6 +62,8 @@ class Running:
     cancel_reason: str | None = None
     """Why this worker cancelled the job: 'timeout', 'abort', 'shutdown' or 'lost'."""
     task_name: str = "?"
+    thread: ThreadCall[Any] | None = None
+    """The call of a plain ``def`` task in the thread pool (None for async tasks)."""
 
     def cancel(self, reason: str) -> None:
         """Cancel the running task, remembering why (the first reason wins)."""
@@ -63,6 +71,33 @@ class Running:
             self.cancel_reason = reason
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def when_thread_returns(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on this event loop once nothing of the run is left running: at
+        once, unless a plain ``def`` task's thread outlived the run (a timeout, an abort),
+        then when that thread returns. The worker frees the job's slot this way, so threads
+        it gave up on still count against ``concurrency``."""
+        thread = self.thread
+        if thread is None or thread.done():
+            callback()
+            return
+        loop = asyncio.get_running_loop()
+
+        def returned(_: ThreadCall[Any]) -> None:
+            # Runs in the pool's thread. A closed loop means the worker is gone already.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._thread_returned, callback)
+
+        thread.add_done_callback(returned)
+
+    def _thread_returned(self, callback: Callable[[], None]) -> None:
+        logger.info(
+            "job %s: the thread it left behind returned after %.1fs; its slot is free again",
+            self.delivery.job_id,
+            time.monotonic() - self.started,
+            extra={"job_id": self.delivery.job_id, "task": self.task_name},
+        )
+        callback()
 
 
 def error_info(exc: BaseException) -> bytes:
@@ -90,11 +125,13 @@ async def execute(
     middleware: Sequence[Middleware] = (),
     signer: Signer | None = None,
     report: ProgressSink | None = None,
+    threads: Executor | None = None,
 ) -> Settlement | None:
     """Run one delivered job and return how to settle it.
 
     Returns None when the worker itself cancelled the run for shutdown or because the lease
-    was lost: the job is then handed back (or already belongs to another worker).
+    was lost: the job is then handed back (or already belongs to another worker). A plain
+    ``def`` task runs in ``threads`` (the worker's pool; a shared one when not given).
     """
     delivery = running.delivery
     try:
@@ -140,6 +177,8 @@ async def execute(
         trace=envelope.trace,
         report=report,
         delivery=delivery,
+        running=running,
+        loop=asyncio.get_running_loop() if task.sync else None,
     )
     timeout = envelope.timeout if envelope.timeout is not None else task.timeout
     if timeout is not None:
@@ -147,7 +186,11 @@ async def execute(
     retries = envelope.retries if envelope.retries is not None else task.retries
     try:
         if middleware:
-            result = await run_through(middleware, ctx, lambda: task.func(ctx, *args, **kwargs))
+            result = await run_through(
+                middleware, ctx, lambda: _call(task, running, ctx, args, kwargs, threads)
+            )
+        elif task.sync:
+            result = await _in_thread(task, running, ctx, args, kwargs, threads)
         else:
             result = await task.func(ctx, *args, **kwargs)
     except asyncio.CancelledError:
@@ -182,6 +225,94 @@ async def execute(
         return Done(delivery, encode(result))
     except SerializationError as exc:
         return Finished(delivery, "failed", error_info(exc), "unencodable result")
+
+
+def _call(
+    task: Task[Any, Any],
+    running: Running,
+    ctx: Context,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    threads: Executor | None,
+) -> Awaitable[Any]:
+    """The task's run as one awaitable, for middleware to wrap."""
+    if task.sync:
+        return _in_thread(task, running, ctx, args, kwargs, threads)
+    return task.func(ctx, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+async def _in_thread(
+    task: Task[Any, Any],
+    running: Running,
+    ctx: Context,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    threads: Executor | None,
+) -> Any:
+    """Run a plain ``def`` task in the thread pool, with this task's contextvars.
+
+    A thread cannot be stopped. When the run is cancelled (timeout, abort, shutdown, lost
+    lease) before its thread started, the call is withdrawn; once started, the thread goes
+    on, what it returns is ignored, and :meth:`Running.when_thread_returns` holds the slot.
+    """
+    context = contextvars.copy_context()
+    thread = (threads or _shared_threads()).submit(context.run, task.func, ctx, *args, **kwargs)
+    running.thread = thread
+    try:
+        result = await asyncio.wrap_future(thread)
+    except asyncio.CancelledError:
+        if thread.cancel() or thread.done():
+            raise
+        _warn_outlived(running)
+        if running.cancel_reason == "shutdown":
+            # Handed back only once the thread returned, so that no second copy starts
+            # beside it; one that does not return within the wait stays, like an async task
+            # that ignores its cancellation, until its lease expires.
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(thread)
+        raise
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise Fail(
+            f"task {task.name!r} is a plain def that returned {type(result).__name__}: "
+            "define it with async def (a decorator around an async function needs an async "
+            "def wrapper)"
+        )
+    return result
+
+
+def _warn_outlived(running: Running) -> None:
+    what = {
+        "timeout": "ran past its timeout",
+        "abort": "was aborted",
+        "shutdown": "was cancelled for shutdown",
+        "lost": "lost its lease",
+    }.get(running.cancel_reason or "", "was cancelled")
+    logger.warning(
+        "job %s (%s) %s, but its thread cannot be stopped: what it returns is ignored, and "
+        "it holds a worker slot until it returns",
+        running.delivery.job_id,
+        running.task_name,
+        what,
+        extra={"job_id": running.delivery.job_id, "task": running.task_name},
+    )
+
+
+@cache
+def _shared_threads() -> ThreadPoolExecutor:
+    """The pool of plain ``def`` tasks run outside a worker (``aioqueue.testing.drain``)."""
+    return ThreadPoolExecutor(thread_name_prefix="aioqueue-sync")
+
+
+async def run_directly(
+    func: Callable[..., Any], ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Call a plain ``def`` task in a thread, without a queue (``await task(ctx, ...)``);
+    ``ctx.run`` reaches this event loop."""
+    if ctx.loop is None:
+        ctx.loop = asyncio.get_running_loop()
+    return await asyncio.to_thread(func, ctx, *args, **kwargs)
 
 
 def _fail_reason(exc: Fail) -> str:

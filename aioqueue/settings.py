@@ -138,6 +138,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     change, which may cover many jobs); 0 keeps no events."""
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = 100
     """Jobs one worker process runs at the same time."""
+    sync_threads: Annotated[int, msgspec.Meta(ge=1)] = 32
+    """Threads a worker runs plain ``def`` tasks in; more such jobs wait for a thread. They
+    count against ``concurrency`` too, so more threads than that are never used."""
     lease: Annotated[float, _Positive] = 30.0
     """Seconds a delivered job stays owned by a silent worker before another takes it over."""
     max_deliveries: Annotated[int, msgspec.Meta(ge=1)] = 5

@@ -101,3 +101,49 @@ def test_mypy_checks_workflow_steps(tmp_path: Path) -> None:
         'Incompatible types in assignment (expression has type "int", variable has type "str")  '
         "[assignment]",
     ], stdout
+
+
+SYNC_TASKS = """
+from aioqueue import Context, Queue
+
+queue = Queue()
+
+
+@queue.task
+def shout(ctx: Context, word: str) -> str:
+    return word.upper()
+
+
+@queue.task(retries=2, timeout=5)
+def count(ctx: Context, n: int) -> int:
+    return n
+
+
+async def main(ctx: Context) -> None:
+    reveal_type(shout)
+    reveal_type(count)
+    text: str = await (await shout.enqueue("a")).result()
+    direct: int = await count(ctx, 1)
+    await count.enqueue("x")
+    wrong: int = await shout(ctx, "a")
+"""
+
+
+def test_mypy_types_plain_def_tasks_like_async_ones(tmp_path: Path) -> None:
+    program = tmp_path / "sync_tasks.py"
+    program.write_text(SYNC_TASKS)
+    stdout, _, status = api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", str(program)]
+    )
+    notes = [line.split(": note: ")[1] for line in stdout.splitlines() if ": note: " in line]
+    errors = [line.split(": error: ")[1] for line in stdout.splitlines() if ": error: " in line]
+    assert status == 1, stdout
+    assert notes == [
+        'Revealed type is "aioqueue.task.Task[[word: str], str]"',
+        'Revealed type is "aioqueue.task.Task[[n: int], int]"',
+    ], stdout
+    assert errors == [
+        'Argument 1 to "enqueue" of "Task" has incompatible type "str"; expected "int"  [arg-type]',
+        'Incompatible types in assignment (expression has type "str", variable has type "int")  '
+        "[assignment]",
+    ], stdout
