@@ -228,10 +228,44 @@ def _stats_view(stats: QueueStats) -> Group:
             _age(uptime(worker, now)),
             f"{_age(now - worker.last_heartbeat)} ago",
         )
-    parts: list[Any] = [summary, workers if stats.workers else "[yellow]no live workers[/yellow]"]
+    parts: list[Any] = [
+        summary,
+        _capacity_view(stats),
+        workers if stats.workers else "[yellow]no live workers[/yellow]",
+    ]
+    if stats.lag_growing:
+        parts.append(Text(_growing(stats), style="yellow"))
     if stats.eviction_problem:
         parts.append(Text(plain(stats.eviction_problem), style="bold red"))
     return Group(*parts)
+
+
+def _rate(per_second: float | None) -> str:
+    return "-" if per_second is None else f"{per_second:.1f}"
+
+
+def _capacity_view(stats: QueueStats) -> Table:
+    """Arrivals against settlements, and the workers that keep up (docs/monitoring.md)."""
+    capacity = Table("arrived/s", "settled/s", "mean job", "utilisation", "workers needed")
+    needed = "-" if stats.workers_needed is None else str(stats.workers_needed)
+    capacity.add_row(
+        _rate(stats.arrived_per_second),
+        _rate(stats.settled_per_second),
+        _age(stats.mean_job_seconds),
+        "-" if stats.utilisation is None else f"{stats.utilisation:.0%}",
+        f"{needed} ({len(stats.workers)} live)",
+    )
+    return capacity
+
+
+def _growing(stats: QueueStats) -> str:
+    line = (
+        f"lag growing: jobs arrive at {_rate(stats.arrived_per_second)}/s and are settled at "
+        f"{_rate(stats.settled_per_second)}/s"
+    )
+    if stats.workers_needed is None:
+        return line
+    return f"{line}; {stats.workers_needed} workers would keep up ({len(stats.workers)} live)"
 
 
 def info(
@@ -240,7 +274,7 @@ def info(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts")] = False,
 ) -> None:
-    """Show a queue's counts, lag, throughput and live workers."""
+    """Show a queue's counts, lag, throughput, the workers it needs and live workers."""
     if as_json:
         stats = with_queue(target, lambda q: q.stats(), reads=True)
         typer.echo(msgspec.json.encode(stats).decode())
