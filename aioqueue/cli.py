@@ -14,7 +14,15 @@ import redis.exceptions as rexc
 import typer
 
 from aioqueue import cli_inspect
-from aioqueue.cli_support import configure_logging, fail, load_worker, redis_failure
+from aioqueue.cli_support import (
+    TargetArg,
+    configure_logging,
+    fail,
+    load_queue_or_fail,
+    load_worker,
+    redis_failure,
+    with_queue,
+)
 from aioqueue.errors import AioqueueError
 from aioqueue.supervisor import Supervisor, worker_command
 from aioqueue.worker import Worker
@@ -41,6 +49,23 @@ for command in (
 @app.callback()
 def _commands() -> None:
     """An asyncio job queue on Redis Streams."""
+
+
+@app.command()
+def pause(target: TargetArg) -> None:
+    """Pause a queue: workers start none of its jobs (running ones finish); enqueues and
+    cron ticks still land and wait for `aioqueue resume`."""
+    queue = load_queue_or_fail(target)
+    was = with_queue(target, lambda q: q.pause())
+    typer.echo(f"queue {queue.name!r} {'was already paused' if was else 'paused'}")
+
+
+@app.command()
+def resume(target: TargetArg) -> None:
+    """Resume a paused queue: workers start its jobs again within a second."""
+    queue = load_queue_or_fail(target)
+    was = with_queue(target, lambda q: q.resume())
+    typer.echo(f"queue {queue.name!r} {'resumed' if was else 'was not paused'}")
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from types import TracebackType
 from typing import (
     TYPE_CHECKING,
@@ -19,12 +19,13 @@ from typing import (
     overload,
 )
 
-from aioqueue.brokers.base import Broker, FlowNode, NewJob, QueueCounts
+from aioqueue.brokers.base import Broker, FlowNode, Keyed, NewJob, QueueCounts
 from aioqueue.context import Context
 from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
 from aioqueue.job import EVENT_WAIT, Job, JobEvent, JobInfo, check_cursor
+from aioqueue.limits import KeyFunction, TaskLimits
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, Signer, encode
 from aioqueue.settings import Settings, resolve_settings, unknown_keywords
@@ -45,6 +46,20 @@ R = TypeVar("R")
 DEFAULT_RETRIES = 3
 
 
+def job_priority(options: JobOptions, task: Task[Any, Any] | None) -> int:
+    """A job's priority: its own, else its task's (when this process knows the task)."""
+    if options.priority is not None:
+        return options.priority
+    return 0 if task is None else task.priority
+
+
+def job_limit_keys(request: JobRequest[Any], task: Task[Any, Any] | None) -> tuple[str, str] | None:
+    """The keys of a job's limits, computed from its arguments (None: its task's name)."""
+    if task is None or task.limits is None:
+        return None
+    return task.limits.keys(task.name, request.args, request.kwargs)
+
+
 def new_job_id() -> str:
     """A random 96-bit job id (24 hex characters): unique without coordination, fork-safe,
     and shorter than a UUID, which keeps every key and stream entry small."""
@@ -52,7 +67,22 @@ def new_job_id() -> str:
 
 
 class TaskDecorator(Protocol):
-    """What ``@queue.task(...)`` returns: turns an async function into a typed Task."""
+    """What ``@queue.task(...)`` returns: turns an async or a plain function into a typed
+    Task (``Task[P, R]`` for ``async def f(ctx, ...) -> R`` and ``def f(ctx, ...) -> R``)."""
+
+    @overload
+    def __call__(self, func: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[Concatenate[Context, P], R], /) -> Task[P, R]: ...
+
+    def __call__(self, func: Callable[..., Any], /) -> Task[Any, Any]:
+        """Register ``func``."""
+        ...
+
+
+class AsyncTaskDecorator(Protocol):
+    """What ``@queue.cron(...)`` returns: turns an async function into a typed Task."""
 
     def __call__(self, func: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Task[P, R]:
         """Register ``func``."""
@@ -173,6 +203,9 @@ class Queue:
     def task(self, func: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Task[P, R]: ...
 
     @overload
+    def task(self, func: Callable[Concatenate[Context, P], R], /) -> Task[P, R]: ...
+
+    @overload
     def task(
         self,
         *,
@@ -181,26 +214,49 @@ class Queue:
         timeout: float | None = None,
         backoff: Backoff | None = None,
         non_retryable: Sequence[type[BaseException]] = (),
+        priority: int = 0,
+        rate_limit: str | None = None,
+        rate_burst: int = 1,
+        rate_limit_key: KeyFunction | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_key: KeyFunction | None = None,
     ) -> TaskDecorator: ...
 
     def task(
         self,
-        func: Callable[..., Awaitable[Any]] | None = None,
+        func: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         retries: int = DEFAULT_RETRIES,
         timeout: float | None = None,
         backoff: Backoff | None = None,
         non_retryable: Sequence[type[BaseException]] = (),
+        priority: int = 0,
+        rate_limit: str | None = None,
+        rate_burst: int = 1,
+        rate_limit_key: KeyFunction | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_key: KeyFunction | None = None,
     ) -> Any:
-        """Register an async function as a task: ``@queue.task()`` or ``@queue.task``.
+        """Register a function as a task: ``@queue.task()`` or ``@queue.task``. An
+        ``async def`` runs on the worker's event loop, a plain ``def`` in its thread pool
+        (``sync_threads``).
 
         ``retries`` is how many times a failed run is retried (so ``retries + 1`` attempts);
         ``timeout`` (seconds) fails an attempt that runs longer; ``backoff`` spaces retries;
-        exceptions in ``non_retryable`` (and :class:`~aioqueue.Fail`) end the job at once.
+        exceptions in ``non_retryable`` (and :class:`~aioqueue.Fail`) end the job at once;
+        ``priority`` (-9 to 9, higher first) is its jobs' default priority.
+
+        Limits hold across every worker (docs/flow-control.md): ``rate_limit`` (``"5000/h"``,
+        ``"20/s"``) spaces the starts of its jobs, ``rate_burst`` of them may start at once;
+        ``concurrency_limit`` caps how many run at once. A job over a limit waits in the
+        delayed set without using up an attempt. By default one limit covers all the
+        task's jobs; ``rate_limit_key`` / ``concurrency_key`` (functions of a job's
+        arguments, run when it is enqueued) give one limit per key, e.g. per API token;
+        tasks whose keys are equal share the limit.
         """
 
-        def register(fn: Callable[..., Awaitable[Any]]) -> Task[Any, Any]:
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ConfigurationError(
@@ -214,6 +270,15 @@ class Queue:
                 timeout=timeout,
                 backoff=backoff or Backoff(),
                 non_retryable=tuple(non_retryable),
+                priority=priority,
+                limits=TaskLimits.declare(
+                    task_name,
+                    rate_limit=rate_limit,
+                    rate_burst=rate_burst,
+                    rate_limit_key=rate_limit_key,
+                    concurrency_limit=concurrency_limit,
+                    concurrency_key=concurrency_key,
+                ),
             )
             self.tasks[task_name] = task
             return task
@@ -231,7 +296,7 @@ class Queue:
         unique: bool = True,
         timeout: float | None = None,
         retries: int = 0,
-    ) -> TaskDecorator:
+    ) -> AsyncTaskDecorator:
         """Register an async function as a task and run it on a schedule in every worker of
         this queue: ``@queue.cron("*/10 * * * *")`` or ``@queue.cron(timedelta(seconds=5))``.
 
@@ -279,6 +344,9 @@ class Queue:
         timeout: float | None = None,
         depends_on: Iterable[Job[Any] | GroupJob[Any] | str] = (),
         on_dependency_failure: Literal["fail", "run"] = "fail",
+        debounce: float | timedelta | None = None,
+        throttle: float | timedelta | None = None,
+        key: str | None = None,
     ) -> QueueOptions:
         """Per-job options for enqueue by name: ``queue.options(delay=5).enqueue("t", 1)``;
         see :class:`~aioqueue.JobOptions`."""
@@ -290,6 +358,9 @@ class Queue:
             timeout=timeout,
             depends_on=dependency_ids(depends_on, self),
             on_dependency_failure=on_dependency_failure,
+            debounce=debounce,
+            throttle=throttle,
+            key=key,
         )
         return QueueOptions(self, options)
 
@@ -299,10 +370,16 @@ class Queue:
         Jobs whose ``job_id`` already exists are not enqueued again; their existing handle is
         returned. Raises :class:`QueueFull` if the queue's ``max_size`` would be exceeded, and
         then writes none of the batch.
+
+        A job with ``debounce`` or ``throttle`` is written after the others, each in a step of
+        its own: its handle names the job that answers for its key (a throttled enqueue
+        within the window gets the job holding the key), and a :class:`QueueFull` for it
+        leaves the jobs before it written.
         """
         now_ms = int(time.time() * 1000)
         trace = self.trace_carrier()
         new_jobs: list[NewJob] = []
+        keyed: list[tuple[int, NewJob, Keyed]] = []
         jobs: list[Job[Any]] = []
         tasks = self.tasks
         requests = list(requests)
@@ -324,11 +401,24 @@ class Queue:
             job_id = options.job_id or new_job_id()
             task = tasks.get(request.task)
             envelope = self._envelope(request, task, job_id, now_ms, trace)
-            new_jobs.append(NewJob(job_id, envelope, *options.schedule_ms(), flow))
+            window = options.keyed_window()
+            if window is not None:
+                key = Keyed(window[0], request.task, options.key or "", window[1])
+                keyed.append((len(jobs), NewJob(job_id, envelope), key))
+            else:
+                at_ms, delay_ms = options.schedule_ms()
+                priority = job_priority(options, task)
+                keys = job_limit_keys(request, task)
+                new_jobs.append(NewJob(job_id, envelope, at_ms, delay_ms, flow, priority, keys))
             jobs.append(Job(self, job_id, task.signature.return_type if task is not None else Any))
         if new_jobs:
             broker = await self.connected_broker()
             await broker.enqueue(new_jobs, self.settings.max_size)
+        for index, new_job, key in keyed:
+            broker = await self.connected_broker()
+            answered_by = await broker.enqueue_keyed(new_job, key, self.settings.max_size)
+            if answered_by != new_job.job_id:
+                jobs[index] = self.job(answered_by, tasks.get(key.task))
         return jobs
 
     def new_job(
@@ -345,9 +435,17 @@ class Queue:
         process knows it), envelope encoded and sealed, size checked. ``fed``: a workflow
         step whose first argument its dependency's result supplies (the signed envelope
         says so, so nobody can add an input to another job)."""
+        if request.options.keyed_window() is not None:
+            raise ConfigurationError(
+                f"{request.task}: debounce and throttle apply to jobs enqueued on their own "
+                "(task.options(...).enqueue), not to the steps of a group or a chain"
+            )
         task = self.tasks.get(request.task)
         envelope = self._envelope(request, task, job_id, now_ms, trace, fed=fed)
-        return NewJob(job_id, envelope, *request.options.schedule_ms(), flow)
+        at_ms, delay_ms = request.options.schedule_ms()
+        priority = job_priority(request.options, task)
+        keys = job_limit_keys(request, task)
+        return NewJob(job_id, envelope, at_ms, delay_ms, flow, priority, keys)
 
     def _envelope(
         self,
@@ -458,6 +556,21 @@ class Queue:
                 cursor = stored.cursor
                 if stored.kind:  # an entry with nothing readable only moves the cursor
                     yield JobEvent.from_stored(stored)
+
+    async def pause(self) -> bool:
+        """Pause the queue: every worker stops starting its jobs within a second (jobs
+        already running finish); enqueues, delays and cron ticks still land, and wait.
+        Returns whether it was paused already. See docs/flow-control.md#pause-and-resume."""
+        return await (await self.connected_broker()).pause(True)
+
+    async def resume(self) -> bool:
+        """Resume a paused queue; returns whether it was paused."""
+        return await (await self.connected_broker()).pause(False)
+
+    async def paused_since(self) -> datetime | None:
+        """When the queue was paused (UTC), None while it runs."""
+        ms = await (await self.connected_broker()).paused_since()
+        return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc)
 
     async def counts(self) -> QueueCounts:
         """How many jobs are ready, pending (running), delayed and dead."""

@@ -170,7 +170,8 @@ class CronScheduler:
                 fire_ms=to_ms(fire),
             )
             sealed = self.signer.seal(tick_id, encode(envelope))
-            new_job = self._runs[job.name] = NewJob(tick_id, sealed)
+            new_job = NewJob(tick_id, sealed, priority=task.priority)
+            self._runs[job.name] = new_job
         claim = await broker.claim_tick(job.name, to_ms(fire), new_job, job.unique, lease_ms)
         if claim is CronClaim.EARLY:
             logger.debug("cron %s: the tick at %s is not due yet", job.name, fire.isoformat())

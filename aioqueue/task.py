@@ -1,4 +1,4 @@
-"""A task: an async function registered on a queue, and the typed ways to enqueue it."""
+"""A task: a function registered on a queue, and the typed ways to enqueue it."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import (
 )
 
 from aioqueue.errors import ConfigurationError
+from aioqueue.limits import TaskLimits
 from aioqueue.retry import Backoff
 from aioqueue.serialization import MAX_RETRIES, MAX_TIMEOUT, TASK_NAME, Signature
 
@@ -51,6 +52,13 @@ class JobOptions:
     of them does not complete (failed, dead, aborted, or no such job),
     ``on_dependency_failure="fail"`` fails this job at once with that reason, ``"run"``
     runs it anyway.
+
+    ``debounce`` (seconds or timedelta) with a ``key``: of the jobs of this task enqueued
+    for the key while the previous one still waits, only the last runs, that long after it
+    was enqueued; the others end aborted (reason ``debounced``) and their handles'
+    ``result()`` gives the last one's result. ``throttle`` with a ``key``: at most one job
+    of this task per window per key; an enqueue within the window writes nothing and
+    returns the handle of the job that holds the key (docs/flow-control.md).
     """
 
     job_id: str | None = None
@@ -60,6 +68,12 @@ class JobOptions:
     timeout: float | None = None
     depends_on: tuple[str, ...] = ()
     on_dependency_failure: Literal["fail", "run"] = "fail"
+    priority: int | None = None
+    """Higher runs first, from -9 to 9 (None: the task's own, by default 0); see
+    docs/flow-control.md#priorities."""
+    debounce: float | timedelta | None = None
+    throttle: float | timedelta | None = None
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_dependency_failure not in ("fail", "run"):
@@ -74,10 +88,58 @@ class JobOptions:
         if self.at is not None and self.at.tzinfo is None:
             raise ConfigurationError("at must be a timezone-aware datetime")
         check_limits("", self.retries, self.timeout)
+        if self.priority is not None:
+            check_priority("priority", self.priority)
         if self.job_id is not None and not re.fullmatch(TASK_NAME, self.job_id):
             raise ConfigurationError(
                 "job_id: 1 to 200 characters, no control characters (workers refuse others)"
             )
+        self._check_keyed()
+
+    def _check_keyed(self) -> None:
+        """Refuse a debounce or throttle without a valid key and window, or with options
+        that would decide differently which job runs and when."""
+        windows = (("debounce", self.debounce), ("throttle", self.throttle))
+        modes = [(name, window) for name, window in windows if window is not None]
+        if not modes:
+            if self.key is not None:
+                raise ConfigurationError(
+                    "key names a debounce or throttle key: give debounce= or throttle= with it"
+                )
+            return
+        if len(modes) > 1:
+            raise ConfigurationError("give either debounce or throttle, not both")
+        mode, window = modes[0]
+        _window_seconds(mode, window)
+        if self.key is None:
+            raise ConfigurationError(
+                f"{mode} needs a key naming what it applies to: task.options({mode}=5, "
+                'key="user:1")'
+            )
+        if not isinstance(self.key, str) or not re.fullmatch(TASK_NAME, self.key):
+            raise ConfigurationError("key: 1 to 200 characters, no control characters")
+        clashing = [
+            name
+            for name, value in (
+                ("job_id", self.job_id),
+                ("delay", self.delay),
+                ("at", self.at),
+                ("depends_on", self.depends_on or None),
+            )
+            if value is not None
+        ]
+        if clashing:
+            raise ConfigurationError(
+                f"{mode} cannot be combined with {' or '.join(clashing)}: the key decides "
+                "which job runs and when"
+            )
+
+    def keyed_window(self) -> tuple[str, int] | None:
+        """(``debounce`` or ``throttle``, its window in ms), or None without either."""
+        for mode, window in (("debounce", self.debounce), ("throttle", self.throttle)):
+            if window is not None:
+                return mode, max(int(_window_seconds(mode, window) * 1000), 1)
+        return None
 
     def schedule_ms(self) -> tuple[int, int]:
         """When the job may run: (``at`` in Unix ms, 0 = now; ``delay`` in ms). A delay is
@@ -89,6 +151,25 @@ class JobOptions:
             return 0, 0
         seconds = self.delay.total_seconds() if isinstance(self.delay, timedelta) else self.delay
         return 0, max(int(seconds * 1000), 0)
+
+
+MAX_WINDOW = 366 * 86_400.0
+"""The longest debounce or throttle window, in seconds (a year)."""
+
+
+def _window_seconds(name: str, window: object) -> float:
+    """A debounce or throttle window in seconds, or ConfigurationError."""
+    if isinstance(window, timedelta):
+        seconds = window.total_seconds()
+    elif isinstance(window, int | float) and not isinstance(window, bool):
+        seconds = float(window)
+    else:
+        raise ConfigurationError(f"{name} takes seconds or a timedelta, not {window!r}")
+    if not 0.001 <= seconds <= MAX_WINDOW:  # NaN fails too
+        raise ConfigurationError(
+            f"{name} must be between 1 ms and {MAX_WINDOW:g} s (a year), not {seconds!r} s"
+        )
+    return seconds
 
 
 def _check_context_first(func: Callable[..., Any], name: str) -> None:
@@ -108,7 +189,26 @@ def _check_context_first(func: Callable[..., Any], name: str) -> None:
     if problem:
         raise ConfigurationError(
             f"task {name!r}: its first parameter receives the job's Context; write "
-            f"async def {getattr(func, '__name__', 'task')}(ctx: Context, ...)"
+            f"{'async def' if inspect.iscoroutinefunction(func) else 'def'} "
+            f"{getattr(func, '__name__', 'task')}(ctx: Context, ...)"
+        )
+
+
+MIN_PRIORITY = -9
+MAX_PRIORITY = 9
+"""Priorities run from -9 to 9, higher first; 0 is the default (docs/flow-control.md)."""
+
+
+def check_priority(what: str, priority: int) -> None:
+    """Refuse a priority that is not a whole number from MIN_PRIORITY to MAX_PRIORITY."""
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        raise ConfigurationError(
+            f"{what}: a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} "
+            f"(higher runs first), not {priority!r}"
         )
 
 
@@ -186,25 +286,37 @@ class JobRequest(Generic[R]):
 
 
 class Task(Generic[P, R]):
-    """An async function registered on a queue with ``@queue.task()``.
+    """A function registered on a queue with ``@queue.task()``: an ``async def``, or a
+    plain ``def`` that workers run in their thread pool (``sync_threads``).
 
-    Calling the task runs the function directly (handy in tests); ``enqueue`` runs it on a
-    worker. Both are typed from the function's signature, minus the context.
+    Calling the task runs the function directly (handy in tests; a plain ``def`` in a
+    thread, so it is awaited too); ``enqueue`` runs it on a worker. Both are typed from the
+    function's signature, minus the context.
     """
 
     def __init__(
         self,
         queue: Queue,
-        func: Callable[..., Awaitable[R]],
+        func: Callable[..., Any],
         *,
         name: str,
         retries: int,
         timeout: float | None,
         backoff: Backoff,
         non_retryable: tuple[type[BaseException], ...],
+        priority: int = 0,
+        limits: TaskLimits | None = None,
     ) -> None:
-        if not inspect.iscoroutinefunction(func):
-            raise ConfigurationError(f"task {name!r} must be an async function (async def)")
+        self.sync = not inspect.iscoroutinefunction(func)
+        """A plain ``def``: workers run it in their thread pool."""
+        # An object with an async __call__ would be taken for a plain def.
+        if not callable(func) or (self.sync and inspect.iscoroutinefunction(type(func).__call__)):
+            raise ConfigurationError(f"task {name!r} must be a function (async def or def)")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise ConfigurationError(
+                f"task {name!r} is a generator function: a task returns its result, so "
+                "write it without yield"
+            )
         if not re.fullmatch(TASK_NAME, name):
             raise ConfigurationError(
                 f"task name {name!r}: 1 to 200 characters, no control characters"
@@ -218,6 +330,10 @@ class Task(Generic[P, R]):
         self.timeout = timeout
         self.backoff = backoff
         self.non_retryable = non_retryable
+        check_priority(f"task {name!r}: priority", priority)
+        self.priority = priority
+        self.limits = limits
+        """Its rate and concurrency limits (docs/flow-control.md), None without."""
         self.signature = Signature(func, name)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -226,8 +342,12 @@ class Task(Generic[P, R]):
         return f"Task({self.name!r}, queue={self.queue.name!r})"
 
     def __call__(self, ctx: Context, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
-        """Run the function in this process, without a queue."""
-        return self.func(ctx, *args, **kwargs)
+        """Run the function in this process, without a queue (a plain ``def`` in a thread)."""
+        if self.sync:
+            from aioqueue.execution import run_directly
+
+            return run_directly(self.func, ctx, args, kwargs)
+        return self.func(ctx, *args, **kwargs)  # type: ignore[no-any-return]
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Enqueue one run of this task and return its :class:`Job` handle."""
@@ -243,6 +363,10 @@ class Task(Generic[P, R]):
         timeout: float | None = None,
         depends_on: Iterable[Job[Any] | GroupJob[Any] | str] = (),
         on_dependency_failure: Literal["fail", "run"] = "fail",
+        priority: int | None = None,
+        debounce: float | timedelta | None = None,
+        throttle: float | timedelta | None = None,
+        key: str | None = None,
     ) -> TaskOptions[P, R]:
         """Per-job options: ``task.options(delay=60, job_id="x").enqueue(...)``; see
         :class:`JobOptions`."""
@@ -254,6 +378,10 @@ class Task(Generic[P, R]):
             timeout=timeout,
             depends_on=dependency_ids(depends_on, self.queue),
             on_dependency_failure=on_dependency_failure,
+            priority=priority,
+            debounce=debounce,
+            throttle=throttle,
+            key=key,
         )
         return TaskOptions(self, options)
 

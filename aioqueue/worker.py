@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -108,6 +109,8 @@ class Worker:
         self.failed = 0
         self.completed_last_minute = RateWindow(60)
         self.failed_last_minute = RateWindow(60)
+        # Run time in µs, fetch to recorded outcome, of the attempts settled in the last minute.
+        self.busy_us_last_minute = RateWindow(60)
         self.metrics: PrometheusMetrics | None = None
         # Keyed by stream entry, not job id: a delivery is (consumer, entry), and an old
         # entry's lost lease must never cancel a newer run of the same job.
@@ -119,6 +122,8 @@ class Worker:
         # Loop time before which this worker takes nothing over (see _note_silence).
         self._takeover_after = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Where plain def tasks run; made when the worker starts, shut down when it stops.
+        self._threads: ThreadPoolExecutor | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -217,6 +222,9 @@ class Worker:
         loop = self._loop = asyncio.get_running_loop()
         self._reset()
         broker = self.queue.new_broker(self.settings)
+        # A job a limit defers lands in the delayed set: promote it when it is due.
+        limits = {name: t.limits.limits for name, t in self.queue.tasks.items() if t.limits}
+        broker.configure(limits, int(self.settings.lease * 1000), self._promote_wake.set)
         # Only outages are retried: a bad URL, refused credentials or rights and a
         # certificate that does not verify raise at once (they do not pass by themselves).
         await self._retrying("connecting to Redis", broker.connect)
@@ -257,6 +265,9 @@ class Worker:
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self.started_at = time.time()
         self._serving = broker
+        self._threads = ThreadPoolExecutor(
+            self.settings.sync_threads, thread_name_prefix=f"aioqueue-{self.id}"
+        )
         logger.info(
             "worker %s consuming queue %r (concurrency %d, lease %gs)",
             self.id,
@@ -280,6 +291,7 @@ class Worker:
                 await self._drain(broker)
                 tg.cancel_scope.cancel()
         finally:
+            self._stop_threads()
             if installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
@@ -289,6 +301,21 @@ class Worker:
                 await hook(self.state)
             logger.info(
                 "worker %s stopped: %d complete, %d failed", self.id, self.completed, self.failed
+            )
+
+    def _stop_threads(self) -> None:
+        """Shut the thread pool down without waiting: threads of plain def tasks the worker
+        gave up on (a timeout, an abort) cannot be stopped, and the process exits when they
+        return."""
+        if self._threads is None:
+            return
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads = None
+        if self._executing:
+            logger.warning(
+                "%d jobs have not returned; threads of plain def tasks among them cannot be "
+                "stopped, and the process exits only once they return",
+                self._executing,
             )
 
     async def _check_server(self, broker: Broker) -> None:
@@ -485,13 +512,22 @@ class Worker:
         try:
             await self._execute(running)
         finally:
-            self._executing -= 1
-            self._slot_free.set()
+            running.when_thread_returns(self._slot_returned)
+
+    def _slot_returned(self) -> None:
+        self._executing -= 1
+        self._slot_free.set()
 
     async def _execute(self, running: Running) -> None:
         try:
             settlement = await execute(
-                running, self.queue, self.state, self.middleware, self.signer, self._report
+                running,
+                self.queue,
+                self.state,
+                self.middleware,
+                self.signer,
+                self._report,
+                self._threads,
             )
         except asyncio.CancelledError:
             if running.cancel_reason is None:
@@ -573,6 +609,7 @@ class Worker:
                 else settlement.status
             )
         elapsed = time.monotonic() - running.started
+        self.busy_us_last_minute.add(round(elapsed * 1_000_000))
         if self.metrics is not None:
             # Only registered task names become label values: a job written into Redis
             # with a made-up name must not create a new time series.
@@ -695,6 +732,7 @@ class Worker:
                 "failed": self.failed,
                 "completed_1m": self.completed_last_minute.total(),
                 "failed_1m": self.failed_last_minute.total(),
+                "busy_1m": self.busy_us_last_minute.total() / 1_000_000,
                 "queue": self.queue.name,
             }
             try:

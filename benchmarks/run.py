@@ -80,9 +80,22 @@ WORKLOADS: dict[str, Workload] = {
             ("aioqueue",),
         ),
         Workload("W8", 1_000, "workflow: a chain of 1,000 steps, one worker", ("aioqueue",)),
+        Workload(
+            "W9",
+            20_000,
+            "flow control: W1 through one worker consuming 3 queues (strict order)",
+            ("aioqueue",),
+        ),
+        Workload(
+            "W10",
+            20_000,
+            "flow control: W1 for a task with a rate limit far above the rate reached",
+            ("aioqueue",),
+        ),
     )
 }
 WORKFLOWS = ("W7", "W8")  # aioqueue only, and not measured on a --baseline without them
+FLOW_CONTROL = ("W9", "W10")  # aioqueue only, likewise
 DEFAULT_LIBS = ("aioqueue", *PEERS)
 DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
@@ -233,6 +246,8 @@ METRICS = {
     "W6": ("rate",),
     "W7": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
     "W8": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    "W9": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    "W10": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
 }
 
 
@@ -360,6 +375,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append("")
             lines.append(_render_soak(lib, soak))
     lines += _render_workflows(res.get("aioqueue", {}))
+    lines += _render_flow_control(res.get("aioqueue", {}))
     lines += _render_baseline(report)
     notes = []
     for lib, r in res.items():
@@ -411,6 +427,38 @@ def _render_workflows(aioqueue: dict[str, Any]) -> list[str]:
     w8 = aioqueue.get("W8")
     if w8 and w8.get("status") == "ok" and w8["median"].get("rate"):
         lines.append(f"- chain: {1000 / w8['median']['rate']:.2f} ms per step")
+    return lines
+
+
+def _render_flow_control(aioqueue: dict[str, Any]) -> list[str]:
+    """W9/W10 next to W1: what several queues and a rate limit cost plain jobs."""
+    w1 = aioqueue.get("W1")
+    rows = [(wl, aioqueue.get(wl)) for wl in FLOW_CONTROL]
+    if not any(r is not None for _, r in rows):
+        return []
+    names = {
+        "W9": "W1 through one worker on 3 queues (W9)",
+        "W10": "W1 with a rate limit far above the rate (W10)",
+    }
+    lines = [
+        "",
+        "Flow control (aioqueue): one worker's rate next to plain W1 (target: within 10%)",
+        "",
+        "| workload | run jobs/s | / W1 | worker CPU µs/job | redis-server CPU µs/job |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = w1["median"]["rate"] if w1 and w1.get("status") == "ok" else None
+    for wl, r in rows:
+        if r is None:
+            continue
+        ratio = "n/a"
+        if base and r.get("status") == "ok" and r["median"].get("rate"):
+            ratio = f"{r['median']['rate'] / base:.2f}"
+        lines.append(
+            f"| {names[wl]} | {_cell(r, lambda m: _num(m.get('rate')))} | {ratio} "
+            f"| {_cell(r, lambda m: _num(m.get('cpu_us_per_job')))} "
+            f"| {_cell(r, lambda m: _num(m.get('redis_cpu_us_per_job')))} |"
+        )
     return lines
 
 
@@ -517,7 +565,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default=",".join(DEFAULT_WORKLOADS),
-        help="comma list of W1..W8 (default W1-W5; W6 soak and W7/W8 workflows only when\nnamed)",
+        help="comma list of W1..W10 (default W1-W5; W6 soak, W7/W8 workflows and W9/W10 flow\n"
+        "control only when named)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; median reported")
     p.add_argument("--jobs", type=float, default=1.0, help="scale factor for every job count")
@@ -645,7 +694,7 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
             n = report["config"]["job_counts"][wl]
             print(f"\n== {wl} ({n:,} jobs): {WORKLOADS[wl].title}", flush=True)
             labels = labels_for(libs_for(wl, args.libs), aq)
-            if wl in WORKFLOWS and baseline is not None:
+            if wl in (*WORKFLOWS, *FLOW_CONTROL) and baseline is not None:
                 labels = [label for label in labels if label != baseline.label]
             for label in labels:
                 if label not in available:
@@ -658,7 +707,7 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
                 for label in labels:
                     t = targets[label]
                     t0 = time.monotonic()
-                    if wl in ("W1", "W2", "W5", *WORKFLOWS):
+                    if wl in ("W1", "W2", "W5", *WORKFLOWS, *FLOW_CONTROL):
                         run = run_throughput(srv, t, wl, n)
                     elif wl == "W3":
                         run = run_latency(srv, t, n, args.settle)

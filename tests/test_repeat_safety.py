@@ -11,6 +11,7 @@ from faultproxy import FaultProxy
 from aioqueue.brokers.base import Again, Delivery, Done, Finished, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
+from aioqueue.errors import RedisUnavailable
 from aioqueue.serialization import Envelope, encode
 
 pytestmark = pytest.mark.timeout(30)
@@ -57,13 +58,21 @@ async def test_enqueue_repeated_writes_one_job_and_answers_created(
     assert await broker.enqueue([NewJob("j1", envelope(3))], 0) == [False]
 
 
-async def test_begin_repeated_counts_one_delivery(
+async def test_a_lost_fetch_reply_is_raised_and_adopting_counts_one_delivery(
     broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
 ) -> None:
+    # fetch.lua reads new entries: a repeat would read others, so its lost reply is raised
+    # (the worker then adopts what the first run began) instead of being re-sent.
+    assert await broker.fetch(CONSUMER, 1, 0.01, 5) == []  # the script is loaded now
     await broker.enqueue([NewJob("j1", envelope())], 0)
-    match = await lose_reply(fault_proxy, broker, "begin")
-    (delivery,) = await broker.fetch(CONSUMER, 1, 0.1, 5)
-    assert fault_proxy.fired(match) == 1
+    fetch = await lose_reply(fault_proxy, broker, "fetch")
+    with pytest.raises(RedisUnavailable):
+        await broker.fetch(CONSUMER, 1, 0.1, 5)
+    assert fault_proxy.fired(fetch) == 1
+    # Adopting re-begins the entry; that begin's reply is lost and re-sent too.
+    begin = await lose_reply(fault_proxy, broker, "begin")
+    (delivery,) = await broker.adopt(CONSUMER, set(), 10, 5)
+    assert fault_proxy.fired(begin) == 1
     assert (delivery.attempt, delivery.deliveries) == (1, 1)
     record = job(redis_client, broker.keys, "j1")
     assert (record["status"], record["deliveries"]) == ("running", "1")
@@ -72,9 +81,14 @@ async def test_begin_repeated_counts_one_delivery(
 async def test_begin_repeated_at_max_deliveries_does_not_dead_letter(
     broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
 ) -> None:
+    assert await broker.fetch(CONSUMER, 1, 0.01, 5) == []  # the script is loaded now
     await broker.enqueue([NewJob("j1", envelope())], 0)
+    fetch = await lose_reply(fault_proxy, broker, "fetch")
+    with pytest.raises(RedisUnavailable):
+        await broker.fetch(CONSUMER, 1, 0.1, max_deliveries=1)
+    assert fault_proxy.fired(fetch) == 1
     match = await lose_reply(fault_proxy, broker, "begin")
-    (delivery,) = await broker.fetch(CONSUMER, 1, 0.1, max_deliveries=1)
+    (delivery,) = await broker.adopt(CONSUMER, set(), 10, max_deliveries=1)
     assert fault_proxy.fired(match) == 1
     assert delivery.deliveries == 1
     assert redis_client.zcard(broker.keys.dead) == 0

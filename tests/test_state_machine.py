@@ -563,8 +563,8 @@ class Target:
         yield
 
     async def fetch_after_lost_read(self, consumer: str, count: int) -> tuple[bool, list[Delivery]]:
-        """Fetch, losing the reply of the read itself. Returns whether the client re-sent
-        the read (and the deliveries of that), or gave up."""
+        """Fetch, losing the reply of the fetch script (which reads and begins). Returns
+        whether the client re-sent it (and the deliveries of that), or gave up."""
         raise NotImplementedError
 
     async def reclaim_after_lost_claim(
@@ -603,12 +603,13 @@ class MemoryTarget(Target):
             )
             for job_id, job in state.jobs.items()
         }
-        entries = {**state.ready, **{e: row.job_id for e, row in state.pending.items()}}
+        pending_entries = {e: row.job_id for e, row in state.pending.items()}
+        entries = {**dict(state.ready.items()), **pending_entries}
         stream = sorted(entries.items(), key=lambda item: entry_key(item[0]))
         pending = {e: row.consumer for e, row in state.pending.items()}
         raw = (
             sorted((job_id, dataclasses.astuple(job)) for job_id, job in state.jobs.items()),
-            list(state.ready.items()),
+            state.ready.items(),
             sorted((e, row.job_id, row.consumer) for e, row in state.pending.items()),
             sorted(state.delayed._scores.items()),
             sorted(state.dead._scores.items()),
@@ -616,7 +617,7 @@ class MemoryTarget(Target):
         return Snapshot(
             jobs,
             stream,
-            list(state.ready),
+            [entry for entry, _ in state.ready.items()],
             pending,
             state.delayed.ordered(),
             state.dead.ordered(),
@@ -624,9 +625,9 @@ class MemoryTarget(Target):
         )
 
     async def fetch_after_lost_read(self, consumer: str, count: int) -> tuple[bool, list[Delivery]]:
-        # The read handed entries over and its reply never arrived: they sit in the pending
-        # list, not begun, and the caller gets an error (it adopts them later).
-        store_for(self.url).queue(self.queue).deliver(consumer, count)
+        # The fetch read and began entries and its reply never arrived: they sit in the
+        # pending list, running, and the caller gets an error (it adopts them later).
+        await self.brokers[consumer].fetch(consumer, count, 0, MAX_DELIVERIES)
         return False, []
 
     async def reclaim_after_lost_claim(
@@ -677,7 +678,8 @@ class RedisTarget(Target):
         return broker
 
     def reclaim_cursor(self, consumer: str) -> str:
-        return self.broker(consumer)._reclaim_cursor
+        broker = self.broker(consumer)
+        return broker._reclaim_cursors.get(broker.keys.stream, "0-0")
 
     def clock_ms(self) -> int:
         # The promoting broker picks candidates by its estimate of Redis's clock, which is
@@ -707,7 +709,8 @@ class RedisTarget(Target):
 
     async def fetch_after_lost_read(self, consumer: str, count: int) -> tuple[bool, list[Delivery]]:
         broker = self.brokers[consumer]
-        return await self.lost_read(b"XREADGROUP", broker.fetch(consumer, count, 0, MAX_DELIVERIES))
+        fetch = broker._scripts["fetch"].sha.encode()
+        return await self.lost_read(fetch, broker.fetch(consumer, count, 0, MAX_DELIVERIES))
 
     async def reclaim_after_lost_claim(
         self, consumer: str, count: int
@@ -967,18 +970,17 @@ class BrokerMachine(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.target.empty_reads or self.model.undelivered())
-    @rule(call=st.builds(Fetch, CONSUMER, COUNT, st.sampled_from(("", "begin", "read"))))
+    @rule(call=st.builds(Fetch, CONSUMER, COUNT, st.sampled_from(("", "read"))))
     def fetch(self, call: Fetch) -> None:
-        """XREADGROUP, then begin. ``lose`` "begin": the begin script's reply is lost (it is
-        re-sent); "read": the read's own reply is lost, so the entries it handed over sit
-        in the pending list, never begun; the client either re-sends the read (which takes
-        the next entries) or fails the call."""
+        """fetch.lua: read and begin in one step. ``lose`` "read": its reply is lost, so the
+        entries it read sit in the pending list, running, unknown to the caller, which gets
+        an error (the script is never re-sent: a repeat would read the next entries)."""
         consumer, count = call.consumer, call.count
         broker = self.target.brokers[consumer]
         if call.lose == "read":
             resent, deliveries = self.run(self.target.fetch_after_lost_read(consumer, count))
-            self.model.deliver(consumer, count)
-            expected = self.model.fetch(consumer, count) if resent else []
+            began = self.model.fetch(consumer, count)
+            expected = began if resent else []
             assert deliveries == expected, (deliveries, expected)
             self.check()
             self.handed(consumer, [deliveries])

@@ -8,9 +8,9 @@ so a job is never half-settled. :mod:`aioqueue.brokers.redis` implements it on R
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,25 @@ class NewJob:
     delay_ms: int = 0
     flow: FlowNode | None = None
     """Its place in a workflow: what it waits for and who waits for it (None: a plain job)."""
+    priority: int = 0
+    """Higher runs first (docs/flow-control.md#priorities)."""
+    limit_keys: tuple[str, str] | None = None
+    """The keys of its task's rate and concurrency limits its producer computed from its
+    arguments ('' for the task's own key); None: the task name is the key of both."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One task's limits, enforced when a job would start (docs/flow-control.md)."""
+
+    interval_us: int | None = None
+    """Rate: at most one start per interval (microseconds) on average (GCRA); None: no
+    rate limit."""
+    burst_us: int = 0
+    """Rate: how far ahead of the average starts may run (GCRA tolerance, microseconds):
+    (burst - 1) intervals."""
+    concurrency: int | None = None
+    """At most this many running at once; None: no concurrency limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +87,27 @@ def counted(jobs: Sequence[NewJob]) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Keyed:
+    """A debounce or throttle key a job is enqueued under (docs/flow-control.md)."""
+
+    mode: str
+    """``debounce``: of the jobs enqueued for the key while the previous one still waits,
+    only the last runs, ``window_ms`` after it was enqueued. ``throttle``: at most one job
+    per ``window_ms`` for the key; the others are not written."""
+    task: str
+    """The task name: keys are per task."""
+    key: str
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """A job handed to this worker and marked running; it now owns the job's lease."""
 
     job_id: str
     entry_id: str
+    """The stream entry that delivered the job, as a token unique across the queue's
+    priority lanes (``<entry id>`` or ``<entry id>@<priority>``)."""
     envelope: bytes
     attempt: int
     deliveries: int
@@ -145,6 +180,8 @@ class JobRecord:
     """The last fraction done the running task reported (``ctx.progress``), if any."""
     progress_message: str = ""
     progress_ms: int | None = None
+    replaced_by: str = ""
+    """Debounce: the job that replaced this one (it ended aborted, reason ``debounced``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +228,23 @@ class QueueCounts:
     dead: int
 
 
+@dataclass(frozen=True, slots=True)
+class ArrivalSample:
+    """One reading of a queue's arrivals counter, taken by a worker's heartbeat."""
+
+    at_ms: int
+    """The broker's clock when it was read."""
+    added: int
+    """Entries ever added to the ready stream (Redis: ``XINFO STREAM``'s ``entries-added``):
+    new jobs, delayed jobs and retries that came due, requeued dead jobs. It starts again
+    from 0 when the stream is deleted (a purge)."""
+
+
+ARRIVALS_KEPT_MS = 120_000
+"""How long a broker keeps arrival samples: two of the one-minute windows rates are taken
+over, so a window always has a sample at or before its start."""
+
+
 class CronClaim(enum.Enum):
     """What claiming a cron tick did."""
 
@@ -211,6 +265,9 @@ class CronRun:
     fire_ms: int | None
     job_id: str | None
     record: JobRecord | None
+
+
+B = TypeVar("B", bound="WorkerBroker")
 
 
 class WorkerBroker(Protocol):
@@ -240,6 +297,21 @@ class WorkerBroker(Protocol):
         unlimited).
         """
 
+    async def enqueue_keyed(self, job: NewJob, keyed: Keyed, max_size: int) -> str:
+        """Write one job under a debounce or throttle key; returns the id of the job that
+        answers the enqueue: ``job``'s, or (throttle, within the window) the job holding the
+        key, and then nothing is written. A debounced job is scheduled ``window_ms`` from
+        now and replaces the key's previous job if that one is still scheduled.
+
+        Raises QueueFull, writing nothing, if the job would exceed ``max_size``.
+        """
+
+    def configure(
+        self, limits: Mapping[str, Limits], lease_ms: int, on_deferred: Callable[[], None]
+    ) -> None:
+        """For a worker: its tasks' limits (by task name), its lease, and what to call when
+        starting a job was deferred by a limit (the delayed set has an earlier job)."""
+
     async def ensure_group(self) -> None:
         """Create the stream and consumer group if they are missing."""
 
@@ -247,6 +319,20 @@ class WorkerBroker(Protocol):
         self, consumer: str, count: int, block: float, max_deliveries: int
     ) -> list[Delivery]:
         """Wait up to ``block`` seconds for up to ``count`` new jobs and mark them running."""
+
+    async def fetch_many(
+        self: B,
+        queues: Sequence[B],
+        consumer: str,
+        count: int,
+        shares: Sequence[int] | None,
+        block: float,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """``fetch`` from several queues of the same storage in one step: strictly in their
+        order (``shares`` None: a queue gives jobs only while the ones before it have none
+        ready), or weighted (each first up to its share of ``count``, the rest in order).
+        Returns (index in ``queues``, delivery) pairs; one blocking wait covers them all."""
 
     async def reclaim(
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
@@ -288,7 +374,8 @@ class WorkerBroker(Protocol):
     async def heartbeat(
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
     ) -> None:
-        """Record that a worker is alive; the record expires after ``ttl`` seconds."""
+        """Record that a worker is alive; the record expires after ``ttl`` seconds. Also
+        take an :class:`ArrivalSample` (kept about two minutes, see :meth:`arrivals`)."""
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a stopping worker's record (and its consumer, if it holds nothing)."""
@@ -336,6 +423,13 @@ class AdminBroker(Protocol):
         kept), waiting up to ``block`` seconds for one when there is none (None: do not
         wait)."""
 
+    async def pause(self, paused: bool) -> bool:
+        """Pause the queue (workers start nothing new from it; enqueues still land) or
+        resume it; returns whether it was paused before. Repeat-safe."""
+
+    async def paused_since(self) -> int | None:
+        """When the queue was paused (ms on the broker's clock), None while it runs."""
+
     async def counts(self) -> QueueCounts:
         """Sizes of the queue."""
 
@@ -347,6 +441,10 @@ class AdminBroker(Protocol):
 
     async def workers(self) -> list[dict[str, str]]:
         """Live workers with their heartbeat description (id, host, pid, ...)."""
+
+    async def arrivals(self) -> list[ArrivalSample]:
+        """The arrival samples heartbeats took over about the last two minutes, in no
+        particular order (samples of different workers may interleave)."""
 
     async def purge_queue(self) -> int:
         """Delete everything stored for the queue; returns how many records went."""

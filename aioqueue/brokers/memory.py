@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from aioqueue.brokers.base import (
     Again,
+    ArrivalSample,
     CronClaim,
     CronRun,
     Delivery,
     Done,
     Finished,
     JobRecord,
+    Keyed,
+    Limits,
     NewJob,
     QueueCounts,
     Recorded,
@@ -48,6 +51,7 @@ from aioqueue.brokers.memory_store import (
     parse_cursor,
     reset_stores,
     store_for,
+    wait_any,
 )
 from aioqueue.errors import QueueFull, WorkflowConflict
 
@@ -59,6 +63,12 @@ END_OF_TIME_MS = 2**63
 CHUNK = 500
 """Jobs per script call where the Redis broker splits a call (its ``CHUNK``): each chunk is
 one step with its own events entry here too."""
+
+MEMO_SECONDS = 600.0
+"""How long a script's answer is kept for a repeat (the memo keys' TTL)."""
+
+DEBOUNCE_MARGIN_SECONDS = 60.0
+"""How long a debounce key outlives its window (``keyed.lua``'s ``MARGIN_MS``)."""
 
 
 def _dependants(jobs: Sequence[NewJob]) -> list[list[tuple[str, int]]]:
@@ -102,6 +112,10 @@ class MemoryBroker:
         self.result_ttl = result_ttl
         self.events_max_len = events_max_len
         self._store = store_for(url)
+        # A worker's tasks' limits, its lease, and what to call when a start was deferred.
+        self._limits: dict[str, Limits] = {}
+        self._lease_ms = 30_000
+        self._on_deferred: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"MemoryBroker({self.url!r}, {self.queue!r})"
@@ -211,7 +225,8 @@ class MemoryBroker:
             run_at = job.run_at_ms
             if job.delay_ms > 0:
                 run_at = max(run_at, now + job.delay_ms)
-            stored = StoredJob(job.envelope, "queued", now)
+            stored = StoredJob(job.envelope, "queued", now, priority=job.priority)
+            stored.limit_keys = job.limit_keys
             state.jobs[job.job_id] = stored
             if node is not None:
                 # Every dependant named here is written by this call: born now.
@@ -277,31 +292,168 @@ class MemoryBroker:
         state.events.add(self.events_max_len, ctx.events)
         return created
 
+    # -- debounce and throttle -------------------------------------------------------------
+
+    async def enqueue_keyed(self, job: NewJob, keyed: Keyed, max_size: int) -> str:
+        """Write one job under a debounce or throttle key (``keyed.lua``); returns the id
+        of the job that answers the enqueue.
+
+        An id whose record holds an envelope answers itself (the same request repeated).
+        Throttle: while the key's slot lives (one window from the job that took it), the
+        holder answers and nothing is written; a refusal whose slot ends within
+        :data:`MEMO_SECONDS` keeps its answer that long for a repeat. Otherwise the job is
+        queued and takes the slot. Debounce: the job is scheduled a window from now and
+        takes the slot for the window plus :data:`DEBOUNCE_MARGIN_SECONDS`; the job the
+        slot named, if still scheduled, ends aborted (reason ``debounced``, ``replaced_by``
+        the new job) and hands that outcome to its dependants. Raises QueueFull, writing
+        nothing, when a job that replaces none would take the queue past ``max_size``."""
+        state = await self._state()
+        stored = state.job(job.job_id)
+        if stored is not None and stored.envelope is not None:
+            return job.job_id
+        slot = f"{keyed.mode}:{len(keyed.task)}:{keyed.task}:{keyed.key}"
+        previous: tuple[str, StoredJob] | None = None
+        if keyed.mode == "throttle":
+            memo = state.memos.get(job.job_id)
+            if memo is not None:
+                return memo
+            holder = state.keyed.get(slot)
+            if holder is not None:
+                if state.keyed.ttl(slot) < MEMO_SECONDS:
+                    state.memos.set(job.job_id, holder, MEMO_SECONDS)
+                return holder
+        else:
+            named = state.keyed.get(slot)
+            found = None if named is None else state.job(named)
+            if named is not None and found is not None and found.status == "scheduled":
+                previous = (named, found)
+        if max_size > 0 and previous is None and state.size() + 1 > max_size:
+            raise QueueFull(self.queue, max_size, 1)
+        now = now_ms()
+        ctx = FlowContext(now, self.result_ttl)
+        window = keyed.window_ms / 1000
+        if keyed.mode == "throttle":
+            stored = StoredJob(job.envelope, "queued", now)
+            state.jobs[job.job_id] = stored
+            stored.entry = state.add_entry(job.job_id)
+            state.keyed.set(slot, job.job_id, window)
+            ctx.event(job.job_id, "enqueued", "queued")
+        else:
+            run_at = now + keyed.window_ms
+            state.jobs[job.job_id] = StoredJob(job.envelope, "scheduled", now, run_at_ms=run_at)
+            state.delayed.add(job.job_id, run_at)
+            state.keyed.set(slot, job.job_id, window + DEBOUNCE_MARGIN_SECONDS)
+            ctx.event(job.job_id, "enqueued", "scheduled")
+        if previous is not None:
+            replaced_id, replaced = previous
+            state.delayed.discard(replaced_id)
+            replaced.status = "aborted"
+            replaced.finished_ms = now
+            replaced.reason = "debounced"
+            replaced.replaced_by = job.job_id
+            state.expire(replaced_id, replaced, self.result_ttl)
+            state.finalized(replaced_id)
+            ctx.event(replaced_id, "aborted", "debounced")
+            if replaced.next:
+                ctx.work.append(replaced_id)
+                state.flow_drain(ctx)
+        state.events.add(self.events_max_len, ctx.events)
+        return job.job_id
+
     # -- consuming -------------------------------------------------------------------------
+
+    def configure(
+        self, limits: Mapping[str, Limits], lease_ms: int, on_deferred: Callable[[], None]
+    ) -> None:
+        """The worker's tasks' limits, its lease and its deferral callback (begin uses
+        them)."""
+        self._limits = dict(limits)
+        self._lease_ms = lease_ms
+        self._on_deferred = on_deferred
 
     async def fetch(
         self, consumer: str, count: int, block: float, max_deliveries: int
     ) -> list[Delivery]:
         """Wait up to ``block`` seconds for ready jobs, hand up to ``count`` of them to
-        ``consumer`` and mark them running (``begin.lua``). Wakes as soon as a job is
-        enqueued, promoted, released or requeued."""
-        state = await self._state()
+        ``consumer``, highest priority first, and mark them running (``fetch.lua``). Wakes
+        as soon as a job is enqueued, promoted, released, requeued or the queue is resumed;
+        a paused queue hands out nothing."""
+        fetched = await self.fetch_many([self], consumer, count, None, block, max_deliveries)
+        return [delivery for _, delivery in fetched]
+
+    async def fetch_many(
+        self,
+        queues: Sequence[MemoryBroker],
+        consumer: str,
+        count: int,
+        shares: Sequence[int] | None,
+        block: float,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """Fetch from several queues of this store in one step: in their order (strict), or
+        each up to its share of ``count`` first (weighted). Returns (index of the queue,
+        delivery) pairs."""
+        states = [await queue._state() for queue in queues]
+        fetched: list[tuple[int, Delivery]] = []
+        for index, (queue, state) in enumerate(zip(queues, states, strict=True)):
+            held = state.held.pop(consumer, None)
+            if held and state.paused_ms is None:
+                got = queue._begin(state, consumer, held, max_deliveries, check=True)
+                fetched += [(index, delivery) for delivery in got]
+            elif held:
+                state.held[consumer] = held
+        if fetched:
+            return fetched
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block
-        while not state.ready:
+        while True:
+            open_ = [s.paused_ms is None for s in states]
+            wanted = [0] * len(queues)
+            left = count
+            if shares is not None:
+                for i, state in enumerate(states):
+                    if open_[i]:
+                        wanted[i] = min(shares[i], left, len(state.ready))
+                        left -= wanted[i]
+            for i, state in enumerate(states):
+                if open_[i]:
+                    more = min(left, len(state.ready) - wanted[i])
+                    wanted[i] += more
+                    left -= more
+            if any(wanted):
+                for index, (queue, state) in enumerate(zip(queues, states, strict=True)):
+                    if wanted[index]:
+                        entries = state.deliver(consumer, wanted[index])
+                        got = queue._begin(state, consumer, entries, max_deliveries, check=False)
+                        fetched += [(index, delivery) for delivery in got]
+                return fetched
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            await state.ready_waiters.wait(remaining)
-            state = await self._state()
-        entries = state.deliver(consumer, count)
+            await wait_any([state.ready_waiters for state in states], remaining)
+            states = [await queue._state() for queue in queues]
+
+    def _begin(
+        self,
+        state: QueueState,
+        consumer: str,
+        entries: Sequence[tuple[str, str]],
+        max_deliveries: int,
+        *,
+        check: bool,
+    ) -> list[Delivery]:
+        """``begin_batch`` with this broker's result TTL, events cap and limits."""
         return state.begin(
             consumer,
             entries,
             max_deliveries,
-            check=False,
+            check=check,
             ttl=self.result_ttl,
             cap=self.events_max_len,
+            paused=state.paused_ms is not None,
+            limits=self._limits,
+            lease_ms=self._lease_ms,
+            on_deferred=self._on_deferred,
         )
 
     async def reclaim(
@@ -324,14 +476,7 @@ class MemoryBroker:
                 taken.append((entry, row.job_id))
         if taken:
             state.consumers[consumer] = now
-        return state.begin(
-            consumer,
-            taken,
-            max_deliveries,
-            check=True,
-            ttl=self.result_ttl,
-            cap=self.events_max_len,
-        )
+        return self._begin(state, consumer, taken, max_deliveries, check=True)
 
     async def adopt(
         self, consumer: str, known: Collection[str], count: int, max_deliveries: int
@@ -345,14 +490,7 @@ class MemoryBroker:
         while start < len(unknown) and len(adopted) < count:
             batch = unknown[start : start + count - len(adopted)]
             start += len(batch)
-            adopted += state.begin(
-                consumer,
-                batch,
-                max_deliveries,
-                check=True,
-                ttl=self.result_ttl,
-                cap=self.events_max_len,
-            )
+            adopted += self._begin(state, consumer, batch, max_deliveries, check=True)
         return adopted
 
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
@@ -386,6 +524,7 @@ class MemoryBroker:
             return Recorded.YES if settled else Recorded.LOST
         aborting = isinstance(settlement, Finished) and settlement.status == "aborted"
         state.drop_entry(delivery.entry_id)
+        state.free_slot(job_id, job)
         if job.status == "aborted" and not aborting:
             return Recorded.ABORTED
         if job.status == "running" or (job.status == "aborted" and aborting):
@@ -468,6 +607,10 @@ class MemoryBroker:
             job = state.job(delivery.job_id)
             if job is not None and job.status == "aborted":
                 aborted.append(delivery.entry_id)
+            elif job is not None and job.slot is not None:
+                holders = state.slots.get(job.slot, {})
+                if delivery.job_id in holders:
+                    holders[delivery.job_id] = now_ms() + self._lease_ms
         if claimed:
             state.consumers[consumer] = now
         return lost, aborted
@@ -544,13 +687,15 @@ class MemoryBroker:
     async def heartbeat(
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
     ) -> None:
-        """Record that a worker is alive, with its description; expires after ``ttl``."""
+        """Record that a worker is alive, with its description; expires after ``ttl``; take
+        an arrival sample."""
         state = await self._state()
         state.drop_expired_workers()
         text = {k: v if isinstance(v, str) else repr(v) for k, v in info.items()}
         if state.worker_alive(worker_id):
             text = {**state.workers[worker_id].info, **text}
         state.workers[worker_id] = Heartbeat(text, now_ms(), time.monotonic() + ttl)
+        state.sample_arrivals()
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a stopping worker's heartbeat, and its consumer if it holds no entries."""
@@ -690,6 +835,22 @@ class MemoryBroker:
         jobs = [state.job(job_id) for job_id in job_ids]
         return [None if job is None else job.status for job in jobs]
 
+    async def pause(self, paused: bool) -> bool:
+        """Set or remove the paused flag (a second pause keeps the first one's time);
+        resuming wakes blocked fetches."""
+        state = await self._state()
+        was = state.paused_ms is not None
+        if paused and not was:
+            state.paused_ms = now_ms()
+        elif not paused:
+            state.paused_ms = None
+            state.ready_waiters.wake_all()
+        return was
+
+    async def paused_since(self) -> int | None:
+        """When the queue was paused (ms), None while it runs."""
+        return (await self._state()).paused_ms
+
     async def counts(self) -> QueueCounts:
         """Ready, pending (delivered, unsettled), delayed and dead job counts."""
         state = await self._state()
@@ -705,14 +866,14 @@ class MemoryBroker:
         if limit <= 0:
             return []
         state = await self._state()
-        ids = list(state.ready.values())[:limit] + state.delayed.ordered()[:limit]
+        ids = state.ready.job_ids()[:limit] + state.delayed.ordered()[:limit]
         records = [state.job(job_id) for job_id in ids]
         return [job.to_record(job_id) for job_id, job in zip(ids, records, strict=True) if job]
 
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
         state = await self._state()
-        oldest = next(iter(state.ready), None)
+        oldest = state.ready.oldest()
         if oldest is None:
             return None
         return max(now_ms() - int(oldest.split("-")[0]), 0)
@@ -740,8 +901,10 @@ class MemoryBroker:
             bool(state.cron_claims),
             bool(state.workers),
             bool(state.events),
+            bool(state.arrivals),
         )
         gone = len(state.jobs) + len(state.workers) + sum(structures)
+        gone += len(state.keyed) + len(state.memos)
         job_ids = list(state.jobs)
         state.jobs.clear()
         state.ready.clear()
@@ -754,9 +917,20 @@ class MemoryBroker:
         state.workers.clear()
         state.consumers.clear()
         state.events.clear()
+        state.keyed.clear()
+        state.memos.clear()
+        # Deleting the stream starts its entries-added counter again.
+        state.entries_added = 0
+        state.arrivals.clear()
         for job_id in job_ids:
             state.finalized(job_id)
         return gone
+
+    # -- arrivals --------------------------------------------------------------------------
+
+    async def arrivals(self) -> list[ArrivalSample]:
+        """The arrival samples heartbeats took (XRANGE of the arrivals stream)."""
+        return list((await self._state()).arrivals)
 
     # -- cron ------------------------------------------------------------------------------
 
@@ -800,7 +974,7 @@ class MemoryBroker:
                 state.cron_claims[name] = (fire_ms, claimer, CronClaim.OVERLAP)
                 return CronClaim.OVERLAP
         if state.job(job.job_id) is None:
-            stored = StoredJob(job.envelope, "queued", now)
+            stored = StoredJob(job.envelope, "queued", now, priority=job.priority)
             state.jobs[job.job_id] = stored
             stored.entry = state.add_entry(job.job_id)
             state.events.add(self.events_max_len, [(job.job_id, "enqueued", "queued")])

@@ -7,7 +7,8 @@ line:
 Redis                       here
 ==========================  ========================================================
 job hash (with TTL)         :class:`StoredJob` in :attr:`QueueState.jobs`, ``expires_at``
-stream + consumer group     :attr:`QueueState.ready` (entries not yet delivered),
+stream + consumer group,    :attr:`QueueState.ready` (entries not yet delivered, one
+its priority lanes          :class:`ReadyLanes` lane per priority),
                             :attr:`QueueState.pending` (the pending list: owner and
                             last delivery or claim, hence idle time) and
                             :attr:`QueueState.consumers` (the group's consumers)
@@ -22,6 +23,10 @@ workflow fields of a job    :attr:`StoredJob.next`, ``pending``, ``policy``, ``f
 progress fields of a job    :attr:`StoredJob.progress`, ``progress_message``,
                             ``progress_ms``, ``progress_seq``
 events stream               :class:`EventLog` (:attr:`QueueState.events`)
+arrivals stream, the        :attr:`QueueState.arrivals`,
+stream's ``entries-added``  :attr:`QueueState.entries_added`
+debounce / throttle keys,   :class:`Strings` (:attr:`QueueState.keyed`,
+memo keys                   :attr:`QueueState.memos`)
 ==========================  ========================================================
 
 Workflows follow the flow functions of ``_prelude.lua`` (``resolve_edge``, ``release``,
@@ -56,11 +61,19 @@ import math
 import re
 import struct
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aioqueue.brokers.base import CronClaim, Delivery, JobRecord, StoredEvent
+from aioqueue.brokers.base import (
+    ARRIVALS_KEPT_MS,
+    ArrivalSample,
+    CronClaim,
+    Delivery,
+    JobRecord,
+    Limits,
+    StoredEvent,
+)
 
 __all__ = [
     "FINAL",
@@ -76,6 +89,7 @@ __all__ = [
     "QueueState",
     "ScoredSet",
     "StoredJob",
+    "Strings",
     "Waiters",
     "array_header",
     "clip",
@@ -134,6 +148,65 @@ class FlowContext:
         self.events.append((job_id, kind, *details))
 
 
+class ReadyLanes:
+    """Entries not delivered yet, one lane per priority (the stream and its lane streams):
+    entry token -> job id, each lane oldest first. Tokens name their lane as the Redis
+    broker's do: ``<ms>-<seq>`` in lane 0, ``<ms>-<seq>@<priority>`` in the others."""
+
+    __slots__ = ("_lanes", "_size")
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, OrderedDict[str, str]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, token: str, job_id: str, priority: int) -> None:
+        """Append an entry to its lane (XADD)."""
+        self._lanes.setdefault(priority, OrderedDict())[token] = job_id
+        self._size += 1
+
+    def discard(self, token: str) -> None:
+        """Delete an entry if it is not delivered yet (XDEL)."""
+        _, _, level = token.partition("@")
+        lane = self._lanes.get(int(level or 0))
+        if lane is not None and lane.pop(token, None) is not None:
+            self._size -= 1
+
+    def take(self, count: int) -> list[tuple[str, str]]:
+        """Up to ``count`` entries (all if ``count`` <= 0), highest priority first."""
+        taken: list[tuple[str, str]] = []
+        for priority in sorted(self._lanes, reverse=True):
+            lane = self._lanes[priority]
+            while lane and (count <= 0 or len(taken) < count):
+                taken.append(lane.popitem(last=False))
+        self._size -= len(taken)
+        return taken
+
+    def items(self) -> list[tuple[str, str]]:
+        """Every (entry token, job id) waiting, in the order workers take them."""
+        return [e for p in sorted(self._lanes, reverse=True) for e in self._lanes[p].items()]
+
+    def job_ids(self) -> list[str]:
+        """Every job id waiting, in the order workers take them."""
+        return [job_id for _, job_id in self.items()]
+
+    def oldest(self) -> str | None:
+        """The token of the entry that waits longest, whatever its lane."""
+        heads = [next(iter(lane)) for lane in self._lanes.values() if lane]
+        return min(heads, key=_entry_order, default=None)
+
+    def clear(self) -> None:
+        self._lanes.clear()
+        self._size = 0
+
+
+def _entry_order(token: str) -> tuple[int, int]:
+    ms, _, seq = token.partition("@")[0].partition("-")
+    return int(ms), int(seq)
+
+
 @dataclass(slots=True)
 class StoredJob:
     """One job's record: the fields of the Redis job hash."""
@@ -149,6 +222,14 @@ class StoredJob:
     result: bytes | None = None
     error: bytes | None = None
     reason: str = ""
+    priority: int = 0
+    """Which lane its entries go to (the ``prio`` field)."""
+    limit_keys: tuple[str, str] | None = None
+    """Its rate and concurrency keys as its producer computed them (the ``lk`` field)."""
+    limited: str = ""
+    """Which limit deferred it while it waits: ``rate`` or ``concurrency`` (``limited``)."""
+    slot: str | None = None
+    """The concurrency key whose slot it holds while it runs (``slot``)."""
     worker: str = ""
     """The consumer that began the current delivery (settling checks it)."""
     entry: str = ""
@@ -189,6 +270,8 @@ class StoredJob:
     progress_ms: int | None = None
     progress_seq: tuple[str, int] | None = None
     """(entry, report number) of the last progress stored: a repeat announces nothing."""
+    replaced_by: str = ""
+    """Debounce (keyed.lua): the job that replaced this one."""
 
     def to_record(self, job_id: str) -> JobRecord:
         """The broker-neutral view of this record."""
@@ -209,6 +292,7 @@ class StoredJob:
             progress=self.progress,
             progress_message=self.progress_message,
             progress_ms=self.progress_ms,
+            replaced_by=self.replaced_by,
         )
 
 
@@ -291,6 +375,49 @@ class ScoredSet:
         return [m for m, _ in sorted(self._scores.items(), key=lambda item: (item[1], item[0]))]
 
 
+class Strings:
+    """String keys with a time to live (SET ... PX, GET, PTTL). Expired keys are dropped
+    when read, and all at once whenever the table has doubled since the last sweep."""
+
+    __slots__ = ("_sweep_at", "_values")
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[str, float]] = {}
+        self._sweep_at = 1024
+
+    def __len__(self) -> int:
+        """How many keys are live (DBSIZE would count them)."""
+        now = time.monotonic()
+        return sum(1 for _, expires in self._values.values() if expires > now)
+
+    def get(self, name: str) -> str | None:
+        """The value of a live key (GET)."""
+        found = self._values.get(name)
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            del self._values[name]
+            return None
+        return found[0]
+
+    def ttl(self, name: str) -> float:
+        """Seconds a live key has left (PTTL); 0 when it does not exist."""
+        found = self._values.get(name)
+        return 0.0 if found is None else max(found[1] - time.monotonic(), 0.0)
+
+    def set(self, name: str, value: str, ttl: float) -> None:
+        """Set a key that expires in ``ttl`` seconds (SET ... PX)."""
+        self._values[name] = (value, time.monotonic() + ttl)
+        if len(self._values) >= self._sweep_at:
+            now = time.monotonic()
+            self._values = {k: v for k, v in self._values.items() if v[1] > now}
+            self._sweep_at = max(2 * len(self._values), 1024)
+
+    def clear(self) -> None:
+        """Delete every key."""
+        self._values.clear()
+
+
 class Waiters:
     """Coroutines waiting for a wake-up: each waits on its own future, no polling."""
 
@@ -305,14 +432,7 @@ class Waiters:
     async def wait(self, timeout: float | None) -> None:
         """Return at the next :meth:`wake_all` or after ``timeout`` seconds, whichever is
         first; the caller re-checks its condition either way."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._futures.append(future)
-        try:
-            await asyncio.wait((future,), timeout=timeout)
-        finally:
-            if future in self._futures:
-                self._futures.remove(future)
-            future.cancel()
+        await wait_any([self], timeout)
 
     def wake_all(self) -> None:
         """Wake every waiting coroutine."""
@@ -320,6 +440,21 @@ class Waiters:
         for future in futures:
             if not future.done():
                 future.set_result(None)
+
+
+async def wait_any(waiters: Sequence[Waiters], timeout: float | None) -> None:
+    """Return at the next wake-up of any of ``waiters`` or after ``timeout`` seconds (one
+    blocking read on several streams)."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for waiter in waiters:
+        waiter._futures.append(future)
+    try:
+        await asyncio.wait((future,), timeout=timeout)
+    finally:
+        for waiter in waiters:
+            if future in waiter._futures:
+                waiter._futures.remove(future)
+        future.cancel()
 
 
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -421,8 +556,20 @@ class QueueState:
 
     name: str
     jobs: dict[str, StoredJob] = field(default_factory=dict)
-    ready: OrderedDict[str, str] = field(default_factory=OrderedDict)
-    """Entries not yet delivered, oldest first: entry id -> job id."""
+    ready: ReadyLanes = field(default_factory=ReadyLanes)
+    """Entries not yet delivered."""
+    paused_ms: int | None = None
+    """When the queue was paused (the paused flag), None while it runs."""
+    rates: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Rate limits: key -> (tat, tail) of its GCRA hash in microseconds (see admit in
+    _prelude.lua)."""
+    slots: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Concurrency limits: key -> job id -> when its slot's lease ends (ms)."""
+    slot_waiters: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Concurrency limits: key -> job id -> when it started waiting for a slot (ms)."""
+    held: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per consumer, delivered entries begin left unbegun because the queue was paused
+    (the Redis broker's held entries)."""
     pending: dict[str, PendingEntry] = field(default_factory=dict)
     """Delivered, unacknowledged entries in entry order (the consumer group's pending list)."""
     consumers: dict[str, float] = field(default_factory=dict)
@@ -443,6 +590,15 @@ class QueueState:
     abort_listeners: set[asyncio.Queue[str]] = field(default_factory=set)
     _expiries: list[tuple[float, str]] = field(default_factory=list)
     _last_entry: tuple[int, int] = (0, 0)
+    keyed: Strings = field(default_factory=Strings)
+    """Debounce and throttle slots (keyed.lua): ``mode:len(task):task:key`` -> the id of
+    the job that holds the key."""
+    memos: Strings = field(default_factory=Strings)
+    """Answers kept for a repeat (memo keys): request id -> answer."""
+    entries_added: int = 0
+    """Entries ever added to the ready queue (the stream's ``entries-added``)."""
+    arrivals: deque[ArrivalSample] = field(default_factory=deque)
+    """The arrivals stream: samples heartbeats took, oldest first."""
 
     # -- job records -----------------------------------------------------------------------
 
@@ -474,23 +630,27 @@ class QueueState:
     # -- ready queue -----------------------------------------------------------------------
 
     def add_entry(self, job_id: str) -> str:
-        """Append a ready entry for the job (XADD) and wake blocked fetches; returns its id."""
+        """Append a ready entry for the job to the lane of its priority (``push``) and wake
+        blocked fetches; returns its token."""
         ms = now_ms()
         last_ms, seq = self._last_entry
         self._last_entry = (ms, 0) if ms > last_ms else (last_ms, seq + 1)
+        stored = self.jobs.get(job_id)
+        priority = 0 if stored is None else stored.priority
         entry = f"{self._last_entry[0]}-{self._last_entry[1]}"
-        self.ready[entry] = job_id
+        if priority:
+            entry += f"@{priority}"
+        self.ready.add(entry, job_id, priority)
+        self.entries_added += 1
         self.ready_waiters.wake_all()
         return entry
 
     def deliver(self, consumer: str, count: int) -> list[tuple[str, str]]:
         """Hand up to ``count`` ready entries to ``consumer`` (XREADGROUP ``>``)."""
-        taken: list[tuple[str, str]] = []
         now = time.monotonic()
-        while self.ready and (count <= 0 or len(taken) < count):
-            entry, job_id = self.ready.popitem(last=False)
+        taken = self.ready.take(count)
+        for entry, job_id in taken:
             self.pending[entry] = PendingEntry(job_id, consumer, now)
-            taken.append((entry, job_id))
         if taken:
             self.consumers[consumer] = now
         return taken
@@ -507,7 +667,7 @@ class QueueState:
 
     def drop_entry(self, entry: str) -> None:
         """Acknowledge and delete an entry (XACK + XDEL)."""
-        self.ready.pop(entry, None)
+        self.ready.discard(entry)
         self.pending.pop(entry, None)
 
     def begin(
@@ -519,6 +679,10 @@ class QueueState:
         check: bool,
         ttl: float,
         cap: int,
+        paused: bool = False,
+        limits: Mapping[str, Limits] | None = None,
+        lease_ms: int = 30_000,
+        on_deferred: Callable[[], None] | None = None,
     ) -> list[Delivery]:
         """``begin.lua``: count the delivery of each entry, then run, skip or dead-letter its job.
 
@@ -530,7 +694,9 @@ class QueueState:
         A job fed by its dependency carries that input. A job dead-lettered here hands its
         outcome to its dependants (:meth:`flow_drain`; ``ttl``: the result TTL in seconds).
         Its events (started, dead and what the dependants did) are one entry (``cap``: the
-        events cap).
+        events cap). While the queue is ``paused``, entries are left pending and held. A
+        job over its task's ``limits`` is deferred (:meth:`admit`), and ``on_deferred``
+        called.
         """
         now = now_ms()
         ctx = FlowContext(now, ttl)
@@ -553,6 +719,9 @@ class QueueState:
             if job is None or job.status in FINAL or job.status == "waiting" or job.entry != entry:
                 self.drop_entry(entry)
                 continue
+            if paused:
+                self.held.setdefault(consumer, []).append((entry, job_id))
+                continue
             job.deliveries += 1
             if job.deliveries > max_deliveries:
                 # bury(): dead-lettered with a WorkerLost error.
@@ -573,6 +742,23 @@ class QueueState:
                 ctx.work.append(job_id)
                 _log_dead(job_id, job.deliveries)
                 continue
+            held_back = self.admit(limits, lease_ms, job_id, job, now) if limits else None
+            if held_back is not None:
+                # Not started: the hand-over is not counted, the attempt is not used up.
+                due, why = held_back
+                job.deliveries -= 1
+                job.status = "scheduled"
+                job.run_at_ms = due
+                job.limited = why
+                self.delayed.add(job_id, due)
+                self.drop_entry(entry)
+                ctx.event(job_id, "deferred", why, due)
+                if on_deferred is not None:
+                    on_deferred()
+                continue
+            if job.limited:
+                job.limited = ""
+                job.run_at_ms = None
             job.status = "running"
             job.started_ms = now
             job.worker = consumer
@@ -585,6 +771,74 @@ class QueueState:
         self.flow_drain(ctx)
         self.events.add(cap, ctx.events)
         return deliveries
+
+    # -- limits (admit, wake_waiter and free_slot of _prelude.lua) ---------------------------
+
+    def admit(
+        self, limits: Mapping[str, Limits], lease_ms: int, job_id: str, job: StoredJob, now: int
+    ) -> tuple[int, str] | None:
+        """None when the job may start now (it takes its slot and its place in the rate);
+        else (when it may try again, which limit held it)."""
+        task = envelope_task(job.envelope)
+        spec = limits.get(task) if task is not None else None
+        if spec is None or task is None:
+            return None
+        rate_key, slot_key = job.limit_keys or ("", "")
+        rate_key, slot_key = rate_key or task, slot_key or task
+        holders: dict[str, int] | None = None
+        if spec.concurrency is not None:
+            holders = self.slots.setdefault(slot_key, {})
+            for holder, ends in list(holders.items()):
+                if ends <= now:
+                    del holders[holder]
+            if job_id not in holders and len(holders) >= spec.concurrency:
+                self.slot_waiters.setdefault(slot_key, {}).setdefault(job_id, now)
+                return min(holders.values(), default=now + lease_ms), "concurrency"
+        admitted_rate: tuple[int, int] | None = None
+        if spec.interval_us is not None:
+            now_us = time.time_ns() // 1000
+            stored_tat, tail = self.rates.get(rate_key, (0, 0))
+            tat = max(stored_tat, now_us)
+            if tat - spec.burst_us > now_us:
+                due = tat - spec.burst_us
+                if job.limited != "rate":
+                    due = max(due, tail + spec.interval_us)
+                    self.rates[rate_key] = (stored_tat, due)
+                return -(-due // 1000), "rate"
+            admitted_rate = (tat + spec.interval_us, tail)
+        if holders is not None:
+            holders[job_id] = now + lease_ms
+            self.slot_waiters.get(slot_key, {}).pop(job_id, None)
+            job.slot = slot_key
+        if admitted_rate is not None:
+            self.rates[rate_key] = admitted_rate
+        return None
+
+    def wake_waiter(self, slot_key: str) -> None:
+        """Send the oldest job waiting for a slot of ``slot_key`` back to the ready queue."""
+        waiters = self.slot_waiters.get(slot_key)
+        while waiters:
+            wid = min(waiters, key=lambda j: (waiters[j], j))
+            del waiters[wid]
+            w = self.job(wid)
+            if (
+                w is not None
+                and w.status == "scheduled"
+                and w.limited == "concurrency"
+                and self.delayed.discard(wid)
+            ):
+                w.status = "queued"
+                w.entry = self.add_entry(wid)
+                w.limited = ""
+                w.run_at_ms = None
+                return
+
+    def free_slot(self, job_id: str, job: StoredJob) -> None:
+        """Free the concurrency slot the job holds, if any, and wake the oldest waiter."""
+        if job.slot is not None:
+            slot_key, job.slot = job.slot, None
+            self.slots.get(slot_key, {}).pop(job_id, None)
+            self.wake_waiter(slot_key)
 
     # -- workflows (the flow functions of _prelude.lua) -------------------------------------
 
@@ -760,6 +1014,16 @@ class QueueState:
             removed += 1
         return removed
 
+    # -- arrivals --------------------------------------------------------------------------
+
+    def sample_arrivals(self) -> None:
+        """A heartbeat's arrival sample: append ``entries_added`` now to the arrivals and
+        drop those older than ``ARRIVALS_KEPT_MS`` (XADD ... MINID)."""
+        now = now_ms()
+        self.arrivals.append(ArrivalSample(now, self.entries_added))
+        while self.arrivals[0].at_ms < now - ARRIVALS_KEPT_MS:
+            self.arrivals.popleft()
+
 
 def _input(job: StoredJob) -> bytes | None:
     """begin.lua's ``input``: what a job fed by its dependency gets (``in:1`` without its
@@ -768,6 +1032,38 @@ def _input(job: StoredJob) -> bytes | None:
         value = job.inputs.get(1)
         return None if value is None else value[1:]
     return None
+
+
+def envelope_task(envelope: bytes | None) -> str | None:
+    """The task name at the head of an envelope, read from its first bytes as
+    ``envelope_task`` in _prelude.lua does (a signed envelope starts with \xc1 and a
+    32-byte tag), or None."""
+    if not envelope:
+        return None
+    at = 33 if envelope[0] == 0xC1 else 0
+    if at >= len(envelope):
+        return None
+    head = envelope[at]
+    if 0x90 <= head <= 0x9F:
+        at += 1
+    elif head == 0xDC:
+        at += 3
+    elif head == 0xDD:
+        at += 5
+    else:
+        return None
+    if at >= len(envelope):
+        return None
+    kind = envelope[at]
+    if 0xA0 <= kind <= 0xBF:
+        start, size = at + 1, kind - 0xA0
+    elif kind == 0xD9 and at + 1 < len(envelope):
+        start, size = at + 2, envelope[at + 1]
+    elif kind == 0xDA and at + 2 < len(envelope):
+        start, size = at + 3, int.from_bytes(envelope[at + 1 : at + 3], "big")
+    else:
+        return None
+    return envelope[start : start + size].decode(errors="replace")
 
 
 def _log_dead(job_id: str, deliveries: int) -> None:

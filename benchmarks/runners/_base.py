@@ -5,7 +5,8 @@ A runner module (``runners/<lib>.py``) provides:
 * ``producer(url)`` -- an async context manager yielding an object with
   ``async one(kind, *args)`` (enqueue one job and await the enqueue) and, where the library has a
   bulk/pipelined enqueue API, ``async many(kind, n)``;
-* ``async worker(url, concurrency, result_ttl)`` -- runs the library's worker until cancelled;
+* ``async worker(url, concurrency, result_ttl)`` -- runs the library's worker until cancelled
+  (aioqueue's also takes ``queues``: W9 runs one worker on three queues);
 * task functions named ``noop``, ``sleep`` and ``lat`` that call :func:`hit`, :func:`started`
   and :func:`hit_latency` from this module.
 
@@ -104,8 +105,9 @@ async def _produce(mod: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     async with mod.producer(args.url) as prod:
         bulk = hasattr(prod, "many")
         t0 = time.perf_counter()
-        if args.workload in ("W1", "W2", "W5", "W6"):
-            kind = "sleep" if args.workload == "W2" else "noop"
+        if args.workload in ("W1", "W2", "W5", "W6", "W9", "W10"):
+            kinds = {"W2": "sleep", "W10": "limited"}
+            kind = kinds.get(args.workload, "noop")
             if bulk:
                 left = n
                 while left > 0:
@@ -139,9 +141,10 @@ async def _produce(mod: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
 async def _work(mod: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     COUNTER.target = args.jobs
     rss_before = rss_kb()
-    task = asyncio.create_task(
-        mod.worker(args.url, concurrency=args.concurrency, result_ttl=args.result_ttl)
-    )
+    options: dict[str, Any] = {"concurrency": args.concurrency, "result_ttl": args.result_ttl}
+    if args.workload == "W9":
+        options["queues"] = 3  # aioqueue only: one worker consuming three queues
+    task = asyncio.create_task(mod.worker(args.url, **options))
     emit(event="ready")
     waiter = asyncio.create_task(COUNTER.done.wait())
     finished, _ = await asyncio.wait(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,14 @@ def _queue(url: str, result_ttl: int = 60) -> Queue:
         return n + 1
 
     TASKS.update(noop=noop, sleep=sleeper, lat=lat, gather=gather, step=step)
+    if "rate_limit" in inspect.signature(queue.task).parameters:  # not in older baselines
+
+        @queue.task(name="limited", rate_limit="1000000/s")
+        async def limited(ctx: Context) -> None:
+            """W10: a rate limit far above what one worker reaches, checked on every start."""
+            _base.hit()
+
+        TASKS["limited"] = limited
     return queue
 
 
@@ -78,13 +87,21 @@ async def producer(url: str) -> AsyncIterator[_Producer]:
         await queue.close()
 
 
-async def worker(url: str, concurrency: int, result_ttl: int) -> None:
+async def worker(url: str, concurrency: int, result_ttl: int, queues: int = 1) -> None:
     queue = _queue(url, result_ttl)
-    w = queue.worker(concurrency=concurrency)
+    if queues == 1:
+        w = queue.worker(concurrency=concurrency)
+        others: list[Queue] = []
+    else:
+        # W9: the jobs wait on the middle one of three queues, in strict order: every fetch
+        # looks at an empty queue first, and blocks on all three when idle.
+        others = [Queue(url, name=f"{QUEUE}-{n}", result_ttl=result_ttl) for n in range(2)]
+        w = others[0].worker(concurrency=concurrency, also=[queue, others[1]])
     try:
         await w.run()
     finally:
-        await queue.close()
+        for q in (queue, *others):
+            await q.close()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ ROLES = ("producer", "worker", "monitor", "operator")
 """The roles aioqueue knows the ACL rights of (``Securing Redis`` in docs/deploying.md):
 a producer enqueues, waits for results and aborts jobs; a worker runs them; a monitor only
 reads (``aioqueue info``, ``check``, ``job``, ``dlq list``/``show``, ``cron list``); an
-operator also requeues and purges dead letters and purges the queue."""
+operator also requeues and purges dead letters, pauses and resumes and purges the queue."""
 
 # Commands each role sends itself (its scripts' commands are added from their source).
 # Every role connects with TIME (the shared clock), EXISTS (the key check) and PING (redis-py's
@@ -110,6 +110,8 @@ _DIRECT = {
         "xlen",
         "xinfo|groups",
         "xinfo|consumers",
+        "xinfo|stream",
+        "xadd",
         "hget",
         "hset",
         "del",
@@ -120,6 +122,7 @@ _DIRECT = {
         "zrange",
         "zrangebyscore",
         "zremrangebyscore",
+        "smembers",
         "multi",
         "exec",
     ),
@@ -141,15 +144,18 @@ _DIRECT = {
         "zrange",
         "zrevrange",
         "zmscore",
+        "smembers",
+        "get",
     ),
 }
-_DIRECT["operator"] = (*_DIRECT["monitor"], "scan", "unlink")
+_DIRECT["operator"] = (*_DIRECT["monitor"], "scan", "unlink", "set", "del")
 ROLE_SCRIPTS = {
-    "producer": ("abort", "enqueue", "watch"),
+    "producer": ("abort", "enqueue", "keyed", "watch"),
     "worker": (
         "begin",
         "cron_claim",
         "ensure_group",
+        "fetch",
         "forget_consumers",
         "progress",
         "promote",
@@ -195,6 +201,7 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "set": ("K", "1"),
     "pexpire": ("K", "1"),
     "persist": ("K",),
+    "pttl": ("K",),
     "unlink": ("K",),
     "hdel": ("K", "f"),
     "hexists": ("K", "f"),
@@ -215,13 +222,17 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "xgroup|delconsumer": ("DELCONSUMER", "K", "g", "c"),
     "xinfo|consumers": ("CONSUMERS", "K", "g"),
     "xinfo|groups": ("GROUPS", "K"),
+    "xinfo|stream": ("STREAM", "K"),
     "xlen": ("K",),
     "xpending": ("K", "g"),
     "xrange": ("K", "-", "+"),
     "xrevrange": ("K", "+", "-"),
     "xread": ("STREAMS", "K", "0-0"),
     "xreadgroup": ("GROUP", "g", "c", "STREAMS", "K", ">"),
+    "sadd": ("K", "m"),
+    "smembers": ("K",),
     "zadd": ("K", "1", "m"),
+    "zpopmin": ("K",),
     "zcard": ("K",),
     "zmscore": ("K", "m"),
     "zrange": ("K", "0", "0"),
@@ -256,10 +267,13 @@ READS = frozenset(
         "hstrlen",
         "info",
         "ping",
+        "pttl",
         "scan",
+        "smembers",
         "time",
         "xinfo|consumers",
         "xinfo|groups",
+        "xinfo|stream",
         "xlen",
         "xpending",
         "xrange",

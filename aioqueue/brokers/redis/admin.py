@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import redis.exceptions as rexc
 
-from aioqueue.brokers.base import CronRun, JobRecord, QueueCounts, StoredEvent
+from aioqueue.brokers.base import ArrivalSample, CronRun, JobRecord, QueueCounts, StoredEvent
 from aioqueue.brokers.redis.connection import (
     CHUNK,
     FINAL,
@@ -141,53 +141,82 @@ class Admin(RedisConnection):
             replies = await pipe.execute(raise_on_error=False)
         return [text(r) if isinstance(r, bytes) else None for r in replies]
 
+    async def pause(self, paused: bool) -> bool:
+        """Set or remove the queue's paused flag (``fetch.lua`` and ``begin.lua`` read it);
+        a second pause keeps the first one's time."""
+        with redis_errors("pausing the queue" if paused else "resuming the queue"):
+            if paused:
+                now = self.server_now_ms()
+                return not await self.client.set(self.keys.paused, now, nx=True)
+            return bool(await self.client.delete(self.keys.paused))
+
+    async def paused_since(self) -> int | None:
+        """When the queue was paused (ms), None while it runs."""
+        with redis_errors("reading the paused flag"):
+            value = await self.client.get(self.keys.paused)
+        return None if value is None else int(text(value))
+
     async def counts(self) -> QueueCounts:
         """Ready, pending (delivered, unsettled), delayed and dead job counts."""
         with redis_errors("counting jobs"):
+            lanes = await self._lanes()
             pipe = self.client.pipeline(transaction=False)
-            pipe.xlen(self.keys.stream)
             pipe.zcard(self.keys.delayed)
             pipe.zcard(self.keys.dead)
-            pipe.xpending(self.keys.stream, GROUP)
-            length, delayed, dead, pending = await pipe.execute(raise_on_error=False)
-            for reply in (length, delayed, dead):
+            for level in lanes:
+                pipe.xlen(self.keys.lane(level))
+                pipe.xpending(self.keys.lane(level), GROUP)
+            delayed, dead, *streams = await pipe.execute(raise_on_error=False)
+            length = pending_count = 0
+            for reply in (delayed, dead, *streams[::2]):
                 if isinstance(reply, Exception):
                     raise reply
-            # No group yet (no worker ever started) means nothing is pending; anything
-            # else, such as a refused XPENDING, is an error, not a zero.
-            if isinstance(pending, Exception) and not is_nogroup(pending):
-                raise pending
-        pending_count = 0 if isinstance(pending, Exception) else int(pending["pending"])
+            for size, pending in zip(streams[::2], streams[1::2], strict=True):
+                # No group yet (no worker read the lane) means nothing is pending; anything
+                # else, such as a refused XPENDING, is an error, not a zero.
+                if isinstance(pending, Exception) and not is_nogroup(pending):
+                    raise pending
+                length += int(size)
+                pending_count += 0 if isinstance(pending, Exception) else int(pending["pending"])
         return QueueCounts(
-            ready=int(length) - pending_count,
+            ready=length - pending_count,
             pending=pending_count,
             delayed=int(delayed),
             dead=int(dead),
         )
 
     async def _unfetched(self, count: int) -> list[Any]:
-        """The first ``count`` stream entries after the group's last-delivered id."""
+        """Up to ``count`` stream entries no worker was handed yet (after each lane's
+        last-delivered id), highest priority first."""
+        found: list[Any] = []
+        for level in await self._lanes():
+            if len(found) >= count:
+                break
+            found += await self._unfetched_in(level, count - len(found))
+        return found
+
+    async def _unfetched_in(self, level: str, count: int) -> list[Any]:
+        """The first ``count`` entries of one lane after its last-delivered id."""
+        name = self.keys.lane(level)
         try:
-            groups = await self.client.xinfo_groups(self.keys.stream)
+            groups = await self.client.xinfo_groups(name)
         except rexc.ResponseError as exc:
             if is_refusal(exc):
                 raise
-            return []  # no stream or group yet: nothing was ever enqueued
+            groups = []  # no stream or group yet: every entry is unfetched
         last = next(
             (text(g["last-delivered-id"]) for g in groups if text(g["name"]) == GROUP), "0-0"
         )
-        return cast(
-            list[Any], await self.client.xrange(self.keys.stream, f"({last}", "+", count=count)
-        )
+        return cast(list[Any], await self.client.xrange(name, f"({last}", "+", count=count))
 
     async def lag_ms(self) -> int | None:
         """Age in ms of the oldest job no worker has fetched yet (None when none waits)."""
         with redis_errors("measuring queue lag"):
-            waiting = await self._unfetched(1)
-        if not waiting:
+            heads = [await self._unfetched_in(level, 1) for level in await self._lanes()]
+        born = [int(text(head[0][0]).split("-")[0]) for head in heads if head]
+        if not born:
             return None
-        born = int(text(waiting[0][0]).split("-")[0])
-        return max(self.server_now_ms() - born, 0)
+        return max(self.server_now_ms() - min(born), 0)
 
     async def waiting(self, limit: int) -> list[JobRecord]:
         """Jobs not fetched by any worker yet: ready ones in order, then delayed ones by due
@@ -221,6 +250,19 @@ class Admin(RedisConnection):
             for worker_id, row in zip(ids, rows, strict=True)
             if row
         ]
+
+    async def arrivals(self) -> list[ArrivalSample]:
+        """The arrival samples heartbeats wrote (see ``Lifecycle.heartbeat``); an entry that
+        is not a sample (written by something else) is left out."""
+        with redis_errors("reading arrival samples"):
+            entries = await self.client.xrange(self.keys.arrivals, "-", "+")
+        samples: list[ArrivalSample] = []
+        for _, fields in cast(Any, entries):
+            try:
+                samples.append(ArrivalSample(int(fields[b"t"]), int(fields[b"n"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return samples
 
     async def purge_queue(self) -> int:
         """Delete every key of the queue (jobs, stream, delayed, dead, cron state)."""
@@ -374,4 +416,5 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
         progress=_float(fields, b"progress"),
         progress_message=text(fields.get(b"progress_message", b"")),
         progress_ms=_int(fields, b"progress_at"),
+        replaced_by=text(fields.get(b"replaced_by", b"")),
     )

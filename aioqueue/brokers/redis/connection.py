@@ -8,7 +8,7 @@ import asyncio
 import time
 import urllib.parse
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -170,6 +170,16 @@ class RedisConnection:
         # Redis TIME minus this machine's clock, in ms: lets this process estimate the shared
         # clock without a round trip (scripts that decide anything read TIME themselves).
         self._clock_offset_ms = 0
+        # Where each lane's takeover sweep (XAUTOCLAIM) goes on from.
+        self._reclaim_cursors: dict[str, str] = {}
+        # Per consumer, entries (token, fields) a blocking read handed over that were not
+        # begun (the queue was being paused, or more lanes answered than were asked for).
+        self._held: dict[str, list[tuple[str, Any]]] = {}
+        # A worker's tasks' limits as begin.lua reads them (see configure), its lease, and
+        # what to call when begin deferred a job.
+        self._limits = ""
+        self._lease_ms = 30_000
+        self._on_deferred: Callable[[], None] | None = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -404,6 +414,17 @@ class RedisConnection:
         """Remember how far Redis's clock (read just now) is from this machine's."""
         self._clock_offset_ms = redis_ms - local_now_ms()
 
+    async def _lanes(self) -> list[str]:
+        """The priorities jobs of this queue were enqueued with, highest first ("0" always)."""
+        members = await self.client.smembers(self.keys.lanes)
+        levels = {0} | {int(text(m)) for m in members if text(m).lstrip("-").isdigit()}
+        return [str(level) for level in sorted(levels, reverse=True)]
+
+    def _untoken(self, token: str) -> tuple[str, str]:
+        """The stream key and entry id an entry token names (see ``Keys.lane``)."""
+        entry, _, level = token.partition("@")
+        return self.keys.lane(level or "0"), entry
+
     def server_now_ms(self) -> int:
         """Redis's clock as estimated from the last reading, without a round trip."""
         return local_now_ms() + self._clock_offset_ms
@@ -426,20 +447,34 @@ class RedisConnection:
             persistent=bool(int(persistence.get("aof_enabled", 0))),
         )
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _eval(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool = False
+    ) -> Any:
         """EVALSHA one script; on NOSCRIPT (Redis restarted and lost its cache) load it and
-        run it again."""
+        run it again. ``once``: on the connection that never re-sends a command after a
+        lost reply (for a script whose repeat would not answer the same: the caller learns
+        the reply was lost and looks for what the first run did)."""
         if self._client is None:
             await self.connect()
         if name not in self._checked:
             await self._check_scripts((name,))
         script = self._scripts[name]
+        client = self.reader if once else self.client
         async with self._slots:
             try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
             except rexc.NoScriptError:
                 script.sha = await self.client.script_load(script.script)
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except rexc.ResponseError as exc:
+                if not is_refusal(exc) or "NOPERM" in str(exc):
+                    raise
+                refused = exc
+        # Redis does not say which command a script was refused (rights revoked while
+        # running): probe the script's commands again, which names it.
+        self._checked.discard(name)
+        await self._check_scripts((name,))
+        raise refused
 
     async def _eval_many(self, calls: Sequence[Call], *, errors: bool = False) -> list[Any]:
         """Run several scripts in one round trip (a pipeline of EVALSHA). With ``errors``,

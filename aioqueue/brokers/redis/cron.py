@@ -72,6 +72,7 @@ class CronClaims(RedisConnection):
                     previous,
                     self.claimer,
                     self.events_cap,
+                    job.priority,
                 ]
                 answer = text(await self._eval("cron_claim", script_keys, args))
                 if answer != "stale":

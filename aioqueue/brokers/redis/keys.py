@@ -27,6 +27,23 @@ class Keys:
         """Stream of ready jobs, read through the consumer group; entry = ``{"j": job_id}``."""
         return f"{self.prefix}:stream"
 
+    def lane(self, priority: int | str) -> str:
+        """Stream of ready jobs of one priority (docs/flow-control.md#priorities): the
+        queue's stream itself for 0, ``<stream>:<priority>`` for the others."""
+        return self.stream if str(priority) == "0" else f"{self.stream}:{priority}"
+
+    @property
+    def lanes(self) -> str:
+        """Set of the priorities besides 0 that jobs were enqueued with (the lanes workers
+        read)."""
+        return f"{self.stream}:lanes"
+
+    @property
+    def paused(self) -> str:
+        """Present while the queue is paused (value: when, in ms): workers start nothing
+        new from it."""
+        return f"{self.prefix}:paused"
+
     @property
     def delayed(self) -> str:
         """Sorted set of delayed jobs and retry backoffs, scored by run-at time in ms."""
@@ -64,6 +81,12 @@ class Keys:
         """Sorted set: worker id -> last heartbeat in ms."""
         return f"{self.prefix}:workers"
 
+    @property
+    def arrivals(self) -> str:
+        """Stream of arrival samples heartbeats take, about two minutes of them; entry =
+        ``{"t": ms read at, "n": the ready stream's entries-added then}``."""
+        return f"{self.prefix}:arrivals"
+
     def worker(self, worker_id: str) -> str:
         """Hash describing one live worker (host, pid, concurrency, counters); expires."""
         return f"{self.prefix}:worker:{worker_id}"
@@ -76,6 +99,12 @@ class Keys:
     def job_prefix(self) -> str:
         """Common prefix of job keys, for scans."""
         return f"{self.prefix}:job:"
+
+    def keyed(self, mode: str, task: str, key: str) -> str:
+        """String naming the job that holds a debounce or throttle ``key`` of ``task``
+        (``mode``: ``debounce`` or ``throttle``); see ``keyed.lua``. The task name's length
+        comes first, so no task and key pair can spell another's name."""
+        return f"{self.prefix}:{mode}:{len(task)}:{task}:{key}"
 
     def memo(self, request_id: str) -> str:
         """A script's answer to one request, kept a few minutes so a re-sent request (its

@@ -7,20 +7,24 @@ never half-settled and many jobs cost one round trip; every script is safe to re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import redis.exceptions as rexc
 
 from aioqueue.brokers.base import (
+    ARRIVALS_KEPT_MS,
     Again,
     Delivery,
     Done,
     FlowNode,
+    Keyed,
+    Limits,
     NewJob,
     Recorded,
     Settlement,
@@ -48,6 +52,8 @@ logger = logging.getLogger(__name__)
 JOB_ID = re.compile(TASK_NAME)
 # How much of a foreign stream entry is copied into its dead-letter record.
 FOREIGN_PREVIEW = 512
+# How often a worker looks again whether a paused queue was resumed, in seconds.
+PAUSE_POLL = 0.5
 
 
 def _describe(exc: Exception) -> str:
@@ -62,9 +68,10 @@ def _lines(edges: Sequence[tuple[str, int]]) -> str:
     return "\n".join(f"{job_id}\t{slot}" for job_id, slot in edges)
 
 
-def _specs(jobs: Sequence[NewJob]) -> list[Any]:
-    """The sparse specs enqueue.lua reads for a workflow: (index, spec) for each job that is
-    more than a plain job. An edge into a group node of the batch goes into the group's
+def _specs(jobs: Sequence[NewJob], priority: int) -> list[Any]:
+    """The sparse specs enqueue.lua reads for a workflow (or a batch of mixed priorities
+    written in one call): (index, spec) for each job that is more than a plain job of the
+    call's ``priority``. An edge into a group node of the batch goes into the group's
     ``members`` runs instead of its member's spec, so a group's members need none."""
     groups = {job.job_id for job in jobs if job.flow is not None and job.flow.kind == "group"}
     members: dict[str, list[tuple[int, int]]] = {gid: [] for gid in groups}
@@ -82,7 +89,8 @@ def _specs(jobs: Sequence[NewJob]) -> list[Any]:
         nxt = own_next.get(index, ())
         scheduled = job.run_at_ms or job.delay_ms
         default = node.kind == "job" and not (node.pending or node.after or node.feed)
-        if default and not nxt and not scheduled:
+        own = job.priority != priority
+        if default and not nxt and not scheduled and not own and job.limit_keys is None:
             continue
         runs = _runs(sorted(members[job.job_id])) if job.job_id in members else ""
         specs += [
@@ -90,9 +98,33 @@ def _specs(jobs: Sequence[NewJob]) -> list[Any]:
             f"{job.run_at_ms}\x1f{job.delay_ms}\x1f{node.kind}\x1f{node.policy}"
             f"\x1f{'1' if node.feed else ''}\x1f{node.pending}\x1f{_lines(nxt)}"
             f"\x1f{_lines(node.after)}\x1f{runs}\x1f{node.shape}"
-            f"\x1f{'' if node.size is None else node.size}",
+            f"\x1f{'' if node.size is None else node.size}"
+            f"\x1f{job.priority if own else ''}"
+            f"\x1f{_limit_keys(job)}",
         ]
     return specs
+
+
+def _limit_keys(job: NewJob) -> str:
+    """A job's limit keys as two spec fields (empty: its task's name)."""
+    rate, concurrency = job.limit_keys or ("", "")
+    return f"{rate}\x1f{concurrency}"
+
+
+def _field(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _chunks(jobs: Sequence[NewJob]) -> list[list[NewJob]]:
+    """Runs of jobs of one priority, at most CHUNK each, in order."""
+    chunks: list[list[NewJob]] = []
+    for job in jobs:
+        last = chunks[-1] if chunks else None
+        if last is None or len(last) >= CHUNK or last[0].priority != job.priority:
+            chunks.append([job])
+        else:
+            last.append(job)
+    return chunks
 
 
 def _named_group(jobs: Sequence[NewJob]) -> str:
@@ -115,8 +147,6 @@ def _runs(slots: Sequence[tuple[int, int]]) -> str:
 class Lifecycle(RedisConnection):
     """What producers and workers do to jobs."""
 
-    _reclaim_cursor = "0-0"
-
     # -- producing -------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
@@ -124,21 +154,26 @@ class Lifecycle(RedisConnection):
         calls: list[Call] = []
         flow = any(job.flow is not None for job in jobs)
         # With a max_size the whole batch is one script call, so QueueFull is all or nothing;
-        # a workflow is one call too, so it is written all or nothing; otherwise chunks keep
-        # each call short.
-        size = len(jobs) if max_size > 0 or flow else CHUNK
+        # a workflow is one call too, so it is written all or nothing; otherwise chunks of
+        # one priority each keep each call short. A single call of mixed priorities names
+        # them in specs, like a workflow.
+        single = max_size > 0 or flow
         skip = len(self.keys.job_prefix.encode())  # Lua counts bytes
-        for start in range(0, len(jobs), max(size, 1)):
-            chunk = jobs[start : start + size]
+        for chunk in [list(jobs)] if single else _chunks(jobs):
+            priority = chunk[0].priority
+            specs = flow or any(
+                job.priority != priority or job.limit_keys is not None for job in chunk
+            )
             timed = any(job.run_at_ms or job.delay_ms for job in chunk)
             keys = [self.keys.stream, self.keys.delayed, self.keys.events]
-            mode = "2" if flow else "1" if timed else "0"
+            mode = "2" if specs else "1" if timed else "0"
             args: list[Any] = [max_size, skip, mode, self.result_ttl_ms, self.events_cap]
+            args.append(priority)
             job_key = self.keys.job
-            if flow:
+            if specs:
                 keys += [job_key(job.job_id) for job in chunk]
                 args += [job.envelope for job in chunk]
-                args += _specs(chunk)
+                args += _specs(chunk, priority)
             elif timed:
                 for job in chunk:
                     keys.append(job_key(job.job_id))
@@ -171,7 +206,44 @@ class Lifecycle(RedisConnection):
             raise EnqueueIncomplete(cause, written, failed)
         return created
 
+    async def enqueue_keyed(self, job: NewJob, keyed: Keyed, max_size: int) -> str:
+        """Write one job under a debounce or throttle key; see ``keyed.lua``."""
+        keys = [
+            self.keys.stream,
+            self.keys.delayed,
+            self.keys.events,
+            self.keys.keyed(keyed.mode, keyed.task, keyed.key),
+            self.keys.job(job.job_id),
+            self.keys.memo(job.job_id),
+        ]
+        args: list[Any] = [
+            keyed.mode,
+            job.job_id,
+            job.envelope,
+            keyed.window_ms,
+            max_size,
+            self.result_ttl_ms,
+            self.events_cap,
+        ]
+        with redis_errors("enqueuing"):
+            answer = await self._eval("keyed", keys, args)
+        if answer == -1:
+            raise QueueFull(self.keys.queue, max_size, 1)
+        return text(answer)
+
     # -- consuming -------------------------------------------------------------------------
+
+    def configure(
+        self, limits: Mapping[str, Limits], lease_ms: int, on_deferred: Callable[[], None]
+    ) -> None:
+        """Hand begin.lua the worker's limits (see parse_limits in ``_prelude.lua``)."""
+        self._limits = "\x1e".join(
+            f"{task}\x1f{_field(limit.interval_us)}\x1f{limit.burst_us}"
+            f"\x1f{_field(limit.concurrency)}"
+            for task, limit in sorted(limits.items())
+        )
+        self._lease_ms = lease_ms
+        self._on_deferred = on_deferred
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (after a FLUSHALL too, and
@@ -182,56 +254,180 @@ class Lifecycle(RedisConnection):
     async def fetch(
         self, consumer: str, count: int, block: float, max_deliveries: int
     ) -> list[Delivery]:
-        """Blocking XREADGROUP of up to ``count`` new entries, then ``begin.lua`` on them."""
+        """Read and begin up to ``count`` new entries, highest priority first, in one step
+        (``fetch.lua``); when there are none, a blocking XREADGROUP on every lane wakes for
+        the first new entry of any priority, and ``begin.lua`` begins what it read.
+
+        A paused queue answers nothing: the call waits up to ``block`` seconds (at most
+        PAUSE_POLL at a time) so that resuming is noticed soon.
+        """
+        fetched = await self.fetch_many([self], consumer, count, None, block, max_deliveries)
+        return [delivery for _, delivery in fetched]
+
+    async def fetch_many(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        count: int,
+        shares: Sequence[int] | None,
+        block: float,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """Fetch from several queues of this Redis in one step: in their order (strict),
+        or each up to its share of ``count`` first (weighted, ``shares`` given). Returns
+        (index of the queue, delivery) pairs. See ``fetch``."""
+        fetched: list[tuple[int, Delivery]] = []
+        for index, queue in enumerate(queues):
+            held = queue._held.pop(consumer, None)
+            if held:
+                # Entries a blocking read handed over while the queue was being paused.
+                got = await queue._begin(consumer, held, max_deliveries, check=True)
+                fetched += [(index, delivery) for delivery in got]
+        if fetched:
+            return fetched
+        keys: list[str] = []
+        args: list[Any] = [
+            GROUP,
+            consumer,
+            count,
+            max_deliveries,
+            self.max_payload_bytes,
+            self.result_ttl_ms,
+            self.events_cap,
+            self._lease_ms,
+            "strict" if shares is None else "weighted",
+        ]
+        for index, queue in enumerate(queues):
+            k = queue.keys
+            keys += [k.stream, k.dead, k.delayed, k.events, k.paused]
+            args += [k.job_prefix, queue._limits, 0 if shares is None else shares[index]]
+        lanes: list[tuple[int, str]] = []
         with redis_errors("reading the stream"):
-            try:
-                response = await self.reader.xreadgroup(
-                    GROUP,
-                    consumer,
-                    {self.keys.stream: ">"},
-                    count=count,
-                    # BLOCK 0 would mean "forever": never round a short wait down to it.
-                    block=max(int(block * 1000), 1),
-                )
-            except rexc.ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise
-                logger.warning("consumer group of %s is missing; recreating it", self.keys.stream)
-                await self.ensure_group()
+            # A lost reply must not be re-sent: the entries the first run began would sit
+            # in this consumer's pending list, unknown to the worker, for a whole lease.
+            # Raised instead, it makes the worker adopt them at once.
+            replies = await self._eval("fetch", keys, args, once=True)
+            for index, (queue, reply) in enumerate(zip(queues, replies, strict=True)):
+                verdict = text(reply[0])
+                if verdict == "nogroup":
+                    logger.warning(
+                        "consumer group of %s is missing; recreating it", queue.keys.stream
+                    )
+                    await queue.ensure_group()
+                    continue
+                if verdict != "ok":
+                    continue
+                lanes += [(index, text(level)) for level in reply[1]]
+                taken = [(text(job_id), text(token)) for job_id, token in reply[2]]
+                fetched += [(index, d) for d in queue._deliveries(taken, reply[3])]
+                for token, fields in reply[4]:
+                    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+                    await queue._dead_letter_foreign(text(token), pairs)
+                    count = 0  # something was read: go round again rather than block
+                count -= len(taken)
+            if fetched or count <= 0:
+                return fetched
+            if not lanes:
+                # Every queue is paused (or its group was just made again).
+                await asyncio.sleep(min(block, PAUSE_POLL))
                 return []
-            if not response:
-                return []
-            entries = cast(Any, response)[0][1]
-            return await self._begin(consumer, entries, max_deliveries, check=False)
+            return await self._block(queues, consumer, lanes, count, block, max_deliveries)
+
+    async def _block(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        lanes: Sequence[tuple[int, str]],
+        count: int,
+        block: float,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """One blocking XREADGROUP on every lane of every queue (in order); begins at most
+        ``count`` of what it read and holds the rest (several lanes can answer at once)."""
+        streams: dict[Any, Any] = {}
+        owner: dict[str, tuple[int, str]] = {}
+        for index, level in lanes:
+            name = queues[index].keys.lane(level)
+            streams[name] = ">"
+            owner[name] = (index, "" if level == "0" else f"@{level}")
+        # A paused queue is left out of the read; wake up to look again soon.
+        paused = len({index for index, _ in lanes}) < len(queues)
+        wait = min(block, PAUSE_POLL) if paused else block
+        try:
+            response = await self.reader.xreadgroup(
+                GROUP,
+                consumer,
+                streams,
+                count=count,
+                # BLOCK 0 would mean "forever": never round a short wait down to it.
+                block=max(int(wait * 1000), 1),
+            )
+        except rexc.ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            logger.warning("a consumer group is missing; recreating it")
+            for queue in queues:
+                await queue.ensure_group()
+            return []
+        if not response:
+            return []
+        read: dict[str, list[Any]] = {text(row[0]): row[1] for row in cast(Any, response)}
+        entries = [
+            (owner[name][0], (text(entry_id) + owner[name][1], fields))
+            for name in streams
+            for entry_id, fields in read.get(name, ())
+        ]
+        for index, entry in entries[count:]:
+            if entry[1] and entry[1].get(b"j") is not None:
+                queues[index]._held.setdefault(consumer, []).append(entry)
+        fetched: list[tuple[int, Delivery]] = []
+        for index, queue in enumerate(queues):
+            mine = [entry for i, entry in entries[:count] if i == index]
+            if mine:
+                got = await queue._begin(consumer, mine, max_deliveries, check=False)
+                fetched += [(index, delivery) for delivery in got]
+        return fetched
 
     async def reclaim(
         self, consumer: str, count: int, min_idle: float, max_deliveries: int
     ) -> list[Delivery]:
-        """XAUTOCLAIM entries idle longer than ``min_idle`` (their lease expired).
+        """XAUTOCLAIM entries idle longer than ``min_idle`` (their lease expired), lane by
+        lane.
 
         The sweep can return this consumer's own entries too (idle after an outage); begin
         hands those back unchanged, and the worker keeps running the copy it has.
         """
+        taken: list[Delivery] = []
         with redis_errors("reclaiming expired leases"):
-            try:
-                response = await self.reader.xautoclaim(
-                    self.keys.stream,
-                    GROUP,
-                    consumer,
-                    min_idle_time=int(min_idle * 1000),
-                    start_id=self._reclaim_cursor,
-                    count=count,
-                )
-            except rexc.ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise
-                await self.ensure_group()
-                return []
-            self._reclaim_cursor = text(response[0])
-            entries = [entry for entry in response[1] if entry and entry[1] is not None]
-            if not entries:
-                return []
-            return await self._begin(consumer, entries, max_deliveries, check=True)
+            for level in await self._lanes():
+                if len(taken) >= count:
+                    break
+                name = self.keys.lane(level)
+                try:
+                    response = await self.reader.xautoclaim(
+                        name,
+                        GROUP,
+                        consumer,
+                        min_idle_time=int(min_idle * 1000),
+                        start_id=self._reclaim_cursors.get(name, "0-0"),
+                        count=count - len(taken),
+                    )
+                except rexc.ResponseError as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    if level == "0":
+                        await self.ensure_group()
+                    continue
+                self._reclaim_cursors[name] = text(response[0])
+                tag = "" if level == "0" else f"@{level}"
+                entries = [
+                    (text(entry[0]) + tag, entry[1])
+                    for entry in response[1]
+                    if entry and entry[1] is not None
+                ]
+                if entries:
+                    taken += await self._begin(consumer, entries, max_deliveries, check=True)
+        return taken
 
     async def adopt(
         self, consumer: str, known: Collection[str], count: int, max_deliveries: int
@@ -256,45 +452,51 @@ class Lifecycle(RedisConnection):
         return adopted
 
     async def _own_pending(self, consumer: str) -> AsyncIterator[list[tuple[str, str | None]]]:
-        """Pages of (entry id, job id) this consumer holds in its pending list. Entries that
-        are pending but gone from the stream (deleted under it) are acked and left out."""
-        start = "-"
-        while True:
-            try:
-                pending = await self.client.xpending_range(
-                    self.keys.stream, GROUP, start, "+", CHUNK, consumer
-                )
-            except rexc.ResponseError as exc:
-                if is_nogroup(exc):
-                    return
-                raise
-            if not pending:
-                return
-            pipe = self.client.pipeline(transaction=False)
-            for row in pending:
-                entry = text(row["message_id"])
-                pipe.xrange(self.keys.stream, entry, entry)
-            ranges = await pipe.execute()
-            page: list[tuple[str, str | None]] = []
-            orphans: list[str] = []
-            for row, found in zip(pending, ranges, strict=True):
-                entry = text(row["message_id"])
-                fields = found[0][1] if found else None
-                if not fields:
-                    orphans.append(entry)
-                else:
-                    job_id = fields.get(b"j")
-                    page.append((entry, None if job_id is None else text(job_id)))
-            if orphans:
-                await self.client.xack(self.keys.stream, GROUP, *orphans)
-            yield page
-            if len(pending) < CHUNK:
-                return
-            start = "(" + text(pending[-1]["message_id"])
+        """Pages of (entry token, job id) this consumer holds in its pending lists, lane by
+        lane. Entries that are pending but gone from the stream (deleted under it) are acked
+        and left out."""
+        for level in await self._lanes():
+            name = self.keys.lane(level)
+            tag = "" if level == "0" else f"@{level}"
+            start = "-"
+            while True:
+                try:
+                    pending = await self.client.xpending_range(
+                        name, GROUP, start, "+", CHUNK, consumer
+                    )
+                except rexc.ResponseError as exc:
+                    if is_nogroup(exc):
+                        break
+                    raise
+                if not pending:
+                    break
+                pipe = self.client.pipeline(transaction=False)
+                for row in pending:
+                    entry = text(row["message_id"])
+                    pipe.xrange(name, entry, entry)
+                ranges = await pipe.execute()
+                page: list[tuple[str, str | None]] = []
+                orphans: list[str] = []
+                for row, found in zip(pending, ranges, strict=True):
+                    entry = text(row["message_id"])
+                    fields = found[0][1] if found else None
+                    if not fields:
+                        orphans.append(entry)
+                    else:
+                        job_id = fields.get(b"j")
+                        page.append((entry + tag, None if job_id is None else text(job_id)))
+                if orphans:
+                    await self.client.xack(name, GROUP, *orphans)
+                yield page
+                if len(pending) < CHUNK:
+                    break
+                start = "(" + text(pending[-1]["message_id"])
 
     async def _begin(
         self, consumer: str, entries: Sequence[Any], max_deliveries: int, *, check: bool
     ) -> list[Delivery]:
+        """Begin entries (token, fields) with ``begin.lua``; dead-letter those that name no
+        valid job id, hold those the paused queue refused."""
         known: list[tuple[str, str]] = []
         for entry_id, fields in entries:
             entry = text(entry_id)
@@ -306,7 +508,13 @@ class Lifecycle(RedisConnection):
                 known.append((text(job_id), entry))
         if not known:
             return []
-        keys = [self.keys.stream, self.keys.dead, self.keys.delayed, self.keys.events]
+        keys = [
+            self.keys.stream,
+            self.keys.dead,
+            self.keys.delayed,
+            self.keys.events,
+            self.keys.paused,
+        ]
         args: list[Any] = [
             GROUP,
             consumer,
@@ -315,14 +523,32 @@ class Lifecycle(RedisConnection):
             self.max_payload_bytes,
             self.result_ttl_ms,
             self.events_cap,
+            self._limits,
+            self._lease_ms,
         ]
         for job_id, entry in known:
             keys.append(self.keys.job(job_id))
             args += [job_id, entry]
         results = await self._eval("begin", keys, args)
+        paused = [
+            (entry, {b"j": job_id.encode()})
+            for (job_id, entry), result in zip(known, results, strict=True)
+            if text(result[0]) == "paused"
+        ]
+        if paused:
+            self._held.setdefault(consumer, []).extend(paused)
+        return self._deliveries(known, results)
+
+    def _deliveries(
+        self, known: Sequence[tuple[str, str]], results: Sequence[Any]
+    ) -> list[Delivery]:
+        """The jobs begin_batch (see ``_prelude.lua``) began, from its answers; logs the
+        others."""
         deliveries: list[Delivery] = []
+        deferred = False
         for (job_id, entry), result in zip(known, results, strict=True):
             verdict = text(result[0])
+            deferred = deferred or verdict == "deferred"
             if verdict == "run":
                 envelope = result[1] if isinstance(result[1], bytes) else b""
                 fed = result[4] if len(result) > 4 and isinstance(result[4], bytes) else None
@@ -366,15 +592,18 @@ class Lifecycle(RedisConnection):
                     job_id,
                     extra={"job_id": job_id},
                 )
+        if deferred and self._on_deferred is not None:
+            self._on_deferred()
         return deliveries
 
-    async def _dead_letter_foreign(self, entry: str, fields: dict[bytes, bytes] | None) -> None:
+    async def _dead_letter_foreign(self, token: str, fields: dict[bytes, bytes] | None) -> None:
         """Keep a stream entry aioqueue did not write as a dead letter, and drop it from the
         stream, in one MULTI (the entry was just delivered to this consumer). A repeat
         writes the same record under the same id."""
-        job_id = f"foreign-{entry}"
+        job_id = f"foreign-{token}"
+        name, entry = self._untoken(token)
         preview = repr(fields)[:FOREIGN_PREVIEW]
-        error = ErrorInfo("ForeignEntry", f"stream entry {entry} has no job id: {preview}")
+        error = ErrorInfo("ForeignEntry", f"stream entry {token} has no job id: {preview}")
         now = self.server_now_ms()
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(
@@ -388,10 +617,10 @@ class Lifecycle(RedisConnection):
             },
         )
         pipe.zadd(self.keys.dead, {job_id: now})
-        pipe.xack(self.keys.stream, GROUP, entry)
-        pipe.xdel(self.keys.stream, entry)
+        pipe.xack(name, GROUP, entry)
+        pipe.xdel(name, entry)
         await pipe.execute()
-        logger.error("dead-lettered foreign stream entry %s", entry)
+        logger.error("dead-lettered foreign stream entry %s", token)
 
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
         """Record every outcome and ack the entries: one script call per chunk, one round
@@ -442,7 +671,9 @@ class Lifecycle(RedisConnection):
                 keys = [self.keys.stream, *(self.keys.job(d.job_id) for d in chunk)]
                 try:
                     gone, stopped = await self._eval(
-                        "renew", keys, [GROUP, consumer, *(d.entry_id for d in chunk)]
+                        "renew",
+                        keys,
+                        [GROUP, consumer, self._lease_ms, *(d.entry_id for d in chunk)],
                     )
                 except rexc.ResponseError as exc:
                     if not is_nogroup(exc):
@@ -519,16 +750,45 @@ class Lifecycle(RedisConnection):
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
     ) -> None:
         """Record that a worker is alive, with its description; expires after ``ttl``.
-        Workers whose heartbeat stopped long ago (killed) leave the workers set here."""
+        Workers whose heartbeat stopped long ago (killed) leave the workers set here.
+
+        The same round trip reads the ready streams' ``entries-added`` (every priority
+        lane's, summed) and Redis's clock; a second one appends that sample to the arrivals
+        stream, trimmed by entry id to ``ARRIVALS_KEPT_MS``. Arrival rates come from these
+        samples, so enqueueing pays nothing for them."""
         key = self.keys.worker(worker_id)
         now = self.server_now_ms()
         with redis_errors("sending a heartbeat"):
+            lanes = await self._lanes()
             pipe = self.client.pipeline(transaction=False)
             pipe.hset(key, mapping=cast(Any, info))
             pipe.pexpire(key, int(ttl * 1000))
             pipe.zadd(self.keys.workers, {worker_id: now})
             pipe.zremrangebyscore(self.keys.workers, "-inf", now - int(ttl * 3000))
-            await pipe.execute()
+            pipe.time()
+            for level in lanes:
+                pipe.xinfo_stream(self.keys.lane(level))
+            answers = await pipe.execute(raise_on_error=False)
+            for reply in answers[:5]:
+                if isinstance(reply, Exception):
+                    raise reply
+            self._set_offset(answers[4])
+            added = 0
+            for level, stream in zip(lanes, answers[5:], strict=True):
+                if isinstance(stream, Exception):
+                    if not isinstance(stream, rexc.ResponseError) or is_refusal(stream):
+                        raise stream
+                    if level == "0":
+                        return  # no stream (a purge or FLUSHALL just now): no sample now
+                else:
+                    added += int(stream["entries-added"])
+            read_ms = self.server_now_ms()
+            await self.client.xadd(
+                self.keys.arrivals,
+                {"t": read_ms, "n": added},
+                minid=read_ms - ARRIVALS_KEPT_MS,
+                approximate=False,
+            )
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a stopping worker's heartbeat, and its consumer if it holds no entries."""

@@ -14,12 +14,60 @@ local function redis_now_text()
   return tostring(redis_now())
 end
 
--- Ack and delete stream entries. An entry leaves the stream only in the script that
--- records its job's outcome (at-least-once). Both commands are no-ops when repeated.
-local function ack(stream, group, entries)
-  if #entries > 0 then
-    redis.call('XACK', stream, group, unpack(entries))
-    redis.call('XDEL', stream, unpack(entries))
+-- Priority lanes (docs/flow-control.md#priorities): a stream cannot reorder, so the jobs
+-- of priority p wait in a stream of their own, '<stream>:<p>' (the queue's stream itself
+-- for 0), read through the same consumer group; the priorities in use besides 0 are
+-- members of the set '<stream>:lanes'. An entry is named everywhere (job records, settle,
+-- renew and release calls) by a token that says its lane: '<entry id>' in lane 0,
+-- '<entry id>@<p>' in lane p. Every lane shares the queue's hash tag.
+local function lane(stream, prio)
+  if not prio or prio == '' or prio == '0' then
+    return stream, ''
+  end
+  return stream .. ':' .. prio, '@' .. prio
+end
+
+-- The stream and the entry id a token names.
+local function untoken(stream, token)
+  local at = string.find(token, '@', 1, true)
+  if not at then
+    return stream, token
+  end
+  return stream .. ':' .. string.sub(token, at + 1), string.sub(token, 1, at - 1)
+end
+
+-- Append job id to the stream of its priority; returns the new entry's token.
+local function push(stream, id, prio)
+  local s, tag = lane(stream, prio)
+  return redis.call('XADD', s, '*', 'j', id) .. tag
+end
+
+-- Whether consumer holds the entry a token names in its pending list.
+local function holds(stream, group, token, consumer)
+  local s, entry = untoken(stream, token)
+  return #redis.call('XPENDING', s, group, entry, entry, 1, consumer) > 0
+end
+
+-- Ack and delete stream entries (tokens, of any lanes). An entry leaves the stream only in
+-- the script that records its job's outcome (at-least-once). Both commands are no-ops when
+-- repeated.
+local function ack(stream, group, tokens)
+  if #tokens == 0 then
+    return
+  end
+  local by, order = {}, {}
+  for _, token in ipairs(tokens) do
+    local s, entry = untoken(stream, token)
+    local entries = by[s]
+    if not entries then
+      entries = {}
+      by[s], order[#order + 1] = entries, s
+    end
+    entries[#entries + 1] = entry
+  end
+  for _, s in ipairs(order) do
+    redis.call('XACK', s, group, unpack(by[s]))
+    redis.call('XDEL', s, unpack(by[s]))
   end
 end
 
@@ -223,7 +271,7 @@ local function release(ctx, work, wkey, wid, kind, policy)
     redis.call('ZADD', ctx.delayed, run_at, wid)
     event(ctx.events, wid, 'released', 'scheduled')
   else
-    local entry = redis.call('XADD', ctx.stream, '*', 'j', wid)
+    local entry = push(ctx.stream, wid, redis.call('HGET', wkey, 'prio'))
     redis.call('HSET', wkey, 'status', 'queued', 'entry', entry)
     event(ctx.events, wid, 'released', 'queued')
   end
@@ -284,4 +332,303 @@ local function flow_drain(ctx, work)
       end
     end
   end
+end
+
+-- Rate and concurrency limits (docs/flow-control.md#rate-and-concurrency-limits), decided
+-- in the step that begins a job, on Redis's clock, across every worker. A worker hands its
+-- tasks' limits to begin as text: per task '<task>\31<interval us>\31<burst us>\31<slots>'
+-- (empty fields: no such limit), tasks separated by \30. A job's limit key is its task
+-- name, or the keys its producer computed (field 'lk': '<rate key>\31<concurrency key>').
+-- Rate: GCRA in microseconds of Redis's clock, one hash '<queue>rate:<key>' with 'tat' (the
+-- theoretical arrival time) and 'tail' (the last time a deferred job was given, so
+-- deferred jobs queue up an interval apart instead of all coming back at once). Concurrency: a zset '<queue>conc:<key>' of the
+-- jobs holding a slot, scored by when their lease ends (renew extends it, so a dead
+-- worker's slot frees with its lease); jobs waiting for a slot are in '<queue>cwait:<key>'
+-- and the settle that frees a slot sends the oldest waiter back to the stream at once.
+-- A job over a limit goes to the delayed set until it may run: its entry is acked, its
+-- attempt and deliveries stay as they were ('limited' says which limit held it).
+local function parse_limits(text)
+  if not text or text == '' then
+    return nil
+  end
+  local limits = {}
+  for spec in string.gmatch(text, '[^\30]+') do
+    local task, t, tau, n = string.match(spec, '^([^\31]*)\31(%d*)\31(%d*)\31(%d*)$')
+    if task then
+      limits[task] = {t = tonumber(t), tau = tonumber(tau) or 0, n = tonumber(n)}
+    end
+  end
+  return limits
+end
+
+-- The task name at the head of an envelope (a msgpack array, maybe behind a signature:
+-- \193 and a 32-byte tag), read from its first bytes without unpacking the rest.
+local function envelope_task(env)
+  if not env then
+    return nil
+  end
+  local at = 1
+  if string.byte(env, 1) == 0xc1 then
+    at = 34
+  end
+  local head = string.byte(env, at)
+  if not head then
+    return nil
+  elseif head >= 0x90 and head <= 0x9f then
+    at = at + 1
+  elseif head == 0xdc then
+    at = at + 3
+  elseif head == 0xdd then
+    at = at + 5
+  else
+    return nil
+  end
+  local s = string.byte(env, at)
+  if not s then
+    return nil
+  elseif s >= 0xa0 and s <= 0xbf then
+    return string.sub(env, at + 1, at + s - 0xa0)
+  elseif s == 0xd9 then
+    local n = string.byte(env, at + 1) or 0
+    return string.sub(env, at + 2, at + 1 + n)
+  elseif s == 0xda then
+    local n = (string.byte(env, at + 1) or 0) * 256 + (string.byte(env, at + 2) or 0)
+    return string.sub(env, at + 3, at + 2 + n)
+  end
+  return nil
+end
+
+-- Send the oldest job waiting for a slot of concurrency key ckey back to its stream.
+local function wake_waiter(base, stream, delayed, ckey)
+  local waiters = base .. 'cwait:' .. ckey
+  while true do
+    local head = redis.call('ZPOPMIN', waiters)
+    if #head == 0 then
+      return
+    end
+    local wid = head[1]
+    local wkey = base .. 'job:' .. wid
+    local w = redis.pcall('HMGET', wkey, 'status', 'limited', 'prio')
+    if not w.err and w[1] == 'scheduled' and w[2] == 'concurrency'
+        and redis.call('ZREM', delayed, wid) == 1 then
+      local entry = push(stream, wid, w[3])
+      redis.call('HSET', wkey, 'status', 'queued', 'entry', entry)
+      redis.call('HDEL', wkey, 'limited', 'run_at')
+      return
+    end
+  end
+end
+
+-- Free the concurrency slot a job holds (field 'slot': its concurrency key), if any.
+local function free_slot(base, stream, delayed, key, id, ckey)
+  if ckey then
+    redis.call('ZREM', base .. 'conc:' .. ckey, id)
+    redis.call('HDEL', key, 'slot')
+    wake_waiter(base, stream, delayed, ckey)
+  end
+end
+
+-- Whether a job may start now under its task's limits ('limited': the limit that held it
+-- back before, if any). Admitted: takes its slot and its place in the rate and returns
+-- nil. Over a limit: returns the time (ms) it may try again and which limit held it,
+-- changing nothing but the rate's tail and the waiters.
+local function admit(q, key, id, env, lk, now, limited)
+  local spec = q.limits and q.limits[envelope_task(env) or '']
+  if not spec then
+    return nil
+  end
+  local task = envelope_task(env)
+  local rkey, ckey = task, task
+  if lk then
+    local r, c = string.match(lk, '^([^\31]*)\31([^\31]*)$')
+    rkey = (r and r ~= '') and r or task
+    ckey = (c and c ~= '') and c or task
+  end
+  local slots, rate, tat, tail, now_us
+  if spec.n then
+    slots = q.base .. 'conc:' .. ckey
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+    if not redis.call('ZSCORE', slots, id) and redis.call('ZCARD', slots) >= spec.n then
+      redis.call('ZADD', q.base .. 'cwait:' .. ckey, 'NX', now, id)
+      local head = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
+      return tonumber(head[2]) or (now + q.lease), 'concurrency'
+    end
+  end
+  if spec.t then
+    local t = redis.call('TIME')
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    rate = q.base .. 'rate:' .. rkey
+    local state = redis.call('HMGET', rate, 'tat', 'tail')
+    tat, tail = math.max(tonumber(state[1]) or 0, now_us), tonumber(state[2]) or 0
+    if tat - spec.tau > now_us then
+      -- A job the rate held back before kept its place: it waits only for the next start
+      -- (late by a few ms when the one before started late); a new one queues up behind
+      -- every job held back.
+      local due = tat - spec.tau
+      if limited ~= 'rate' then
+        due = math.max(due, tail + spec.t)
+        redis.call('HSET', rate, 'tail', string.format('%d', due))
+      end
+      redis.call('PEXPIRE', rate, math.ceil((due - now_us + spec.t + spec.tau) / 1000) + 60000)
+      return math.ceil(due / 1000), 'rate'
+    end
+  end
+  if slots then
+    redis.call('ZADD', slots, now + q.lease, id)
+    redis.call('ZREM', q.base .. 'cwait:' .. ckey, id)
+    redis.call('HSET', key, 'slot', ckey)
+    redis.call('PEXPIRE', slots, q.lease * 2 + 60000)
+  end
+  if rate then
+    redis.call('HSET', rate, 'tat', string.format('%d', tat + spec.t))
+    redis.call('PEXPIRE', rate,
+      math.ceil((math.max(tat + spec.t, tail) - now_us + spec.tau) / 1000) + 60000)
+  end
+  return nil
+end
+
+-- Begin (docs/architecture.md#begin): turn delivered entries into running jobs, counting
+-- every delivery; shared by begin.lua (entries read or taken over by the caller) and
+-- fetch.lua (entries it reads itself). q: {stream, dead, delayed, events (stream key),
+-- group, consumer, max_deliveries, check, max_payload, ttl, cap, prefix, paused}; items:
+-- {job id, entry token} each; q.limits (parse_limits), q.lease (ms) and q.base (the
+-- queue's key prefix) for limits. Returns per item one of:
+--   {'run', envelope or false, attempt, deliveries[, input]}  the caller owns the job and
+--              runs it; input (workflows) is the encoded result of the dependency it is fed
+--   {'skip', why}  the entry was acked and deleted without running anything: why is
+--              'missing' (no job record: deleted, or evicted by a misconfigured Redis),
+--              'corrupt' (the job's key is not a hash),
+--              'final' (aborted or already finished) or 'stale' (the job names another
+--              entry as its current one: a stale or forged duplicate)
+--   {'lost'}   another consumer owns the entry now: leave it alone
+--   {'paused'} the queue is paused: the entry stays in this consumer's pending list,
+--              unbegun, until the caller begins it again after the queue is resumed
+--   {'deferred', due}  over its task's rate or concurrency limit: the entry was acked and
+--              the job waits in the delayed set until due (ms), attempt not used up
+--   {'dead', deliveries}  delivered more than max_deliveries times: dead-lettered
+--   {'corrupt'}  the record's counters are not numbers (written by something else):
+--              dead-lettered as 'corrupt job record'
+--   {'big', size}  the envelope is larger than the worker accepts: dead-lettered without
+--              sending it (anyone who can write to Redis can write a job)
+-- Invariant: deliveries counts every hand-over of the current attempt, crash redeliveries
+-- included, so a job that kills its worker cannot loop forever. The hash records the
+-- consumer and entry that began the job; settle scripts accept outcomes only from them.
+-- Repeat-safe: a delivery is identified by (consumer, entry). A job already running under
+-- the same pair was begun by this very call before its reply was lost (or this consumer
+-- re-adopts an entry it holds): it is returned as it stands, without counting again.
+-- Workflows: a job dead-lettered here hands its outcome to its dependants (flow_drain).
+local BEGIN_FINAL = {complete = true, failed = true, dead = true, aborted = true}
+
+local function begin_batch(q, items)
+  local consumer = q.consumer
+  local now = redis_now_text()
+  local out, acked, work, events = {}, {}, {}, {}
+
+  -- Dead-letter a job without running it; the error is an ErrorInfo (msgpack array).
+  local function bury(key, id, entry, reason, kind, message)
+    redis.call('HSET', key, 'status', 'dead', 'finished', now, 'worker', consumer,
+      'entry', entry, 'reason', reason, 'error', cmsgpack.pack({kind, message, ''}))
+    redis.call('PERSIST', key)
+    redis.call('ZADD', q.dead, now, id)
+    acked[#acked + 1] = entry
+    notify(key, id, redis.call('HGET', key, 'watchers'))
+    event(events, id, 'dead', reason)
+    work[#work + 1] = id
+  end
+
+  -- The input of a job fed by its dependency (a chain step, a group's callback), or nil.
+  local function input(key, feed)
+    if feed then
+      local value = redis.call('HGET', key, 'in:1')
+      return value and string.sub(value, 2) or nil
+    end
+  end
+
+  for i, item in ipairs(items) do
+    local id, entry = item[1], item[2]
+    local key = q.prefix .. id
+    if q.check and not holds(q.stream, q.group, entry, consumer) then
+      out[i] = {'lost'}
+    else
+      -- One HMGET with the envelope is measurably cheaper than checking its size first; a
+      -- hostile giant envelope is then copied once inside Redis, but never sent to a worker.
+      local job = redis.pcall('HMGET', key, 'status', 'attempt', 'worker', 'entry', 'env', 'feed',
+        'lk', 'limited')
+      local status = job[1]
+      local mine = job[3] == consumer and job[4] == entry
+      if job.err then
+        -- The key is not a hash (written by something else): nothing aioqueue can run or
+        -- record there; the entry must not block the queue.
+        acked[#acked + 1] = entry
+        out[i] = {'skip', 'corrupt'}
+      elseif mine and status == 'running' then
+        local deliveries = redis.call('HGET', key, 'deliveries')
+        out[i] = {'run', job[5], tonumber(job[2]) or 1, tonumber(deliveries) or 0,
+          input(key, job[6])}
+      elseif mine and status == 'dead' then
+        acked[#acked + 1] = entry
+        out[i] = {'dead', tonumber(redis.call('HGET', key, 'deliveries')) or 0}
+      elseif not status then
+        acked[#acked + 1] = entry
+        out[i] = {'skip', 'missing'}
+      elseif BEGIN_FINAL[status] or status == 'waiting' or (job[4] and job[4] ~= entry) then
+        acked[#acked + 1] = entry
+        out[i] = {'skip', BEGIN_FINAL[status] and 'final' or 'stale'}
+      elseif q.paused then
+        out[i] = {'paused'}
+      elseif job[5] and #job[5] > q.max_payload then
+        local size = #job[5]
+        bury(key, id, entry, 'payload too large', 'PayloadTooLarge', 'the job is ' .. size
+          .. ' bytes, more than max_payload_bytes (' .. q.max_payload .. ')')
+        out[i] = {'big', size}
+      elseif job[6] and redis.call('HSTRLEN', key, 'in:1') > q.max_payload + 1 then
+        -- A fed input (a group's results) counts against the same limit as an envelope.
+        local size = redis.call('HSTRLEN', key, 'in:1') - 1
+        bury(key, id, entry, 'input too large', 'PayloadTooLarge', 'its input is ' .. size
+          .. ' bytes, more than max_payload_bytes (' .. q.max_payload .. ')')
+        out[i] = {'big', size}
+      else
+        local deliveries = redis.pcall('HINCRBY', key, 'deliveries', 1)
+        if type(deliveries) == 'table' then
+          bury(key, id, entry, 'corrupt job record', 'CorruptRecord',
+            "the job record's deliveries field is not a whole number")
+          out[i] = {'corrupt'}
+        elseif deliveries > q.max_deliveries then
+          local reason = 'worker lost ' .. (deliveries - 1) .. ' times'
+          bury(key, id, entry, reason, 'WorkerLost',
+            'the job was handed out ' .. deliveries .. ' times; each time its worker died')
+          out[i] = {'dead', deliveries}
+        else
+          local due, why
+          if q.limits then
+            due, why = admit(q, key, id, job[5], job[7], tonumber(now), job[8])
+          end
+          if due then
+            -- Not started: the hand-over is not counted, the attempt is not used up.
+            redis.call('HINCRBY', key, 'deliveries', -1)
+            redis.call('HSET', key, 'status', 'scheduled', 'run_at', due, 'limited', why)
+            redis.call('ZADD', q.delayed, due, id)
+            acked[#acked + 1] = entry
+            event(events, id, 'deferred', why, due)
+            out[i] = {'deferred', due}
+          else
+            if job[8] then
+              redis.call('HDEL', key, 'limited', 'run_at')
+            end
+            redis.call('HSET', key, 'status', 'running', 'started', now, 'worker', consumer,
+              'entry', entry)
+            event(events, id, 'started', tonumber(job[2]) or 1, consumer)
+            out[i] = {'run', job[5], tonumber(job[2]) or 1, deliveries, input(key, job[6])}
+          end
+        end
+      end
+    end
+  end
+  ack(q.stream, q.group, acked)
+  if #work > 0 then
+    flow_drain({stream = q.stream, delayed = q.delayed, ttl = q.ttl, now = now,
+      prefix = q.prefix, events = events}, work)
+  end
+  flush_events(q.events, q.cap, events)
+  return out
 end

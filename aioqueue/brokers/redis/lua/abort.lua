@@ -24,11 +24,12 @@ end
 if status == 'scheduled' or status == 'retrying' then
   redis.call('ZREM', KEYS[2], ARGV[1])
 elseif status == 'queued' then
-  local entry = redis.call('HGET', KEYS[3], 'entry')
-  if entry then
+  local token = redis.call('HGET', KEYS[3], 'entry')
+  if token then
     -- pcall: the group may not exist yet if no worker ever started.
-    redis.pcall('XACK', KEYS[1], ARGV[2], entry)
-    redis.call('XDEL', KEYS[1], entry)
+    local s, entry = untoken(KEYS[1], token)
+    redis.pcall('XACK', s, ARGV[2], entry)
+    redis.call('XDEL', s, entry)
   end
 end
 redis.call('HSET', KEYS[3], 'status', 'aborted', 'finished', redis_now(),

@@ -9,7 +9,7 @@
 --   unique (a run never starts beside the previous one), ARGV[6] lease (ms),
 --   ARGV[7] consumer group, ARGV[8] job id of the previous run as the caller read it from
 --   KEYS[2] ('' if none), ARGV[9] claimer (an id of the calling broker), ARGV[10] events
---   cap
+--   cap, ARGV[11] the run's priority ('0': the default lane)
 -- Returns one of:
 --   'claimed'  this claimer claimed the tick and enqueued its run
 --   'overlap'  this claimer claimed the tick and skipped its run: the previous run of a
@@ -67,7 +67,8 @@ local function unfinished(key)
     return false
   end
   -- One entry of the group's pending list: {{entry, consumer, idle ms, deliveries}}.
-  local pending = redis.pcall('XPENDING', KEYS[4], ARGV[7], entry, entry, 1)
+  local s, raw = untoken(KEYS[4], entry)
+  local pending = redis.pcall('XPENDING', s, ARGV[7], raw, raw, 1)
   if type(pending) ~= 'table' or pending.err or #pending == 0 then
     return false
   end
@@ -80,9 +81,13 @@ if previous ~= '' and previous ~= id and unfinished(KEYS[6]) then
   return 'overlap'
 end
 if redis.call('EXISTS', KEYS[5]) == 0 then
-  local entry = redis.call('XADD', KEYS[4], '*', 'j', id)
+  local entry = push(KEYS[4], id, ARGV[11])
   redis.call('HSET', KEYS[5], 'env', ARGV[4], 'status', 'queued', 'enqueued', now,
     'entry', entry)
+  if ARGV[11] ~= '0' then
+    redis.call('HSET', KEYS[5], 'prio', ARGV[11])
+    redis.call('SADD', KEYS[4] .. ':lanes', ARGV[11])
+  end
   flush_events(KEYS[7], ARGV[10], {{id, 'enqueued', 'queued'}})
 end
 redis.call('HSET', KEYS[2], name, id)

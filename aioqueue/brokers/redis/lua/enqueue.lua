@@ -13,11 +13,15 @@
 --     '<id>\t<slot>'), members (a group's members in this batch, runs
 --     '<first slot>:<first job index>:<count>' separated by commas), shape (a named
 --     group's digest of its whole workflow), size (a group's member count; its pending
---     count may hold one more edge, the gate, slot 0). Members listed by
+--     count may hold one more edge, the gate, slot 0), then optionally its own priority
+--     and its limit keys ('<rate key>\31<concurrency key>' as two fields). Also used for a
+--     batch of mixed priorities or with limit keys. Members listed by
 --     their group need no spec of their own, so a large group costs what as many plain
 --     jobs cost, plus one argument,
 --   ARGV[4] result TTL in ms (used by workflows: a dependant that fails at once expires),
 --   ARGV[5] events cap (entries kept in the events stream, 0 = none),
+--   ARGV[6] the jobs' priority ('0': the default lane; see lane in _prelude.lua; a
+--   workflow job's spec may name its own as a twelfth field),
 --   then the jobs' arguments.
 -- Returns -1 when the new jobs would take ready + delayed past max_size (nothing is
 -- written), -2 when a named group of the workflow exists with another shape (a different
@@ -35,26 +39,35 @@ local max_size = tonumber(ARGV[1])
 local skip = tonumber(ARGV[2])
 local mode = ARGV[3]
 local step = (mode == '1' and 3) or 1
+local prio = ARGV[6]
+-- Priorities written by this call besides 0, added to the set of lanes workers read.
+local lanes = {}
+if prio ~= '0' then
+  lanes[prio] = true
+end
 local n = #KEYS - 3
 local fresh, repeated, seen, fresh_ids, specs, member_of = {}, {}, {}, {}, {}, {}
 local new, fresh_count = 0, 0
 
--- A workflow job's fields: run_at, delay, kind, policy, feed, pending, next, after, members,
--- shape.
-local SPEC = '^(%d*)\31(%d*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)\31([^\31]*)\31'
-  .. '([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d*)$'
+-- A spec's fields, separated by \31: run_at, delay, kind, policy, feed, pending, next,
+-- after, members, shape, size, then optionally prio (its own priority), and its rate and
+-- concurrency keys (stored as 'lk', see parse_limits in _prelude.lua).
 local function spec_of(text)
-  local run_at, delay, kind, policy, feed, pending, nxt, after, members, shape, size =
-    string.match(text, SPEC)
-  pending = tonumber(pending) or 0
-  return {run_at = tonumber(run_at) or 0, delay = tonumber(delay) or 0, kind = kind or 'job',
-    policy = policy or 'fast', feed = feed or '', pending = pending, next = nxt or '',
-    after = after or '', members = members or '', shape = shape or '',
-    size = tonumber(size) or pending}
+  local f = {}
+  for part in string.gmatch(text .. '\31', '([^\31]*)\31') do
+    f[#f + 1] = part
+  end
+  local pending = tonumber(f[6]) or 0
+  return {run_at = tonumber(f[1]) or 0, delay = tonumber(f[2]) or 0, kind = f[3] or 'job',
+    policy = f[4] or 'fast', feed = f[5] or '', pending = pending, next = f[7] or '',
+    after = f[8] or '', members = f[9] or '', shape = f[10] or '',
+    size = tonumber(f[11]) or pending, prio = (f[12] or '') ~= '' and f[12] or nil,
+    lk = ((f[13] or '') ~= '' or (f[14] or '') ~= '') and (f[13] .. '\31' .. (f[14] or ''))
+      or nil}
 end
 
 if mode == '2' then
-  for at = 6 + n, #ARGV - 1, 2 do
+  for at = 7 + n, #ARGV - 1, 2 do
     local i = tonumber(ARGV[at])
     local spec = spec_of(ARGV[at + 1])
     specs[i] = spec
@@ -84,7 +97,7 @@ end
 
 for i = 1, n do
   local key = KEYS[3 + i]
-  local at = 5 + (i - 1) * step
+  local at = 6 + (i - 1) * step
   if not seen[key] then
     if redis.call('EXISTS', key) == 0 then
       fresh[i] = true
@@ -105,6 +118,9 @@ for i = 1, n do
 end
 if max_size > 0 and new > 0 then
   local size = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+  for _, level in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':lanes')) do
+    size = size + redis.call('XLEN', KEYS[1] .. ':' .. level)
+  end
   if size + new > max_size then
     return -1
   end
@@ -138,12 +154,17 @@ local written = {queued = {}, scheduled = {}, waiting = {}}
 for i = 1, n do
   local key = KEYS[3 + i]
   local id = string.sub(key, skip + 1)
-  local at = 5 + (i - 1) * step
+  local at = 6 + (i - 1) * step
   local env = ARGV[at + 1]
   if fresh[i] and not specs[i] and not member_of[i] and mode ~= '1' then
     -- A plain job to run now: the bulk enqueue path, kept lean.
-    local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
-    redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
+    local entry = push(KEYS[1], id, prio)
+    if prio == '0' then
+      redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
+    else
+      redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry,
+        'prio', prio)
+    end
     local ids = written.queued
     ids[#ids + 1] = id
     out[i] = 1
@@ -160,6 +181,14 @@ for i = 1, n do
     end
     local kind, pending = 'job', 0
     local fields = {'env', env, 'enqueued', now}
+    local own = spec and spec.prio or prio
+    if own ~= '0' then
+      fields[#fields + 1], fields[#fields + 2] = 'prio', own
+      lanes[own] = true
+    end
+    if spec and spec.lk then
+      fields[#fields + 1], fields[#fields + 2] = 'lk', spec.lk
+    end
     local nxt = dependants(i)
     if nxt ~= '' then
       nxt = fresh_lines(nxt)
@@ -202,7 +231,7 @@ for i = 1, n do
     else
       status = 'queued'
       fields[#fields + 1] = 'entry'
-      fields[#fields + 1] = redis.call('XADD', KEYS[1], '*', 'j', id)
+      fields[#fields + 1] = push(KEYS[1], id, own)
     end
     fields[#fields + 1], fields[#fields + 2] = 'status', status
     redis.call('HSET', key, unpack(fields))
@@ -260,5 +289,8 @@ for _, status in ipairs({'waiting', 'scheduled', 'queued'}) do
   end
 end
 flow_drain(ctx, work)
+for level in pairs(lanes) do
+  redis.call('SADD', KEYS[1] .. ':lanes', level)
+end
 flush_events(KEYS[3], ARGV[5], events)
 return out

@@ -13,11 +13,28 @@ if memo then
   return memo
 end
 local removed = 0
+local streams = {KEYS[1]}
+for _, level in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':lanes')) do
+  if redis.call('EXISTS', KEYS[1] .. ':' .. level) == 1 then
+    streams[#streams + 1] = KEYS[1] .. ':' .. level
+  end
+end
+-- A lane whose group no worker has created yet holds no consumer: pcall.
+local function idle(consumer)
+  for _, s in ipairs(streams) do
+    local pending = redis.pcall('XPENDING', s, ARGV[1], '-', '+', 1, consumer)
+    if pending.err == nil and #pending > 0 then
+      return false
+    end
+  end
+  return true
+end
 for i = 1, #KEYS - 2 do
   local consumer = ARGV[1 + i]
-  if redis.call('EXISTS', KEYS[2 + i]) == 0
-    and #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, consumer) == 0 then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer)
+  if redis.call('EXISTS', KEYS[2 + i]) == 0 and idle(consumer) then
+    for _, s in ipairs(streams) do
+      redis.pcall('XGROUP', 'DELCONSUMER', s, ARGV[1], consumer)
+    end
     removed = removed + 1
   end
 end

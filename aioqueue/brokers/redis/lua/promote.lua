@@ -16,9 +16,9 @@ for i = 1, #KEYS - 2 do
   local id = ARGV[1 + i]
   local score = redis.call('ZSCORE', KEYS[2], id)
   if score and (early or tonumber(score) <= now) and redis.call('ZREM', KEYS[2], id) == 1 then
-    local status = redis.call('HGET', key, 'status')
-    if status == 'scheduled' or status == 'retrying' then
-      local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
+    local job = redis.call('HMGET', key, 'status', 'prio')
+    if job[1] == 'scheduled' or job[1] == 'retrying' then
+      local entry = push(KEYS[1], id, job[2])
       redis.call('HSET', key, 'status', 'queued', 'entry', entry)
     end
   end

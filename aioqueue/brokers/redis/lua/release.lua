@@ -1,7 +1,7 @@
 #!lua flags=allow-oom
 -- release.lua: hand unfinished jobs back at shutdown so another worker starts them at once.
 -- KEYS[1] stream, KEYS[2] this request's reply memo, KEYS[2 + i] hash of job i
--- ARGV[1] group, ARGV[2] consumer, then per job i: job id, stream entry id
+-- ARGV[1] group, ARGV[2] consumer, then per job i: job id, entry token
 -- Covers jobs that were running and entries delivered but never started (a read cut short).
 -- Returns the number of jobs released.
 -- Why not only XCLAIM ... IDLE: an entry made idle in the pending list waits for some
@@ -20,11 +20,11 @@ local released = 0
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   local id, entry = ARGV[1 + i * 2], ARGV[2 + i * 2]
-  if #redis.call('XPENDING', KEYS[1], group, entry, entry, 1, consumer) > 0 then
+  if holds(KEYS[1], group, entry, consumer) then
     ack(KEYS[1], group, {entry})
-    local job = redis.call('HMGET', key, 'status', 'entry', 'worker')
+    local job = redis.call('HMGET', key, 'status', 'entry', 'worker', 'prio')
     if (not job[2] or job[2] == entry) and (job[1] == 'queued' or job[1] == 'running') then
-      local fresh = redis.call('XADD', KEYS[1], '*', 'j', id)
+      local fresh = push(KEYS[1], id, job[4])
       redis.call('HSET', key, 'status', 'queued', 'entry', fresh)
       if job[1] == 'running' and job[3] == consumer then
         redis.call('HINCRBY', key, 'deliveries', -1)

@@ -18,7 +18,7 @@ for i = 1, #KEYS - 3 do
     requeued = requeued + 1
   elseif redis.call('ZSCORE', KEYS[2], id) and redis.call('HEXISTS', key, 'env') == 1 then
     redis.call('ZREM', KEYS[2], id)
-    local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
+    local entry = push(KEYS[1], id, redis.call('HGET', key, 'prio'))
     redis.call('HSET', key, 'status', 'queued', 'attempt', 1, 'deliveries', 0,
       'entry', entry, 'enqueued', now, 'requeued', ARGV[1])
     redis.call('HDEL', key, 'finished', 'run_at', 'started', 'worker')

@@ -22,12 +22,15 @@
 -- outcome recorded and changes nothing: one failure uses up one attempt, never two. The
 -- pair is also kept in 'settled', so a repeat that arrives after a retry was promoted (a
 -- new entry) still answers 1.
+-- Limits: the concurrency slot the job held (field 'slot') is freed in the same step, and
+-- the oldest job waiting for it goes back to the stream (free_slot in _prelude.lua).
 -- Workflows: a job with dependants ('next') hands them its final outcome in the same step
 -- (see flow_drain in _prelude.lua); a retry is not final and hands over nothing.
 local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
 local now = redis_now()
 local now_text = tostring(now)
 local out, acked, work, events = {}, {}, {}, {}
+local base = string.sub(KEYS[1], 1, #KEYS[1] - #'stream')
 local at = 5
 for i = 1, #KEYS - 4 do
   local key = KEYS[4 + i]
@@ -35,16 +38,18 @@ for i = 1, #KEYS - 4 do
   local reason, delay = ARGV[at + 4], ARGV[at + 5]
   at = at + (outcome == 'complete' and 4 or (outcome == 'retry' and 6 or 5))
   local job = redis.pcall('HMGET', key, 'status', 'worker', 'entry', 'watchers', 'settled',
-    'next', 'feed')
+    'next', 'feed', 'slot')
   local pair = consumer .. ' ' .. entry
   if job.err then
     out[i] = 0  -- the key is no job record any more
   elseif job[2] ~= consumer or job[3] ~= entry then
     out[i] = job[5] == pair and 1 or 0
   elseif job[1] == 'aborted' and outcome ~= 'aborted' then
+    free_slot(base, KEYS[1], KEYS[2], key, id, job[8])
     acked[#acked + 1] = entry
     out[i] = 2
   else
+    free_slot(base, KEYS[1], KEYS[2], key, id, job[8])
     if job[1] == 'running' or (job[1] == 'aborted' and outcome == 'aborted') then
       if outcome == 'complete' then
         redis.call('HSET', key, 'status', 'complete', 'result', data, 'finished', now_text,

@@ -1,0 +1,119 @@
+"""A task's rate and concurrency limits: parsed once when the task is registered, enforced
+by the broker in the step that would start a job (docs/flow-control.md)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aioqueue.brokers.base import Limits
+from aioqueue.errors import ConfigurationError
+from aioqueue.serialization import TASK_NAME
+
+__all__ = ["KeyFunction", "TaskLimits", "parse_rate"]
+
+KeyFunction = Callable[..., str]
+"""Computes a limit key from a job's arguments (called as the task is, without the
+context), e.g. ``lambda token, *_: token``."""
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+_RATE = re.compile(
+    r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hr|hour|d|day)s?\s*$", re.IGNORECASE
+)
+
+
+def parse_rate(text: str) -> int:
+    """The interval between starts, in microseconds, of a rate such as ``"5000/h"``,
+    ``"20/s"`` or ``"3/10m"`` (rounded up: the limit is never exceeded)."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if match is None or int(match[1]) == 0:
+        raise ConfigurationError(
+            f"rate_limit {text!r}: write it as <count>/<unit>, e.g. '5000/h', '20/s' or "
+            "'3/10m' (units s, m, h, d; count at least 1)"
+        )
+    seconds = int(match[2] or 1) * _UNITS[match[3][0].lower()]
+    return max(math.ceil(seconds * 1_000_000 / int(match[1])), 1)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """What a task declared: the limits the broker enforces, and the functions that compute
+    each job's keys (None: the task name is the key, one limit for all its jobs)."""
+
+    limits: Limits
+    rate_key: KeyFunction | None = None
+    concurrency_key: KeyFunction | None = None
+
+    @classmethod
+    def declare(
+        cls,
+        task: str,
+        *,
+        rate_limit: str | None,
+        rate_burst: int,
+        rate_limit_key: KeyFunction | None,
+        concurrency_limit: int | None,
+        concurrency_key: KeyFunction | None,
+    ) -> TaskLimits | None:
+        """Check a task's limit options; None when it has none."""
+        where = f"task {task!r}"
+        if rate_limit is None and rate_limit_key is not None:
+            raise ConfigurationError(f"{where}: rate_limit_key needs a rate_limit")
+        if concurrency_limit is None and concurrency_key is not None:
+            raise ConfigurationError(f"{where}: concurrency_key needs a concurrency_limit")
+        if isinstance(rate_burst, bool) or not isinstance(rate_burst, int) or rate_burst < 1:
+            raise ConfigurationError(f"{where}: rate_burst must be a whole number >= 1")
+        if concurrency_limit is not None and (
+            isinstance(concurrency_limit, bool)
+            or not isinstance(concurrency_limit, int)
+            or concurrency_limit < 1
+        ):
+            raise ConfigurationError(f"{where}: concurrency_limit must be a whole number >= 1")
+        for name, function in (
+            ("rate_limit_key", rate_limit_key),
+            ("concurrency_key", concurrency_key),
+        ):
+            if function is not None and not callable(function):
+                raise ConfigurationError(f"{where}: {name} must be a function of the arguments")
+        if rate_limit is None and concurrency_limit is None:
+            return None
+        interval = None if rate_limit is None else parse_rate(rate_limit)
+        burst = 0 if interval is None else interval * (rate_burst - 1)
+        return cls(Limits(interval, burst, concurrency_limit), rate_limit_key, concurrency_key)
+
+    def keys(
+        self, task: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[str, str] | None:
+        """The limit keys of one job (None: the task name is the key of both)."""
+        if self.rate_key is None and self.concurrency_key is None:
+            return None
+        return (
+            _key(task, "rate_limit_key", self.rate_key, args, kwargs),
+            _key(task, "concurrency_key", self.concurrency_key, args, kwargs),
+        )
+
+
+def _key(
+    task: str,
+    name: str,
+    function: KeyFunction | None,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> str:
+    if function is None:
+        return ""
+    try:
+        key = function(*args, **kwargs)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"task {task!r}: {name} failed on these arguments: {exc!r}"
+        ) from exc
+    if not isinstance(key, str) or not re.fullmatch(TASK_NAME, key):
+        raise ConfigurationError(
+            f"task {task!r}: {name} must return text of 1 to 200 characters without control "
+            f"characters, not {key!r}"
+        )
+    return key
