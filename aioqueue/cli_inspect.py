@@ -233,6 +233,11 @@ def _stats_view(stats: QueueStats) -> Group:
         _capacity_view(stats),
         workers if stats.workers else "[yellow]no live workers[/yellow]",
     ]
+    if stats.paused_at is not None:
+        since = _age(max(now - stats.paused_at, 0))
+        parts.append(
+            Text(f"paused {since} ago: no worker starts its jobs (aioqueue resume)", style="yellow")
+        )
     if stats.lag_growing:
         parts.append(Text(_growing(stats), style="yellow"))
     if stats.eviction_problem:

@@ -62,6 +62,8 @@ class Running:
     cancel_reason: str | None = None
     """Why this worker cancelled the job: 'timeout', 'abort', 'shutdown' or 'lost'."""
     task_name: str = "?"
+    source: int = 0
+    """Which of the worker's queues the job came from (its index in ``worker.queues``)."""
     thread: ThreadCall[Any] | None = None
     """The call of a plain ``def`` task in the thread pool (None for async tasks)."""
 

@@ -296,11 +296,17 @@ class Queue:
         unique: bool = True,
         timeout: float | None = None,
         retries: int = 0,
+        priority: int = 0,
+        rate_limit: str | None = None,
+        rate_burst: int = 1,
+        concurrency_limit: int | None = None,
     ) -> AsyncTaskDecorator:
         """Register an async function as a task and run it on a schedule in every worker of
         this queue: ``@queue.cron("*/10 * * * *")`` or ``@queue.cron(timedelta(seconds=5))``.
 
         Each tick runs exactly once however many workers run (see :func:`aioqueue.cron`).
+        ``priority``, ``rate_limit``, ``rate_burst`` and ``concurrency_limit`` are the task's,
+        as in :meth:`task`: they hold for its cron runs and for runs enqueued by hand.
         """
         if callable(schedule):
             raise ConfigurationError(
@@ -309,7 +315,14 @@ class Queue:
             )
 
         def register(fn: Callable[Concatenate[Context, P], Awaitable[R]]) -> Task[P, R]:
-            task: Task[P, R] = self.task(name=name or fn.__name__, retries=retries)(fn)
+            task: Task[P, R] = self.task(
+                name=name or fn.__name__,
+                retries=retries,
+                priority=priority,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
+                concurrency_limit=concurrency_limit,
+            )(fn)
             job = cron_spec(
                 schedule,
                 task,
@@ -617,6 +630,8 @@ class Queue:
         on_shutdown: Sequence[Hook] = (),
         cron_jobs: Sequence[CronJob] = (),
         middleware: Sequence[Middleware] = (),
+        also: Sequence[Queue] = (),
+        weights: Sequence[int] | None = None,
         **settings: Any,
     ) -> Worker:
         """A worker consuming this queue; ``await worker.run()`` or ``aioqueue run app:worker``.
@@ -627,6 +642,12 @@ class Queue:
         schedule, together with those registered with :meth:`cron`. ``middleware`` wraps
         every job (see :mod:`aioqueue.middleware`). Other keyword arguments are
         :class:`Settings` fields.
+
+        ``also`` lists more queues (of the same Redis) this worker consumes after this one,
+        under one ``concurrency``: in strict order (a job of a later queue starts only while
+        the earlier ones have none ready), or, with ``weights`` (one per queue, this one
+        first), sharing the jobs it fetches in those proportions while every queue has work.
+        One blocking read covers them all. See docs/flow-control.md.
         """
         from aioqueue.worker import Worker
 
@@ -646,6 +667,8 @@ class Queue:
             on_shutdown=on_shutdown,
             cron_jobs=[*self.cron_jobs, *cron_jobs],
             middleware=middleware,
+            also=also,
+            weights=weights,
         )
 
 

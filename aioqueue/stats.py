@@ -89,6 +89,9 @@ class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
     lag_growing: bool = False
     """Jobs wait, and arrive faster than they are settled and than the live workers can
     settle them (see :func:`lag_growing`)."""
+    paused_at: float | None = None
+    """When the queue was paused (Unix seconds), None while it runs
+    (docs/flow-control.md#pause-and-resume)."""
 
 
 def _number(row: dict[str, str], name: str) -> float:
@@ -176,6 +179,7 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
     lag = await broker.lag_ms()
     facts = await broker.server_facts()
     arrived = arrival_rate(await broker.arrivals(), await broker.now_ms())
+    paused_ms = await broker.paused_since()
     workers = [
         WorkerInfo(
             id=row["id"],
@@ -217,6 +221,7 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
         lag_growing=lag_growing(
             counts.ready, arrived, completed + failed, slots / mean if mean else None
         ),
+        paused_at=None if paused_ms is None else paused_ms / 1000,
     )
 
 

@@ -73,10 +73,14 @@ SHUTDOWN_WAIT = 10.0
 
 
 class Worker:
-    """Consumes one queue: ``await worker.run()`` until :meth:`stop` or SIGTERM/SIGINT.
+    """Consumes one queue, or several of one Redis (``queue.worker(also=[...])``):
+    ``await worker.run()`` until :meth:`stop` or SIGTERM/SIGINT.
 
     Made by :meth:`Queue.worker`. Every background coroutine (settler, lease renewer,
-    reclaimer, promoter, heartbeat) runs in one task group and stops with it.
+    reclaimer, promoter, heartbeat) runs in one task group and stops with it. With several
+    queues, ``queues[0]`` is the first in strict order (no job of a later queue starts while
+    an earlier one has jobs ready), or ``weights`` share the fetched jobs between them
+    (docs/flow-control.md#one-worker-several-queues).
     """
 
     def __init__(
@@ -88,8 +92,15 @@ class Worker:
         on_shutdown: Sequence[Hook] = (),
         cron_jobs: Sequence[CronJob] = (),
         middleware: Sequence[Middleware] = (),
+        also: Sequence[Queue] = (),
+        weights: Sequence[int] | None = None,
     ) -> None:
         self.queue = queue
+        self.queues = [queue, *also]
+        """The queues this worker consumes, in order."""
+        self.weights = _check_queues(self.queues, weights)
+        # Weighted order: each queue's credit of jobs to fetch, carried between fetches.
+        self._credits = [0.0] * len(self.queues)
         self._code = code
         self.settings: Settings = resolve_settings(code)
         # The worker's own key(s): queue.worker(signing_key=...) may differ from the queue's.
@@ -100,11 +111,16 @@ class Worker:
         validate_unique_names(cron_jobs)
         self.cron_jobs = list(cron_jobs)
         self.scheduler = CronScheduler(queue, self.cron_jobs, signer=self.signer)
+        # Cron jobs registered on the other queues run on their queue.
+        self._schedulers = [self.scheduler] + [
+            CronScheduler(q, list(q.cron_jobs), signer=self.signer) for q in also
+        ]
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state: dict[str, Any] = {}
         self.started_at: float | None = None
-        # The broker the running worker serves with (progress reports go through it).
-        self._serving: Broker | None = None
+        # The brokers the running worker serves with, one per queue (progress reports go
+        # through them).
+        self._serving: list[Broker] = []
         self.completed = 0
         self.failed = 0
         self.completed_last_minute = RateWindow(60)
@@ -112,9 +128,9 @@ class Worker:
         # Run time in µs, fetch to recorded outcome, of the attempts settled in the last minute.
         self.busy_us_last_minute = RateWindow(60)
         self.metrics: PrometheusMetrics | None = None
-        # Keyed by stream entry, not job id: a delivery is (consumer, entry), and an old
-        # entry's lost lease must never cancel a newer run of the same job.
-        self._in_flight: dict[str, Running] = {}
+        # Keyed by (queue index, stream entry), not job id: a delivery is (consumer, entry),
+        # and an old entry's lost lease must never cancel a newer run of the same job.
+        self._in_flight: dict[tuple[int, str], Running] = {}
         self._executing = 0
         # Set when a read that hands entries over failed: its reply may have been lost
         # after Redis handed entries to this consumer, which the fetch loop then adopts.
@@ -134,16 +150,19 @@ class Worker:
         self._idle.set()
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
-        self._promote_wake = asyncio.Event()
+        self._promote_wakes = [asyncio.Event() for _ in self.queues]
         self._signals = 0
 
     def __repr__(self) -> str:
-        return f"Worker(queue={self.queue.name!r}, id={self.id!r})"
+        names = ", ".join(repr(q.name) for q in self.queues)
+        return f"Worker(queue={names}, id={self.id!r})"
 
     def configure(self, **overrides: Any) -> None:
         """Apply overrides that beat both code and environment (command-line flags)."""
         self.settings = resolve_settings(self._code, overrides=overrides)
-        self.signer = self.scheduler.signer = Signer(self.settings.signing_key)
+        self.signer = Signer(self.settings.signing_key)
+        for scheduler in self._schedulers:
+            scheduler.signer = self.signer
 
     @property
     def in_flight(self) -> int:
@@ -221,17 +240,20 @@ class Worker:
     async def _consume(self, handle_signals: bool, consuming: asyncio.Event | None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._reset()
-        broker = self.queue.new_broker(self.settings)
-        # A job a limit defers lands in the delayed set: promote it when it is due.
-        limits = {name: t.limits.limits for name, t in self.queue.tasks.items() if t.limits}
-        broker.configure(limits, int(self.settings.lease * 1000), self._promote_wake.set)
-        # Only outages are retried: a bad URL, refused credentials or rights and a
-        # certificate that does not verify raise at once (they do not pass by themselves).
-        await self._retrying("connecting to Redis", broker.connect)
+        brokers = [queue.new_broker(self.settings) for queue in self.queues]
+        for queue, broker, wake in zip(self.queues, brokers, self._promote_wakes, strict=True):
+            # A job a limit defers lands in the delayed set: promote it when it is due.
+            limits = {name: t.limits.limits for name, t in queue.tasks.items() if t.limits}
+            broker.configure(limits, int(self.settings.lease * 1000), wake.set)
         try:
-            await self._check_server(broker)
-            await self._retrying("creating the consumer group", broker.ensure_group)
-            await self._serve(broker, loop, handle_signals, consuming)
+            for broker in brokers:
+                # Only outages are retried: a bad URL, refused credentials or rights and a
+                # certificate that does not verify raise at once (they do not pass by
+                # themselves).
+                await self._retrying("connecting to Redis", broker.connect)
+                await self._check_server(broker)
+                await self._retrying("creating the consumer group", broker.ensure_group)
+            await self._serve(brokers, loop, handle_signals, consuming)
         except Exception as exc:
             # One aioqueue error that stopped the task group (rights revoked while running)
             # is raised as itself, so that `aioqueue run` prints it in one line.
@@ -240,11 +262,12 @@ class Worker:
                 raise
             raise error from None
         finally:
-            await broker.close()
+            for broker in brokers:
+                await broker.close()
 
     async def _serve(
         self,
-        broker: Broker,
+        brokers: list[Broker],
         loop: asyncio.AbstractEventLoop,
         handle_signals: bool,
         consuming: asyncio.Event | None,
@@ -264,39 +287,47 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self.started_at = time.time()
-        self._serving = broker
+        self._serving = brokers
+        broker = brokers[0]
         self._threads = ThreadPoolExecutor(
             self.settings.sync_threads, thread_name_prefix=f"aioqueue-{self.id}"
         )
+        order = ""
+        if len(self.queues) > 1:
+            order = " (strict order)" if self.weights is None else f" (weights {self.weights})"
         logger.info(
-            "worker %s consuming queue %r (concurrency %d, lease %gs)",
+            "worker %s consuming queue %s%s (concurrency %d, lease %gs)",
             self.id,
-            self.queue.name,
+            ", ".join(repr(q.name) for q in self.queues),
+            order,
             self.settings.concurrency,
             self.settings.lease,
         )
+        lease_ms = int(self.settings.lease * 1000)
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._abort_loop, broker)
-                tg.start_soon(self._settle_loop, broker)
-                tg.start_soon(self._renew_loop, broker)
-                tg.start_soon(self._promote_loop, broker)
-                tg.start_soon(self._heartbeat_loop, broker)
-                tg.start_soon(self.scheduler.run, broker, int(self.settings.lease * 1000))
+                for source, each in enumerate(brokers):
+                    await tg.start(self._abort_loop, each, source)
+                    tg.start_soon(self._promote_loop, each, source)
+                    tg.start_soon(self._heartbeat_loop, each, self.queues[source])
+                    tg.start_soon(self._schedulers[source].run, each, lease_ms)
+                tg.start_soon(self._settle_loop)
+                tg.start_soon(self._renew_loop)
                 if self.metrics is not None:
                     tg.start_soon(self._gauge_loop, broker, self.metrics)
                 if consuming is not None:
                     consuming.set()
-                await self._fetch_until_stopped(broker)
-                await self._drain(broker)
+                await self._fetch_until_stopped()
+                await self._drain()
                 tg.cancel_scope.cancel()
         finally:
             self._stop_threads()
             if installed:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
-            with contextlib.suppress(RedisUnavailable, TimeoutError):
-                await self._bounded(broker.forget_worker(self.id))
+            for each in brokers:
+                with contextlib.suppress(RedisUnavailable, TimeoutError):
+                    await self._bounded(each.forget_worker(self.id))
             for hook in self.on_shutdown:
                 await hook(self.state)
             logger.info(
@@ -369,8 +400,8 @@ class Worker:
 
     # -- fetching --------------------------------------------------------------------------
 
-    async def _fetch_until_stopped(self, broker: Broker) -> None:
-        fetcher = asyncio.create_task(self._fetch_loop(broker), name="aioqueue-fetch")
+    async def _fetch_until_stopped(self) -> None:
+        fetcher = asyncio.create_task(self._fetch_loop(), name="aioqueue-fetch")
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({fetcher, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -381,10 +412,11 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _fetch_loop(self, broker: Broker) -> None:
-        """Start jobs while there are free slots: new entries (blocking XREADGROUP), every
-        lease/2 the entries of dead workers whose lease expired (XAUTOCLAIM), and after a
-        failed read the entries this consumer holds but does not know.
+    async def _fetch_loop(self) -> None:
+        """Start jobs while there are free slots: new entries (fetch.lua, then a blocking
+        XREADGROUP), every lease/2 the entries of dead workers whose lease expired
+        (XAUTOCLAIM), and after a failed read the entries this consumer holds but does not
+        know; with several queues, each of these for every queue.
 
         One loop does all three, one call at a time, so they can never hand out the same
         free slots twice; a read blocks at most until the next takeover sweep is due.
@@ -413,22 +445,18 @@ class Worker:
                     # A read or begin whose reply was lost left entries in this consumer's
                     # pending list; take them up now, not a lease later: as many as fit,
                     # coming back for more while a full batch was found.
-                    deliveries = await broker.adopt(
-                        self.id, set(self._in_flight), free, settings.max_deliveries
-                    )
+                    deliveries = await self._adopt(free)
                     self._must_adopt = len(deliveries) >= free
                 elif loop.time() >= max(next_sweep, self._takeover_after):
                     next_sweep = loop.time() + sweep_every
-                    deliveries = await broker.reclaim(
-                        self.id, free, settings.lease, settings.max_deliveries
-                    )
-                    for delivery in deliveries:
-                        if delivery.entry_id not in self._in_flight:
+                    deliveries = await self._reclaim(free)
+                    for source, delivery in deliveries:
+                        if (source, delivery.entry_id) not in self._in_flight:
                             logger.info("took over job %s after its lease expired", delivery.job_id)
                 else:
                     wait = min(block, max(next_sweep - loop.time(), 0.001))
                     sent = loop.time()
-                    deliveries = await broker.fetch(self.id, count, wait, settings.max_deliveries)
+                    deliveries = await self._fetch(count, wait)
                     if loop.time() - sent > wait + settings.lease / 3:
                         self._note_silence()  # Redis stalled, or this process did
             except RedisUnavailable as exc:
@@ -448,8 +476,8 @@ class Worker:
                 logger.exception("fetching jobs failed; going on after a pause")
                 await asyncio.sleep(reconnect_delay(failures))
                 continue
-            for delivery in deliveries:
-                self._start(delivery)
+            for source, delivery in deliveries:
+                self._start(source, delivery)
             if failures:
                 logger.info("fetching jobs again after %d failed attempts", failures)
                 failures = 0
@@ -457,10 +485,63 @@ class Worker:
                 # Let the new jobs take their first step before the next read is sent: a job
                 # then starts one round-trip's worth of client work earlier.
                 await asyncio.sleep(0)
-            elif settings.burst and not self._in_flight and await self._queue_empty(broker):
-                logger.info("burst mode: queue %r is empty, stopping", self.queue.name)
+            elif settings.burst and not self._in_flight and await self._queues_empty():
+                names = ", ".join(repr(q.name) for q in self.queues)
+                logger.info("burst mode: queue %s empty, stopping", names)
                 self._stopping.set()
                 return
+
+    async def _fetch(self, count: int, wait: float) -> list[tuple[int, Delivery]]:
+        """New jobs from the queues, in their order or by their weights (one step)."""
+        brokers, settings = self._serving, self.settings
+        if len(brokers) == 1:
+            fetched = await brokers[0].fetch(self.id, count, wait, settings.max_deliveries)
+            return [(0, delivery) for delivery in fetched]
+        shares = None if self.weights is None else self._shares(count)
+        fetched_many = await brokers[0].fetch_many(
+            brokers, self.id, count, shares, wait, settings.max_deliveries
+        )
+        if shares is not None:
+            taken = [0] * len(brokers)
+            for source, _ in fetched_many:
+                taken[source] += 1
+            for source, share in enumerate(shares):
+                self._credits[source] -= taken[source]
+                if taken[source] < share:
+                    # That queue ran out: it banks no credit for later.
+                    self._credits[source] = min(self._credits[source], 0.0)
+        return fetched_many
+
+    def _shares(self, count: int) -> list[int]:
+        """Each queue's share of the next ``count`` jobs by its weight, credit carried over
+        between fetches so that small batches follow the weights too."""
+        assert self.weights is not None
+        total = sum(self.weights)
+        shares = []
+        for source, weight in enumerate(self.weights):
+            self._credits[source] += count * weight / total
+            shares.append(max(int(self._credits[source]), 0))
+        return shares
+
+    async def _adopt(self, free: int) -> list[tuple[int, Delivery]]:
+        adopted: list[tuple[int, Delivery]] = []
+        for source, broker in enumerate(self._serving):
+            known = {entry for s, entry in self._in_flight if s == source}
+            left = free - len(adopted)
+            if left > 0:
+                got = await broker.adopt(self.id, known, left, self.settings.max_deliveries)
+                adopted += [(source, delivery) for delivery in got]
+        return adopted
+
+    async def _reclaim(self, free: int) -> list[tuple[int, Delivery]]:
+        taken: list[tuple[int, Delivery]] = []
+        for source, broker in enumerate(self._serving):
+            left = free - len(taken)
+            if left > 0:
+                settings = self.settings
+                got = await broker.reclaim(self.id, left, settings.lease, settings.max_deliveries)
+                taken += [(source, delivery) for delivery in got]
+        return taken
 
     def _note_silence(self) -> None:
         """This worker could not talk to Redis for a while (an outage, a stall, a stop):
@@ -474,14 +555,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._takeover_after = max(self._takeover_after, loop.time() + self.settings.lease)
 
-    async def _queue_empty(self, broker: Broker) -> bool:
+    async def _queues_empty(self) -> bool:
         """For burst mode: nothing ready, pending or delayed (False while Redis is away)."""
-        try:
-            counts = await broker.counts()
-        except RedisUnavailable as exc:
-            logger.warning("burst mode: cannot count jobs (%s); going on", exc)
-            return False
-        return counts.ready == 0 and counts.pending == 0 and counts.delayed == 0
+        for broker in self._serving:
+            try:
+                counts = await broker.counts()
+            except RedisUnavailable as exc:
+                logger.warning("burst mode: cannot count jobs (%s); going on", exc)
+                return False
+            if counts.ready or counts.pending or counts.delayed:
+                return False
+        return True
 
     def _free_slots(self) -> int:
         """Jobs this worker may start now.
@@ -497,13 +581,13 @@ class Worker:
             return 0
         return concurrency - self._executing
 
-    def _start(self, delivery: Delivery) -> None:
-        if delivery.entry_id in self._in_flight:
+    def _start(self, source: int, delivery: Delivery) -> None:
+        if (source, delivery.entry_id) in self._in_flight:
             # Our own entry came back from a takeover sweep (it sat idle through an
             # outage): the copy already running keeps it.
             return
-        running = Running(delivery)
-        self._in_flight[delivery.entry_id] = running
+        running = Running(delivery, source=source)
+        self._in_flight[source, delivery.entry_id] = running
         self._executing += 1
         self._idle.clear()
         running.task = asyncio.create_task(self._run(running))
@@ -522,7 +606,7 @@ class Worker:
         try:
             settlement = await execute(
                 running,
-                self.queue,
+                self.queues[running.source],
                 self.state,
                 self.middleware,
                 self.signer,
@@ -544,49 +628,60 @@ class Worker:
 
     async def _report(self, delivery: Delivery, fraction: float, message: str, seq: int) -> bool:
         """Store a task's progress report (``ctx.progress``)."""
-        if self._serving is None:
+        source = next((r.source for r in self._in_flight.values() if r.delivery is delivery), 0)
+        if source >= len(self._serving):
             return False
-        return await self._serving.progress(self.id, delivery, fraction, message, seq)
+        broker = self._serving[source]
+        return await broker.progress(self.id, delivery, fraction, message, seq)
 
     def _forget(self, running: Running) -> None:
-        if self._in_flight.get(running.delivery.entry_id) is running:
-            del self._in_flight[running.delivery.entry_id]
+        key = (running.source, running.delivery.entry_id)
+        if self._in_flight.get(key) is running:
+            del self._in_flight[key]
         self._slot_free.set()
         if not self._in_flight:
             self._idle.set()
 
     # -- background coroutines -------------------------------------------------------------
 
-    async def _settle_loop(self, broker: Broker) -> None:
+    async def _settle_loop(self) -> None:
         """Settle finished jobs in batches: everything that finished since the last round trip
-        goes in the next one."""
+        goes in the next one (one per queue)."""
         outbox = self._outbox
         while True:
-            batch = [await outbox.get()]
+            pending = [await outbox.get()]
             while not outbox.empty():
-                batch.append(outbox.get_nowait())
-            settlements = [settlement for _, settlement in batch]
-            recorded = await self._retrying(
-                "settling finished jobs",
-                functools.partial(broker.settle, self.id, settlements),
-                broken_too=True,
-            )
-            for (running, settlement), answer in zip(batch, recorded, strict=True):
-                if answer is Recorded.YES:
-                    self._log(running, settlement)
-                    if isinstance(settlement, Again):
-                        self._promote_wake.set()
-                elif answer is Recorded.ABORTED:
-                    aborted = Finished(running.delivery, "aborted", b"", "aborted while running")
-                    self._log(running, aborted)
-                else:
-                    logger.warning(
-                        "job %s: outcome not recorded, its lease was lost to another worker "
-                        "whose run counts instead",
-                        running.delivery.job_id,
-                        extra={"job_id": running.delivery.job_id},
-                    )
-                self._forget(running)
+                pending.append(outbox.get_nowait())
+            for source, broker in enumerate(self._serving):
+                batch = [item for item in pending if item[0].source == source]
+                if batch:
+                    await self._settle(source, broker, batch)
+
+    async def _settle(
+        self, source: int, broker: Broker, batch: list[tuple[Running, Settlement]]
+    ) -> None:
+        settlements = [settlement for _, settlement in batch]
+        recorded = await self._retrying(
+            "settling finished jobs",
+            functools.partial(broker.settle, self.id, settlements),
+            broken_too=True,
+        )
+        for (running, settlement), answer in zip(batch, recorded, strict=True):
+            if answer is Recorded.YES:
+                self._log(running, settlement)
+                if isinstance(settlement, Again):
+                    self._promote_wakes[source].set()
+            elif answer is Recorded.ABORTED:
+                aborted = Finished(running.delivery, "aborted", b"", "aborted while running")
+                self._log(running, aborted)
+            else:
+                logger.warning(
+                    "job %s: outcome not recorded, its lease was lost to another worker "
+                    "whose run counts instead",
+                    running.delivery.job_id,
+                    extra={"job_id": running.delivery.job_id},
+                )
+            self._forget(running)
 
     def _log(self, running: Running, settlement: Settlement) -> None:
         if isinstance(settlement, Done):
@@ -627,46 +722,57 @@ class Worker:
                 extra={"job_id": job.job_id, "task": running.task_name, "outcome": kind},
             )
 
-    async def _renew_loop(self, broker: Broker) -> None:
-        """Renew the lease of every in-flight job every lease/3 seconds in one round trip."""
+    async def _renew_loop(self) -> None:
+        """Renew the lease of every in-flight job every lease/3 seconds in one round trip
+        per queue."""
         interval = self.settings.lease / 3
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
             await asyncio.sleep(interval)
-            running = list(self._in_flight.values())
-            if not running:
-                continue
-            sent = loop.time()
-            try:
-                lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
-            except RedisUnavailable as exc:
-                self._note_silence()
-                failures += 1
-                if failures == 1:
-                    logger.warning("renewing leases: %s", exc)
-                continue
-            failures = 0
-            if loop.time() - sent > interval:
-                self._note_silence()
-            for entry in aborted:
-                job = self._in_flight.get(entry)
-                if job is not None:
-                    self._on_abort(job.delivery.job_id)
-            for entry in lost:
-                job = self._in_flight.get(entry)
-                # A job whose code already returned only waits for its settle, which may
-                # have acked the entry just now: nothing to cancel, and if the lease really
-                # was lost, the settle is refused and says so.
-                if job is not None and job.task is not None and not job.task.done():
-                    logger.warning(
-                        "lease of job %s was lost to another worker; cancelling it here",
-                        job.delivery.job_id,
-                    )
-                    job.cancel("lost")
+            for source, broker in enumerate(self._serving):
+                running = [r for r in self._in_flight.values() if r.source == source]
+                if not running:
+                    continue
+                sent = loop.time()
+                try:
+                    lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
+                except RedisUnavailable as exc:
+                    self._note_silence()
+                    failures += 1
+                    if failures == 1:
+                        logger.warning("renewing leases: %s", exc)
+                    continue
+                failures = 0
+                if loop.time() - sent > interval:
+                    self._note_silence()
+                self._renewed(source, lost, aborted)
+
+    def _renewed(self, source: int, lost: list[str], aborted: list[str]) -> None:
+        """Act on a renewal's answer: cancel jobs aborted meanwhile and jobs whose lease
+        another worker took."""
+        for entry in aborted:
+            job = self._in_flight.get((source, entry))
+            if job is not None:
+                self._on_abort(source, job.delivery.job_id)
+        for entry in lost:
+            job = self._in_flight.get((source, entry))
+            # A job whose code already returned only waits for its settle, which may
+            # have acked the entry just now: nothing to cancel, and if the lease really
+            # was lost, the settle is refused and says so.
+            if job is not None and job.task is not None and not job.task.done():
+                logger.warning(
+                    "lease of job %s was lost to another worker; cancelling it here",
+                    job.delivery.job_id,
+                )
+                job.cancel("lost")
 
     async def _abort_loop(
-        self, broker: Broker, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        broker: Broker,
+        source: int,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Cancel running jobs when someone aborts them; subscribed before the first fetch."""
         started = False
@@ -677,19 +783,24 @@ class Worker:
                 started = True
                 task_status.started()
 
+        on_abort = functools.partial(self._on_abort, source)
         await self._retrying(
-            "listening for aborts", functools.partial(broker.listen_aborts, self._on_abort, ready)
+            "listening for aborts", functools.partial(broker.listen_aborts, on_abort, ready)
         )
 
-    def _on_abort(self, job_id: str) -> None:
+    def _on_abort(self, source: int, job_id: str) -> None:
         for running in list(self._in_flight.values()):
-            if running.delivery.job_id == job_id and running.cancel_reason is None:
+            if (
+                running.source == source
+                and running.delivery.job_id == job_id
+                and running.cancel_reason is None
+            ):
                 logger.info("aborting job %s on request", job_id)
                 running.cancel("abort")
 
-    async def _promote_loop(self, broker: Broker) -> None:
+    async def _promote_loop(self, broker: Broker, source: int) -> None:
         """Move due delayed jobs to the stream; sleep until the next one is due."""
-        wake = self._promote_wake
+        wake = self._promote_wakes[source]
         cap = self.settings.poll_interval
         failures = 0
         while True:
@@ -715,7 +826,7 @@ class Worker:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), pause)
 
-    async def _heartbeat_loop(self, broker: Broker) -> None:
+    async def _heartbeat_loop(self, broker: Broker, queue: Queue) -> None:
         """Say this worker is alive; now and then remove the consumers of workers that are
         gone (their heartbeat expired and they hold nothing)."""
         interval = min(self.settings.lease / 3, 5.0)
@@ -733,7 +844,7 @@ class Worker:
                 "completed_1m": self.completed_last_minute.total(),
                 "failed_1m": self.failed_last_minute.total(),
                 "busy_1m": self.busy_us_last_minute.total() / 1_000_000,
-                "queue": self.queue.name,
+                "queue": queue.name,
             }
             try:
                 await broker.heartbeat(self.id, info, ttl=interval * 2)
@@ -755,7 +866,7 @@ class Worker:
 
     # -- shutdown --------------------------------------------------------------------------
 
-    async def _drain(self, broker: Broker) -> None:
+    async def _drain(self) -> None:
         """Let in-flight jobs finish within the grace period, then cancel and hand back the
         rest so another worker starts them at once."""
         if self._in_flight:
@@ -773,7 +884,7 @@ class Worker:
         ]
         for running in unfinished:
             running.cancel("shutdown")
-        stuck: set[str] = set()
+        stuck: set[tuple[int, str]] = set()
         if unfinished:
             logger.warning("cancelled %d unfinished jobs at shutdown", len(unfinished))
             tasks = {r.task for r in unfinished if r.task is not None}
@@ -790,7 +901,7 @@ class Worker:
             force.cancel()
             # A job that swallows its cancellation is still running: it is not handed back
             # (that would start a second copy beside it); its lease expires instead.
-            stuck = {r.delivery.entry_id for r in unfinished if r.task in tasks}
+            stuck = {(r.source, r.delivery.entry_id) for r in unfinished if r.task in tasks}
             if stuck:
                 logger.error(
                     "%d jobs ignored cancellation at shutdown; they return when their lease "
@@ -806,9 +917,12 @@ class Worker:
                 await asyncio.wait_for(self._slot_free.wait(), deadline - loop.time())
         # An outcome that could not be written (Redis away) keeps its entry: handing it back
         # would run the job again although it finished here.
-        keep = stuck | {entry for entry, r in self._in_flight.items() if r.task and r.task.done()}
+        keep = stuck | {key for key, r in self._in_flight.items() if r.task and r.task.done()}
         try:
-            released = await self._bounded(broker.release(self.id, keep))
+            released = 0
+            for source, broker in enumerate(self._serving):
+                mine = {entry for s, entry in keep if s == source}
+                released += await self._bounded(broker.release(self.id, mine))
         except (RedisUnavailable, TimeoutError) as exc:
             logger.warning(
                 "could not hand jobs back (%s); they return when their lease expires",
@@ -836,6 +950,29 @@ class Worker:
                 await task
             raise TimeoutError
         return task.result()
+
+
+def _check_queues(queues: Sequence[Queue], weights: Sequence[int] | None) -> list[int] | None:
+    """Refuse a set of queues one worker cannot consume together; the weights as a list."""
+    names = [queue.name for queue in queues]
+    if len(set(names)) < len(names):
+        raise ConfigurationError(f"a worker consumes each queue once, not {names}")
+    urls = {queue.settings.redis_url for queue in queues}
+    if len(urls) > 1:
+        raise ConfigurationError(
+            "the queues of one worker must live on the same Redis (one blocking read covers "
+            "them all); run a worker per Redis instead"
+        )
+    if weights is None:
+        return None
+    weights = list(weights)
+    if len(weights) != len(queues) or any(
+        isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in weights
+    ):
+        raise ConfigurationError(
+            f"weights: one whole number >= 1 per queue ({len(queues)}), not {weights!r}"
+        )
+    return weights
 
 
 def _only_aioqueue_error(exc: BaseException) -> AioqueueError | None:

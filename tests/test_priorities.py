@@ -227,6 +227,10 @@ async def test_the_cli_pauses_and_resumes(redis_server: object) -> None:
     try:
         assert await broker.paused_since() is not None
         assert keys.paused.endswith(":paused")
+        info = await asyncio.to_thread(run_cli, "info", "basic_app:queue", url=url, queue=name)
+        assert info.returncode == 0, info.stderr
+        assert "paused" in info.stdout
+        assert "aioqueue resume" in info.stdout
         out = await asyncio.to_thread(run_cli, "resume", "basic_app:queue", url=url, queue=name)
         assert out.returncode == 0, out.stderr
         assert "resumed" in out.stdout

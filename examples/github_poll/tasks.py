@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 SCHEDULE = "*/10 * * * *"
 """Every 10 minutes, on the wall clock (UTC): 00:00, 00:10, 00:20, ..."""
+RATE_LIMIT = "5000/h"
+"""GitHub's REST API budget per token (docs/flow-control.md#rate-and-concurrency-limits)."""
 RETRIES = 5
 """Attempts after the first; a rate-limited attempt waits for the reset and counts as one."""
 SEARCH_PATH = "/search/repositories"
@@ -341,7 +343,10 @@ def register(queue: Queue) -> Task[[], PollSummary]:
     gets its own registration.
     """
 
-    @queue.cron(SCHEDULE, retries=RETRIES, timeout=60)
+    # GitHub's REST budget is 5,000 requests an hour per token: enforced in Redis across every
+    # worker, so polls enqueued by hand (the web endpoint) never spend it faster, and one
+    # over the limit waits for its turn instead of failing.
+    @queue.cron(SCHEDULE, retries=RETRIES, timeout=60, rate_limit=RATE_LIMIT, rate_burst=10)
     async def poll_github(ctx: Context) -> PollSummary:
         """Fetch GitHub's most-starred repositories (or confirm them) and store them."""
         return await poll(ctx.state[HTTP], TopStore(ctx.state[REDIS], ctx.queue.name))
