@@ -26,12 +26,14 @@ from aioqueue.brokers.base import (
     Delivery,
     Done,
     Finished,
+    Limits,
     NewJob,
     QueueCounts,
     Recorded,
 )
 from aioqueue.brokers.memory import MemoryBroker, reset_stores
 from aioqueue.brokers.redis import RedisBroker
+from aioqueue.serialization import Envelope, encode
 
 WAIT = 10.0
 """Longest any single wait in these tests may take before the test fails."""
@@ -1067,6 +1069,104 @@ async def test_purge_queue_deletes_every_job_and_all_state(broker: Broker) -> No
 
 
 # -- the same Queue/Worker scenarios on both brokers ----------------------------------------
+
+
+# -- flow control: priority lanes, pause, limits, several queues ------------------------
+
+
+def task_envelope(task: str, n: int = 0) -> bytes:
+    """An envelope whose head names ``task`` (limits are looked up by it)."""
+    return encode(Envelope(task, (n,), {}, 1_700_000_000_000))
+
+
+async def test_fetch_takes_higher_priorities_first_and_each_lane_in_order(broker: Broker) -> None:
+    await broker.enqueue([NewJob(f"low{i}", b"e", priority=-2) for i in range(3)], 0)
+    await broker.enqueue([NewJob(f"mid{i}", b"e") for i in range(3)], 0)
+    await broker.enqueue([NewJob(f"top{i}", b"e", priority=7) for i in range(3)], 0)
+    got = await broker.fetch("c", 4, 0.01, 5)
+    assert ids(got) == ["top0", "top1", "top2", "mid0"]
+    assert [d.entry_id.endswith("@7") for d in got] == [True, True, True, False]
+    got += await broker.fetch("c", 10, 0.01, 5)
+    assert ids(got)[4:] == ["mid1", "mid2", "low0", "low1", "low2"]
+    assert await broker.settle("c", [Done(d, b"r") for d in got]) == [Recorded.YES] * 9
+    assert await broker.counts() == QueueCounts(0, 0, 0, 0)
+
+
+async def test_a_retried_job_comes_back_in_its_own_lane(broker: Broker) -> None:
+    await broker.enqueue([NewJob("a", b"e", priority=3), NewJob("b", b"e")], 0)
+    first = await broker.fetch("c", 1, 0.01, 5)
+    assert ids(first) == ["a"]
+    await broker.settle("c", [Again(first[0], 0, b"err", "boom")])
+    await broker.promote_due(10, early=True)
+    again = await broker.fetch("c", 1, 0.01, 5)
+    assert ids(again) == ["a"]
+    assert again[0].entry_id.endswith("@3")
+
+
+async def test_a_paused_queue_hands_out_nothing_until_resumed(broker: Broker) -> None:
+    await broker.enqueue([job("a")], 0)
+    assert await broker.pause(True) is False
+    assert await broker.pause(True) is True
+    assert await broker.paused_since() is not None
+    assert await broker.fetch("c", 5, 0.05, 5) == []
+    assert (await broker.counts()).ready == 1
+    assert await broker.pause(False) is True
+    assert await broker.paused_since() is None
+    assert ids(await broker.fetch("c", 5, 0.05, 5)) == ["a"]
+
+
+async def test_a_job_over_its_rate_limit_is_deferred_without_using_an_attempt(
+    broker: Broker,
+) -> None:
+    deferred: list[None] = []
+    broker.configure({"t": Limits(interval_us=60_000_000)}, 30_000, lambda: deferred.append(None))
+    await broker.enqueue([NewJob(f"j{i}", task_envelope("t", i)) for i in range(3)], 0)
+    got = await broker.fetch("c", 3, 0.01, 5)
+    assert ids(got) == ["j0"]
+    assert deferred
+    counts = await broker.counts()
+    assert (counts.ready, counts.pending, counts.delayed) == (0, 1, 2)
+    for job_id in ("j1", "j2"):
+        record = await broker.record(job_id)
+        assert record is not None
+        assert (record.status, record.attempt, record.deliveries) == ("scheduled", 1, 0)
+        assert record.run_at_ms is not None
+    # Held back jobs line up one interval apart.
+    one, two = [await broker.record(j) for j in ("j1", "j2")]
+    assert one is not None
+    assert two is not None
+    assert (two.run_at_ms or 0) - (one.run_at_ms or 0) == 60_000
+
+
+async def test_a_concurrency_slot_is_freed_by_the_outcome_and_wakes_a_waiter(
+    broker: Broker,
+) -> None:
+    broker.configure({"t": Limits(concurrency=1)}, 30_000, lambda: None)
+    await broker.enqueue([NewJob(f"j{i}", task_envelope("t", i)) for i in range(2)], 0)
+    first = await broker.fetch("c", 2, 0.01, 5)
+    assert ids(first) == ["j0"]
+    waiting = await broker.record("j1")
+    assert waiting is not None
+    assert waiting.status == "scheduled"
+    await broker.settle("c", [Finished(first[0], "failed", b"err", "boom")])
+    # The settle sent the waiter back to the stream at once.
+    assert (await broker.counts()).ready == 1
+    assert ids(await broker.fetch("c", 2, 0.01, 5)) == ["j1"]
+
+
+async def test_fetch_many_reads_queues_in_order_or_by_share(brokers: Brokers) -> None:
+    first, second = await brokers.open(), None
+    other = Brokers(brokers.url, f"{brokers.queue}-2")
+    try:
+        second = await other.open()
+        await first.enqueue([job(f"a{i}") for i in range(4)], 0)
+        await second.enqueue([job(f"b{i}") for i in range(4)], 0)
+        strict = await first.fetch_many([first, second], "c", 3, None, 0.01, 5)
+        assert [(i, d.job_id) for i, d in strict] == [(0, "a0"), (0, "a1"), (0, "a2")]
+        shared = await first.fetch_many([first, second], "c", 3, [1, 2], 0.01, 5)
+        assert [(i, d.job_id) for i, d in shared] == [(0, "a3"), (1, "b0"), (1, "b1")]
+    finally:
+        await other.close()
 
 
 @pytest.fixture

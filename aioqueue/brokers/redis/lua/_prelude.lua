@@ -432,59 +432,102 @@ end
 -- back before, if any). Admitted: takes its slot and its place in the rate and returns
 -- nil. Over a limit: returns the time (ms) it may try again and which limit held it,
 -- changing nothing but the rate's tail and the waiters.
+-- The state of one rate or concurrency key is read once per call, kept in q while the call
+-- runs (it is atomic, so that copy is the truth meanwhile) and written back once at its end
+-- (flush_limits): a batch of jobs of one limited task costs a few commands, not a few per
+-- job.
+local function rate_state(q, rkey, spec)
+  q.rates = q.rates or {}
+  local r = q.rates[rkey]
+  if not r then
+    if not q.now_us then
+      local t = redis.call('TIME')
+      q.now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    end
+    local key = q.base .. 'rate:' .. rkey
+    local state = redis.call('HMGET', key, 'tat', 'tail')
+    r = {key = key, tat = tonumber(state[1]) or 0, tail = tonumber(state[2]) or 0,
+      span = spec.t + spec.tau, dirty = false}
+    q.rates[rkey] = r
+  end
+  return r
+end
+
+local function slot_state(q, ckey, now)
+  q.slots = q.slots or {}
+  local s = q.slots[ckey]
+  if not s then
+    local key = q.base .. 'conc:' .. ckey
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    s = {key = key, count = redis.call('ZCARD', key), dirty = false}
+    q.slots[ckey] = s
+  end
+  return s
+end
+
 local function admit(q, key, id, env, lk, now, limited)
-  local spec = q.limits and q.limits[envelope_task(env) or '']
+  local task = envelope_task(env)
+  local spec = task and q.limits[task]
   if not spec then
     return nil
   end
-  local task = envelope_task(env)
   local rkey, ckey = task, task
   if lk then
     local r, c = string.match(lk, '^([^\31]*)\31([^\31]*)$')
     rkey = (r and r ~= '') and r or task
     ckey = (c and c ~= '') and c or task
   end
-  local slots, rate, tat, tail, now_us
+  local s, r, tat
   if spec.n then
-    slots = q.base .. 'conc:' .. ckey
-    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-    if not redis.call('ZSCORE', slots, id) and redis.call('ZCARD', slots) >= spec.n then
+    s = slot_state(q, ckey, now)
+    if s.count >= spec.n and not redis.call('ZSCORE', s.key, id) then
       redis.call('ZADD', q.base .. 'cwait:' .. ckey, 'NX', now, id)
-      local head = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
+      local head = redis.call('ZRANGE', s.key, 0, 0, 'WITHSCORES')
       return tonumber(head[2]) or (now + q.lease), 'concurrency'
     end
   end
   if spec.t then
-    local t = redis.call('TIME')
-    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    rate = q.base .. 'rate:' .. rkey
-    local state = redis.call('HMGET', rate, 'tat', 'tail')
-    tat, tail = math.max(tonumber(state[1]) or 0, now_us), tonumber(state[2]) or 0
-    if tat - spec.tau > now_us then
+    r = rate_state(q, rkey, spec)
+    tat = math.max(r.tat, q.now_us)
+    if tat - spec.tau > q.now_us then
       -- A job the rate held back before kept its place: it waits only for the next start
       -- (late by a few ms when the one before started late); a new one queues up behind
       -- every job held back.
       local due = tat - spec.tau
       if limited ~= 'rate' then
-        due = math.max(due, tail + spec.t)
-        redis.call('HSET', rate, 'tail', string.format('%d', due))
+        due = math.max(due, r.tail + spec.t)
+        r.tail, r.dirty = due, true
       end
-      redis.call('PEXPIRE', rate, math.ceil((due - now_us + spec.t + spec.tau) / 1000) + 60000)
       return math.ceil(due / 1000), 'rate'
     end
   end
-  if slots then
-    redis.call('ZADD', slots, now + q.lease, id)
+  if s then
+    s.count = s.count + redis.call('ZADD', s.key, now + q.lease, id)
+    s.dirty = true
     redis.call('ZREM', q.base .. 'cwait:' .. ckey, id)
     redis.call('HSET', key, 'slot', ckey)
-    redis.call('PEXPIRE', slots, q.lease * 2 + 60000)
   end
-  if rate then
-    redis.call('HSET', rate, 'tat', string.format('%d', tat + spec.t))
-    redis.call('PEXPIRE', rate,
-      math.ceil((math.max(tat + spec.t, tail) - now_us + spec.tau) / 1000) + 60000)
+  if r then
+    r.tat, r.dirty = tat + spec.t, true
   end
   return nil
+end
+
+-- Write back the limit state a call changed (see rate_state).
+local function flush_limits(q)
+  for _, r in pairs(q.rates or {}) do
+    if r.dirty then
+      redis.call('HSET', r.key, 'tat', string.format('%d', r.tat),
+        'tail', string.format('%d', r.tail))
+      redis.call('PEXPIRE', r.key,
+        math.ceil((math.max(r.tat, r.tail) - q.now_us + r.span) / 1000) + 60000)
+    end
+  end
+  for _, s in pairs(q.slots or {}) do
+    if s.dirty then
+      redis.call('PEXPIRE', s.key, q.lease * 2 + 60000)
+    end
+  end
 end
 
 -- Begin (docs/architecture.md#begin): turn delivered entries into running jobs, counting
@@ -625,6 +668,7 @@ local function begin_batch(q, items)
     end
   end
   ack(q.stream, q.group, acked)
+  flush_limits(q)
   if #work > 0 then
     flow_drain({stream = q.stream, delayed = q.delayed, ttl = q.ttl, now = now,
       prefix = q.prefix, events = events}, work)
