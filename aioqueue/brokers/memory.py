@@ -905,6 +905,11 @@ class MemoryBroker:
         )
         gone = len(state.jobs) + len(state.workers) + sum(structures)
         gone += len(state.keyed) + len(state.memos)
+        # Limit state and the paused flag, one key each in Redis.
+        gone += len(state.rates) + sum(1 for w in state.rate_waiters.values() if w)
+        gone += sum(1 for s in state.slots.values() if s)
+        gone += sum(1 for w in state.slot_waiters.values() if w)
+        gone += state.paused_ms is not None
         job_ids = list(state.jobs)
         state.jobs.clear()
         state.ready.clear()
@@ -919,6 +924,12 @@ class MemoryBroker:
         state.events.clear()
         state.keyed.clear()
         state.memos.clear()
+        state.rates.clear()
+        state.rate_waiters.clear()
+        state.slots.clear()
+        state.slot_waiters.clear()
+        state.held.clear()
+        state.paused_ms = None
         # Deleting the stream starts its entries-added counter again.
         state.entries_added = 0
         state.arrivals.clear()

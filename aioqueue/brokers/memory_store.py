@@ -563,6 +563,8 @@ class QueueState:
     rates: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Rate limits: key -> (tat, tail) of its GCRA hash in microseconds (see admit in
     _prelude.lua)."""
+    rate_waiters: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Rate limits: key -> job id -> its place among the jobs held back (µs)."""
     slots: dict[str, dict[str, int]] = field(default_factory=dict)
     """Concurrency limits: key -> job id -> when its slot's lease ends (ms)."""
     slot_waiters: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -801,9 +803,15 @@ class QueueState:
             tat = max(stored_tat, now_us)
             if tat - spec.burst_us > now_us:
                 due = tat - spec.burst_us
+                waiting = self.rate_waiters.setdefault(rate_key, {})
                 if job.limited != "rate":
                     due = max(due, tail + spec.interval_us)
                     self.rates[rate_key] = (stored_tat, due)
+                    waiting[job_id] = due
+                else:
+                    waiting.setdefault(job_id, due)
+                    mine = (waiting[job_id], job_id)
+                    due += sum(1 for j, s in waiting.items() if (s, j) < mine) * spec.interval_us
                 return -(-due // 1000), "rate"
             admitted_rate = (tat + spec.interval_us, tail)
         if holders is not None:
@@ -812,6 +820,8 @@ class QueueState:
             job.slot = slot_key
         if admitted_rate is not None:
             self.rates[rate_key] = admitted_rate
+            if job.limited == "rate":
+                self.rate_waiters.get(rate_key, {}).pop(job_id, None)
         return None
 
     def wake_waiter(self, slot_key: str) -> None:

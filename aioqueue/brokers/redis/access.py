@@ -233,6 +233,7 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "smembers": ("K",),
     "zadd": ("K", "1", "m"),
     "zpopmin": ("K",),
+    "zrank": ("K", "m"),
     "zcard": ("K",),
     "zmscore": ("K", "m"),
     "zrange": ("K", "0", "0"),

@@ -341,7 +341,9 @@ end
 -- name, or the keys its producer computed (field 'lk': '<rate key>\31<concurrency key>').
 -- Rate: GCRA in microseconds of Redis's clock, one hash '<queue>rate:<key>' with 'tat' (the
 -- theoretical arrival time) and 'tail' (the last time a deferred job was given, so
--- deferred jobs queue up an interval apart instead of all coming back at once). Concurrency: a zset '<queue>conc:<key>' of the
+-- deferred jobs queue up an interval apart instead of all coming back at once), and the
+-- deferred jobs in their order in '<queue>rwait:<key>'. Concurrency: a zset
+-- '<queue>conc:<key>' of the
 -- jobs holding a slot, scored by when their lease ends (renew extends it, so a dead
 -- worker's slot frees with its lease); jobs waiting for a slot are in '<queue>cwait:<key>'
 -- and the settle that frees a slot sends the oldest waiter back to the stream at once.
@@ -446,8 +448,8 @@ local function rate_state(q, rkey, spec)
     end
     local key = q.base .. 'rate:' .. rkey
     local state = redis.call('HMGET', key, 'tat', 'tail')
-    r = {key = key, tat = tonumber(state[1]) or 0, tail = tonumber(state[2]) or 0,
-      span = spec.t + spec.tau, dirty = false}
+    r = {key = key, waiting = q.base .. 'rwait:' .. rkey, tat = tonumber(state[1]) or 0,
+      tail = tonumber(state[2]) or 0, span = spec.t + spec.tau, dirty = false}
     q.rates[rkey] = r
   end
   return r
@@ -490,13 +492,21 @@ local function admit(q, key, id, env, lk, now, limited)
     r = rate_state(q, rkey, spec)
     tat = math.max(r.tat, q.now_us)
     if tat - spec.tau > q.now_us then
-      -- A job the rate held back before kept its place: it waits only for the next start
-      -- (late by a few ms when the one before started late); a new one queues up behind
-      -- every job held back.
+      -- Jobs held back queue up one interval apart, in '<queue>rwait:<key>' (score: their
+      -- place). One that comes back before its turn (the ones ahead started a few ms
+      -- late) keeps its place: it is due when the jobs still ahead of it have had theirs.
       local due = tat - spec.tau
       if limited ~= 'rate' then
         due = math.max(due, r.tail + spec.t)
         r.tail, r.dirty = due, true
+        redis.call('ZADD', r.waiting, string.format('%d', due), id)
+      else
+        local ahead = redis.call('ZRANK', r.waiting, id)
+        if not ahead then
+          redis.call('ZADD', r.waiting, string.format('%d', due), id)
+          ahead = redis.call('ZRANK', r.waiting, id)
+        end
+        due = due + ahead * spec.t
       end
       return math.ceil(due / 1000), 'rate'
     end
@@ -509,6 +519,9 @@ local function admit(q, key, id, env, lk, now, limited)
   end
   if r then
     r.tat, r.dirty = tat + spec.t, true
+    if limited == 'rate' then
+      redis.call('ZREM', r.waiting, id)
+    end
   end
   return nil
 end
@@ -519,8 +532,9 @@ local function flush_limits(q)
     if r.dirty then
       redis.call('HSET', r.key, 'tat', string.format('%d', r.tat),
         'tail', string.format('%d', r.tail))
-      redis.call('PEXPIRE', r.key,
-        math.ceil((math.max(r.tat, r.tail) - q.now_us + r.span) / 1000) + 60000)
+      local ttl = math.ceil((math.max(r.tat, r.tail) - q.now_us + r.span) / 1000) + 60000
+      redis.call('PEXPIRE', r.key, ttl)
+      redis.call('PEXPIRE', r.waiting, ttl)
     end
   end
   for _, s in pairs(q.slots or {}) do
