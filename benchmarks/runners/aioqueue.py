@@ -44,7 +44,6 @@ def _queue(url: str, result_ttl: int = 60) -> Queue:
 
     TASKS.update(noop=noop, sleep=sleeper, lat=lat, gather=gather, step=step)
     if "rate_limit" in inspect.signature(queue.task).parameters:  # not in older baselines
-
         # A batch a worker fetches starts at one instant: the burst lets a whole batch in.
         @queue.task(name="limited", rate_limit="1000000/s", rate_burst=1000)
         async def limited(ctx: Context) -> None:
