@@ -395,15 +395,6 @@ class MemoryBroker:
         delivery) pairs."""
         states = [await queue._state() for queue in queues]
         fetched: list[tuple[int, Delivery]] = []
-        for index, (queue, state) in enumerate(zip(queues, states, strict=True)):
-            held = state.held.pop(consumer, None)
-            if held and state.paused_ms is None:
-                got = queue._begin(state, consumer, held, max_deliveries, check=True)
-                fetched += [(index, delivery) for delivery in got]
-            elif held:
-                state.held[consumer] = held
-        if fetched:
-            return fetched
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block
         while True:
@@ -666,23 +657,8 @@ class MemoryBroker:
         cut-short delivery of a job running under this consumer is not counted. Returns how
         many jobs were handed back."""
         state = await self._state()
-        released = 0
-        for entry, job_id in state.own_pending(consumer):
-            if entry in keep:
-                continue
-            state.drop_entry(entry)
-            job = state.job(job_id)
-            # A job with no entry recorded counts as held by this one (as in release.lua).
-            if job is None or job.entry not in ("", entry):
-                continue
-            if job.status not in ("queued", "running"):
-                continue
-            if job.status == "running" and job.worker == consumer:
-                job.deliveries -= 1
-            job.status = "queued"
-            job.entry = state.add_entry(job_id)
-            released += 1
-        return released
+        mine = [(e, j) for e, j in state.own_pending(consumer) if e not in keep]
+        return state.hand_back(consumer, mine)
 
     async def heartbeat(
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
@@ -928,7 +904,6 @@ class MemoryBroker:
         state.rate_waiters.clear()
         state.slots.clear()
         state.slot_waiters.clear()
-        state.held.clear()
         state.paused_ms = None
         # Deleting the stream starts its entries-added counter again.
         state.entries_added = 0

@@ -569,9 +569,6 @@ class QueueState:
     """Concurrency limits: key -> job id -> when its slot's lease ends (ms)."""
     slot_waiters: dict[str, dict[str, int]] = field(default_factory=dict)
     """Concurrency limits: key -> job id -> when it started waiting for a slot (ms)."""
-    held: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    """Per consumer, delivered entries begin left unbegun because the queue was paused
-    (the Redis broker's held entries)."""
     pending: dict[str, PendingEntry] = field(default_factory=dict)
     """Delivered, unacknowledged entries in entry order (the consumer group's pending list)."""
     consumers: dict[str, float] = field(default_factory=dict)
@@ -696,13 +693,14 @@ class QueueState:
         A job fed by its dependency carries that input. A job dead-lettered here hands its
         outcome to its dependants (:meth:`flow_drain`; ``ttl``: the result TTL in seconds).
         Its events (started, dead and what the dependants did) are one entry (``cap``: the
-        events cap). While the queue is ``paused``, entries are left pending and held. A
+        events cap). While the queue is ``paused``, entries are handed back unbegun. A
         job over its task's ``limits`` is deferred (:meth:`admit`), and ``on_deferred``
         called.
         """
         now = now_ms()
         ctx = FlowContext(now, ttl)
         deliveries: list[Delivery] = []
+        back: list[tuple[str, str]] = []
         for entry, job_id in entries:
             if check and not self.owns(consumer, entry):
                 continue  # lost: another consumer owns the entry now
@@ -722,7 +720,7 @@ class QueueState:
                 self.drop_entry(entry)
                 continue
             if paused:
-                self.held.setdefault(consumer, []).append((entry, job_id))
+                back.append((entry, job_id))
                 continue
             job.deliveries += 1
             if job.deliveries > max_deliveries:
@@ -772,7 +770,32 @@ class QueueState:
             )
         self.flow_drain(ctx)
         self.events.add(cap, ctx.events)
+        self.hand_back(consumer, back)
         return deliveries
+
+    def hand_back(self, consumer: str, entries: Sequence[tuple[str, str]]) -> int:
+        """``release.lua``: give entries this consumer holds back to their lanes as fresh
+        entries. Each is dropped; its job is re-queued only if the entry is still its current
+        one and it is queued or running (a running one's concurrency slot is freed, and the
+        cut-short delivery under this consumer is not counted). Returns how many."""
+        released = 0
+        for entry, job_id in entries:
+            if not self.owns(consumer, entry):
+                continue
+            self.drop_entry(entry)
+            job = self.job(job_id)
+            # A job with no entry recorded counts as held by this one (as in release.lua).
+            if job is None or job.entry not in ("", entry):
+                continue
+            if job.status not in ("queued", "running"):
+                continue
+            if job.status == "running" and job.worker == consumer:
+                job.deliveries -= 1
+            self.free_slot(job_id, job)
+            job.status = "queued"
+            job.entry = self.add_entry(job_id)
+            released += 1
+        return released
 
     # -- limits (admit, wake_waiter and free_slot of _prelude.lua) ---------------------------
 
@@ -825,17 +848,15 @@ class QueueState:
         return None
 
     def wake_waiter(self, slot_key: str) -> None:
-        """Send the oldest job waiting for a slot of ``slot_key`` back to the ready queue."""
-        waiters = self.slot_waiters.get(slot_key)
-        while waiters:
-            wid = min(waiters, key=lambda j: (waiters[j], j))
-            del waiters[wid]
+        """Send the oldest job waiting for a slot of ``slot_key`` back to the ready queue; a
+        waiter keeps its place until it starts, waiters that ended or run are dropped."""
+        waiters = self.slot_waiters.get(slot_key, {})
+        for wid in sorted(waiters, key=lambda j: (waiters[j], j))[:20]:
             w = self.job(wid)
-            if (
-                w is not None
-                and w.status == "scheduled"
-                and w.limited == "concurrency"
-                and self.delayed.discard(wid)
+            if w is None or w.status not in ("queued", "scheduled"):
+                del waiters[wid]
+            elif (
+                w.status == "scheduled" and w.limited == "concurrency" and self.delayed.discard(wid)
             ):
                 w.status = "queued"
                 w.entry = self.add_entry(wid)

@@ -232,7 +232,6 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "sadd": ("K", "m"),
     "smembers": ("K",),
     "zadd": ("K", "1", "m"),
-    "zpopmin": ("K",),
     "zrank": ("K", "m"),
     "zcard": ("K",),
     "zmscore": ("K", "m"),

@@ -172,9 +172,6 @@ class RedisConnection:
         self._clock_offset_ms = 0
         # Where each lane's takeover sweep (XAUTOCLAIM) goes on from.
         self._reclaim_cursors: dict[str, str] = {}
-        # Per consumer, entries (token, fields) a blocking read handed over that were not
-        # begun (the queue was being paused, or more lanes answered than were asked for).
-        self._held: dict[str, list[tuple[str, Any]]] = {}
         # A worker's tasks' limits as begin.lua reads them (see configure), its lease, and
         # what to call when begin deferred a job.
         self._limits = ""

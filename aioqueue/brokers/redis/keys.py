@@ -39,6 +39,12 @@ class Keys:
         return f"{self.stream}:lanes"
 
     @property
+    def wake(self) -> str:
+        """Stream (same group) whose entries wake a blocked worker when a job is written to
+        a priority lane the queue never had (the worker's read names only lanes it knew)."""
+        return f"{self.stream}:wake"
+
+    @property
     def paused(self) -> str:
         """Present while the queue is paused (value: when, in ms): workers start nothing
         new from it."""

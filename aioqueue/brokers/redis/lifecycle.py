@@ -277,14 +277,6 @@ class Lifecycle(RedisConnection):
         or each up to its share of ``count`` first (weighted, ``shares`` given). Returns
         (index of the queue, delivery) pairs. See ``fetch``."""
         fetched: list[tuple[int, Delivery]] = []
-        for index, queue in enumerate(queues):
-            held = queue._held.pop(consumer, None)
-            if held:
-                # Entries a blocking read handed over while the queue was being paused.
-                got = await queue._begin(consumer, held, max_deliveries, check=True)
-                fetched += [(index, delivery) for delivery in got]
-        if fetched:
-            return fetched
         keys: list[str] = []
         args: list[Any] = [
             GROUP,
@@ -343,13 +335,17 @@ class Lifecycle(RedisConnection):
         max_deliveries: int,
     ) -> list[tuple[int, Delivery]]:
         """One blocking XREADGROUP on every lane of every queue (in order); begins at most
-        ``count`` of what it read and holds the rest (several lanes can answer at once)."""
+        ``count`` of what it read and hands the rest straight back (several lanes can answer
+        at once: COUNT is per stream)."""
         streams: dict[Any, Any] = {}
         owner: dict[str, tuple[int, str]] = {}
         for index, level in lanes:
             name = queues[index].keys.lane(level)
             streams[name] = ">"
             owner[name] = (index, "" if level == "0" else f"@{level}")
+        wakes = {queues[index].keys.wake for index, _ in lanes}
+        for name in wakes:
+            streams[name] = ">"
         # A paused queue is left out of the read; wake up to look again soon.
         paused = len({index for index, _ in lanes}) < len(queues)
         wait = min(block, PAUSE_POLL) if paused else block
@@ -372,14 +368,22 @@ class Lifecycle(RedisConnection):
         if not response:
             return []
         read: dict[str, list[Any]] = {text(row[0]): row[1] for row in cast(Any, response)}
+        for name in wakes & set(read):
+            # A job went to a lane new to its queue: fetch.lua reads it next time round.
+            woken = [text(entry_id) for entry_id, _ in read[name]]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xack(name, GROUP, *woken)
+            pipe.xdel(name, *woken)
+            await pipe.execute()
         entries = [
             (owner[name][0], (text(entry_id) + owner[name][1], fields))
-            for name in streams
+            for name in owner
             for entry_id, fields in read.get(name, ())
         ]
-        for index, entry in entries[count:]:
-            if entry[1] and entry[1].get(b"j") is not None:
-                queues[index]._held.setdefault(consumer, []).append(entry)
+        for index, queue in enumerate(queues):
+            extra = [entry for i, entry in entries[count:] if i == index]
+            if extra:
+                await queue._hand_back(consumer, extra)
         fetched: list[tuple[int, Delivery]] = []
         for index, queue in enumerate(queues):
             mine = [entry for i, entry in entries[:count] if i == index]
@@ -536,8 +540,27 @@ class Lifecycle(RedisConnection):
             if text(result[0]) == "paused"
         ]
         if paused:
-            self._held.setdefault(consumer, []).extend(paused)
+            # The queue was paused meanwhile: they go back to wait at once, not in this
+            # consumer's pending list.
+            await self._hand_back(consumer, paused)
         return self._deliveries(known, results)
+
+    async def _hand_back(self, consumer: str, entries: Sequence[Any]) -> int:
+        """Give entries (token, fields) this consumer holds but did not begin back to their
+        lanes as fresh entries (``release.lua``)."""
+        jobs = [
+            (text(token), text(fields[b"j"]))
+            for token, fields in entries
+            if fields and fields.get(b"j") is not None
+        ]
+        if not jobs:
+            return 0
+        memo = self.keys.memo(uuid.uuid4().hex)
+        keys = [self.keys.stream, memo, *(self.keys.job(j) for _, j in jobs)]
+        args: list[Any] = [GROUP, consumer]
+        for entry, job_id in jobs:
+            args += [job_id, entry]
+        return int(await self._eval("release", keys, args))
 
     def _deliveries(
         self, known: Sequence[tuple[str, str]], results: Sequence[Any]
@@ -735,15 +758,8 @@ class Lifecycle(RedisConnection):
         released = 0
         with redis_errors("releasing jobs"):
             async for page in self._own_pending(consumer):
-                jobs = [(e, j) for e, j in page if j is not None and e not in keep]
-                if not jobs:
-                    continue
-                memo = self.keys.memo(uuid.uuid4().hex)
-                keys = [self.keys.stream, memo, *(self.keys.job(j) for _, j in jobs)]
-                args: list[Any] = [GROUP, consumer]
-                for entry, job_id in jobs:
-                    args += [job_id, entry]
-                released += int(await self._eval("release", keys, args))
+                entries = [(e, {b"j": j.encode()}) for e, j in page if j and e not in keep]
+                released += await self._hand_back(consumer, entries)
         return released
 
     async def heartbeat(

@@ -36,6 +36,15 @@ local function untoken(stream, token)
   return stream .. ':' .. string.sub(token, at + 1), string.sub(token, 1, at - 1)
 end
 
+-- Record that a job of priority prio was written: a priority new to the queue is added to
+-- its lanes, and a worker blocked in XREADGROUP (which names only the lanes it knew) is
+-- woken through '<stream>:wake' so that it reads the new lane at once.
+local function add_lane(stream, prio)
+  if redis.call('SADD', stream .. ':lanes', prio) == 1 then
+    redis.call('XADD', stream .. ':wake', 'MAXLEN', '~', 100, '*', 'lane', prio)
+  end
+end
+
 -- Append job id to the stream of its priority; returns the new entry's token.
 local function push(stream, id, prio)
   local s, tag = lane(stream, prio)
@@ -400,18 +409,18 @@ local function envelope_task(env)
   return nil
 end
 
--- Send the oldest job waiting for a slot of concurrency key ckey back to its stream.
+-- Send the oldest job waiting for a slot of concurrency key ckey back to its stream. A
+-- waiter keeps its place in the waiters set until it starts (admit removes it), so one
+-- woken but beaten to the slot by a newer job is still the oldest next time. Waiters that
+-- ended or run are dropped; one already woken (queued) is left to take the slot.
 local function wake_waiter(base, stream, delayed, ckey)
   local waiters = base .. 'cwait:' .. ckey
-  while true do
-    local head = redis.call('ZPOPMIN', waiters)
-    if #head == 0 then
-      return
-    end
-    local wid = head[1]
+  for _, wid in ipairs(redis.call('ZRANGE', waiters, 0, 19)) do
     local wkey = base .. 'job:' .. wid
     local w = redis.pcall('HMGET', wkey, 'status', 'limited', 'prio')
-    if not w.err and w[1] == 'scheduled' and w[2] == 'concurrency'
+    if w.err or (w[1] ~= 'queued' and w[1] ~= 'scheduled') then
+      redis.call('ZREM', waiters, wid)
+    elseif w[1] == 'scheduled' and w[2] == 'concurrency'
         and redis.call('ZREM', delayed, wid) == 1 then
       local entry = push(stream, wid, w[3])
       redis.call('HSET', wkey, 'status', 'queued', 'entry', entry)
@@ -483,7 +492,9 @@ local function admit(q, key, id, env, lk, now, limited)
   if spec.n then
     s = slot_state(q, ckey, now)
     if s.count >= spec.n and not redis.call('ZSCORE', s.key, id) then
-      redis.call('ZADD', q.base .. 'cwait:' .. ckey, 'NX', now, id)
+      local waiters = q.base .. 'cwait:' .. ckey
+      redis.call('ZADD', waiters, 'NX', now, id)
+      redis.call('PEXPIRE', waiters, q.lease * 2 + 60000)
       local head = redis.call('ZRANGE', s.key, 0, 0, 'WITHSCORES')
       return tonumber(head[2]) or (now + q.lease), 'concurrency'
     end

@@ -86,7 +86,7 @@ if redis.call('EXISTS', KEYS[5]) == 0 then
     'entry', entry)
   if ARGV[11] ~= '0' then
     redis.call('HSET', KEYS[5], 'prio', ARGV[11])
-    redis.call('SADD', KEYS[4] .. ':lanes', ARGV[11])
+    add_lane(KEYS[4], ARGV[11])
   end
   flush_events(KEYS[7], ARGV[10], {{id, 'enqueued', 'queued'}})
 end

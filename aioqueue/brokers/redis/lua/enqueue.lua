@@ -290,7 +290,7 @@ for _, status in ipairs({'waiting', 'scheduled', 'queued'}) do
 end
 flow_drain(ctx, work)
 for level in pairs(lanes) do
-  redis.call('SADD', KEYS[1] .. ':lanes', level)
+  add_lane(KEYS[1], level)
 end
 flush_events(KEYS[3], ARGV[5], events)
 return out

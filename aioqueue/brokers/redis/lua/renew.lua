@@ -30,8 +30,9 @@ for i = 1, #KEYS - 1 do
     if not job.err and job[1] == 'aborted' then
       aborted[#aborted + 1] = token
     elseif not job.err and job[2] then
-      redis.call('ZADD', base .. 'conc:' .. job[2], 'XX', expiry, string.sub(KEYS[1 + i],
-        #base + #'job:' + 1))
+      local slots = base .. 'conc:' .. job[2]
+      redis.call('ZADD', slots, 'XX', expiry, string.sub(KEYS[1 + i], #base + #'job:' + 1))
+      redis.call('PEXPIRE', slots, tonumber(ARGV[3]) * 2 + 60000)
     end
   else
     lost[#lost + 1] = token
