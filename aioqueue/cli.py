@@ -18,12 +18,13 @@ from aioqueue.cli_support import (
     TargetArg,
     configure_logging,
     fail,
-    load_queue_or_fail,
+    load_queues_or_fail,
     load_worker,
     redis_failure,
-    with_queue,
+    with_queues,
 )
 from aioqueue.errors import AioqueueError
+from aioqueue.queue import Queue
 from aioqueue.supervisor import Supervisor, worker_command
 from aioqueue.worker import Worker
 
@@ -53,19 +54,27 @@ def _commands() -> None:
 
 @app.command()
 def pause(target: TargetArg) -> None:
-    """Pause a queue: workers start none of its jobs (running ones finish); enqueues and
-    cron ticks still land and wait for `aioqueue resume`."""
-    queue = load_queue_or_fail(target)
-    was = with_queue(target, lambda q: q.pause())
-    typer.echo(f"queue {queue.name!r} {'was already paused' if was else 'paused'}")
+    """Pause a queue (a worker's: every queue it consumes): workers start none of its jobs
+    (running ones finish); enqueues and cron ticks still land and wait for `aioqueue
+    resume`."""
+    queues = load_queues_or_fail(target)
+    was = with_queues(target, queues, lambda qs: _each(qs, paused=True))
+    for queue, before in zip(queues, was, strict=True):
+        typer.echo(f"queue {queue.name!r} {'was already paused' if before else 'paused'}")
 
 
 @app.command()
 def resume(target: TargetArg) -> None:
-    """Resume a paused queue: workers start its jobs again within a second."""
-    queue = load_queue_or_fail(target)
-    was = with_queue(target, lambda q: q.resume())
-    typer.echo(f"queue {queue.name!r} {'resumed' if was else 'was not paused'}")
+    """Resume a paused queue (a worker's: every queue it consumes): workers start its jobs
+    again within a second."""
+    queues = load_queues_or_fail(target)
+    was = with_queues(target, queues, lambda qs: _each(qs, paused=False))
+    for queue, before in zip(queues, was, strict=True):
+        typer.echo(f"queue {queue.name!r} {'resumed' if before else 'was not paused'}")
+
+
+async def _each(queues: list[Queue], *, paused: bool) -> list[bool]:
+    return [await (q.pause() if paused else q.resume()) for q in queues]
 
 
 @app.command()

@@ -27,6 +27,7 @@ from aioqueue.cli_support import (
     TargetArg,
     fail,
     load_queue_or_fail,
+    load_queues_or_fail,
     load_worker,
     plain,
     shown,
@@ -34,6 +35,7 @@ from aioqueue.cli_support import (
     when,
     when_ms,
     with_queue,
+    with_queues,
 )
 from aioqueue.errors import AioqueueError, InvalidArguments, JobNotFound
 from aioqueue.queue import Queue
@@ -279,24 +281,30 @@ def info(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts")] = False,
 ) -> None:
-    """Show a queue's counts, lag, throughput, the workers it needs and live workers."""
+    """Show a queue's counts, lag, throughput, the workers it needs and live workers (for a
+    worker on several queues: each of them; --json then prints a list)."""
+    queues = load_queues_or_fail(target)
+
+    async def read(qs: list[Queue]) -> list[QueueStats]:
+        return [await q.stats() for q in qs]
+
     if as_json:
-        stats = with_queue(target, lambda q: q.stats(), reads=True)
-        typer.echo(msgspec.json.encode(stats).decode())
+        stats = with_queues(target, queues, read, reads=True)
+        typer.echo(msgspec.json.encode(stats if len(stats) > 1 else stats[0]).decode())
         return
     console = _console()
     if not watch:
-        console.print(_stats_view(with_queue(target, lambda q: q.stats(), reads=True)))
+        console.print(Group(*map(_stats_view, with_queues(target, queues, read, reads=True))))
         return
 
-    async def refresh(queue: Queue) -> None:
+    async def refresh(qs: list[Queue]) -> None:
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(_stats_view(await queue.stats()), refresh=True)
+                live.update(Group(*map(_stats_view, await read(qs))), refresh=True)
                 await anyio.sleep(interval)
 
     with contextlib.suppress(KeyboardInterrupt):
-        with_queue(target, refresh, reads=True)
+        with_queues(target, queues, refresh, reads=True)
 
 
 def job(

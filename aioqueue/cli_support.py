@@ -84,12 +84,22 @@ def load_worker(path: str) -> Worker:
 
 
 def load_queue(path: str) -> Queue:
-    """Turn ``module:attribute`` (a Queue, a Worker or a settings class) into its Queue."""
+    """Turn ``module:attribute`` (a Queue, a Worker or a settings class) into its Queue (a
+    worker's first one)."""
+    return load_queues(path)[0]
+
+
+def load_queues(path: str) -> list[Queue]:
+    """Every queue ``module:attribute`` names: a Queue's one, a Worker's all."""
     target = _called(path, import_object(path))
+    if isinstance(target, Worker):
+        return list(target.queues)
+    return [_queue_of(path, target)]
+
+
+def _queue_of(path: str, target: Any) -> Queue:
     if isinstance(target, Queue):
         return target
-    if isinstance(target, Worker):
-        return target.queue
     queue = getattr(target, "queue", None)
     if isinstance(queue, Queue):
         return queue
@@ -158,12 +168,25 @@ def with_queue(path: str, action: Callable[[Queue], Awaitable[T]], *, reads: boo
     With ``reads``, the action reads records, and one that does not parse (a hash field that
     is not a number, bytes that are not UTF-8) is reported in one line too."""
     queue = load_queue_or_fail(path)
+    return with_queues(path, [queue], lambda queues: action(queues[0]), reads=reads)
+
+
+def with_queues(
+    path: str,
+    queues: list[Queue],
+    action: Callable[[list[Queue]], Awaitable[T]],
+    *,
+    reads: bool = False,
+) -> T:
+    """``with_queue`` for several queues (a worker's): all closed at the end."""
+    queue = queues[0]
 
     async def go() -> T:
         try:
-            return await action(queue)
+            return await action(queues)
         finally:
-            await queue.close()
+            for each in queues:
+                await each.close()
 
     try:
         return anyio.run(go)
@@ -179,8 +202,13 @@ def with_queue(path: str, action: Callable[[Queue], Awaitable[T]], *, reads: boo
 
 def load_queue_or_fail(target: str) -> Queue:
     """The queue at ``target``, or a one-line error."""
+    return load_queues_or_fail(target)[0]
+
+
+def load_queues_or_fail(target: str) -> list[Queue]:
+    """Every queue at ``target`` (a worker's all), or a one-line error."""
     try:
-        return load_queue(target)
+        return load_queues(target)
     except AioqueueError as exc:
         raise fail(exc) from None
 

@@ -129,8 +129,10 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
     ``kind`` is one of ``enqueued`` (``status`` says queued, scheduled or waiting),
     ``released`` (a waiting job's dependencies ended), ``started`` (``attempt``, ``worker``),
     ``progress`` (``fraction``, ``message``), ``retrying`` (``reason``, ``attempt``: the
-    next one), ``completed``, ``failed`` / ``dead`` (``reason``) and ``aborted`` (``status``:
-    the status it had, or ``reason``). Pass ``cursor`` as ``since`` to resume after it.
+    next one), ``deferred`` (``reason``: the limit that held it back, ``rate`` or
+    ``concurrency``; ``run_at``: when it may try again), ``completed``, ``failed`` /
+    ``dead`` (``reason``) and ``aborted`` (``status``: the status it had, or ``reason``).
+    Pass ``cursor`` as ``since`` to resume after it.
     """
 
     cursor: str
@@ -143,6 +145,7 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
     worker: str | None = None
     fraction: float | None = None
     message: str | None = None
+    run_at: datetime | None = None
 
     @classmethod
     def from_stored(cls, event: StoredEvent) -> JobEvent:
@@ -158,6 +161,10 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
             fields["fraction"], fields["message"] = first, second
         elif kind == "retrying":
             fields["reason"], fields["attempt"] = first, second
+        elif kind == "deferred":
+            fields["reason"] = first
+            if isinstance(second, int) and not isinstance(second, bool):
+                fields["run_at"] = _when(second)
         elif kind == "aborted" and first in _STATUSES:
             fields["status"] = first
         elif kind in ("failed", "dead", "aborted"):
@@ -171,6 +178,7 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
             "message": str,
             "attempt": int,
             "fraction": float,
+            "run_at": datetime,
         }
         kept: dict[str, Any] = {k: v for k, v in fields.items() if isinstance(v, typed[k])}
         return cls(

@@ -29,10 +29,10 @@ def parse_rate(text: str) -> int:
     """The interval between starts, in microseconds, of a rate such as ``"5000/h"``,
     ``"20/s"`` or ``"3/10m"`` (rounded up: the limit is never exceeded)."""
     match = _RATE.match(text) if isinstance(text, str) else None
-    if match is None or int(match[1]) == 0:
+    if match is None or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
         raise ConfigurationError(
-            f"rate_limit {text!r}: write it as <count>/<unit>, e.g. '5000/h', '20/s' or "
-            "'3/10m' (units s, m, h, d; count at least 1)"
+            f"rate_limit {text!r}: write it as <count>/<period>, e.g. '5000/h', '20/s' or "
+            "'3/10m' (units s, m, h, d, or sec, min, hour, day; count and period at least 1)"
         )
     seconds = int(match[2] or 1) * _UNITS[match[3][0].lower()]
     return max(math.ceil(seconds * 1_000_000 / int(match[1])), 1)
@@ -62,6 +62,8 @@ class TaskLimits:
         where = f"task {task!r}"
         if rate_limit is None and rate_limit_key is not None:
             raise ConfigurationError(f"{where}: rate_limit_key needs a rate_limit")
+        if rate_limit is None and rate_burst != 1:
+            raise ConfigurationError(f"{where}: rate_burst needs a rate_limit")
         if concurrency_limit is None and concurrency_key is not None:
             raise ConfigurationError(f"{where}: concurrency_key needs a concurrency_limit")
         if isinstance(rate_burst, bool) or not isinstance(rate_burst, int) or rate_burst < 1:

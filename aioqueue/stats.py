@@ -218,9 +218,9 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
         mean_job_seconds=mean,
         utilisation=sum(w.in_flight for w in workers) / slots if slots > 0 else None,
         workers_needed=workers_needed(arrived, mean, slots / len(workers) if workers else 0),
-        lag_growing=lag_growing(
-            counts.ready, arrived, completed + failed, slots / mean if mean else None
-        ),
+        # A paused queue's lag grows by design: no call to add workers.
+        lag_growing=paused_ms is None
+        and lag_growing(counts.ready, arrived, completed + failed, slots / mean if mean else None),
         paused_at=None if paused_ms is None else paused_ms / 1000,
     )
 

@@ -96,6 +96,8 @@ class Worker:
         weights: Sequence[int] | None = None,
     ) -> None:
         self.queue = queue
+        if not isinstance(also, (list, tuple)) or not all(hasattr(q, "tasks") for q in also):
+            raise ConfigurationError(f"also takes a list of queues, not {also!r}")
         self.queues = [queue, *also]
         """The queues this worker consumes, in order."""
         self.weights = _check_queues(self.queues, weights)
@@ -123,10 +125,8 @@ class Worker:
         self._serving: list[Broker] = []
         self.completed = 0
         self.failed = 0
-        self.completed_last_minute = RateWindow(60)
-        self.failed_last_minute = RateWindow(60)
-        # Run time in µs, fetch to recorded outcome, of the attempts settled in the last minute.
-        self.busy_us_last_minute = RateWindow(60)
+        # Outcomes and run time per queue, for each queue's heartbeat (aioqueue info).
+        self._tallies = [_Tally() for _ in self.queues]
         self.metrics: PrometheusMetrics | None = None
         # Keyed by (queue index, stream entry), not job id: a delivery is (consumer, entry),
         # and an old entry's lost lease must never cancel a newer run of the same job.
@@ -251,7 +251,8 @@ class Worker:
                 # certificate that does not verify raise at once (they do not pass by
                 # themselves).
                 await self._retrying("connecting to Redis", broker.connect)
-                await self._check_server(broker)
+                # Rights are per queue (its keys); the server is one for all of them.
+                await self._check_server(broker, server=broker is brokers[0])
                 await self._retrying("creating the consumer group", broker.ensure_group)
             await self._serve(brokers, loop, handle_signals, consuming)
         except Exception as exc:
@@ -309,7 +310,7 @@ class Worker:
                 for source, each in enumerate(brokers):
                     await tg.start(self._abort_loop, each, source)
                     tg.start_soon(self._promote_loop, each, source)
-                    tg.start_soon(self._heartbeat_loop, each, self.queues[source])
+                    tg.start_soon(self._heartbeat_loop, each, source)
                     tg.start_soon(self._schedulers[source].run, each, lease_ms)
                 tg.start_soon(self._settle_loop)
                 tg.start_soon(self._renew_loop)
@@ -349,7 +350,7 @@ class Worker:
                 self._executing,
             )
 
-    async def _check_server(self, broker: Broker) -> None:
+    async def _check_server(self, broker: Broker, *, server: bool = True) -> None:
         """Refuse an evicting Redis (it deletes jobs at random) unless allowed; warn when
         nothing is persisted. Before that, check every ACL right a worker needs (Redis
         brokers): a missing one is one PermissionDenied now, before "consuming" is logged,
@@ -357,6 +358,8 @@ class Worker:
         await self._retrying(
             "checking the worker's rights", functools.partial(broker.check_access, "worker")
         )
+        if not server:
+            return
         facts: ServerFacts = await self._retrying(
             "reading the Redis configuration", broker.server_facts
         )
@@ -686,16 +689,13 @@ class Worker:
     def _log(self, running: Running, settlement: Settlement) -> None:
         if isinstance(settlement, Done):
             self.completed += 1
-            self.completed_last_minute.add()
             level, kind, outcome = logging.INFO, "complete", "complete"
         elif isinstance(settlement, Again):
             self.failed += 1
-            self.failed_last_minute.add()
             level, kind = logging.WARNING, "retrying"
             outcome = f"retrying in {settlement.delay_ms / 1000:.2f}s ({settlement.reason})"
         else:
             self.failed += 1
-            self.failed_last_minute.add()
             level = logging.INFO if settlement.status == "aborted" else logging.ERROR
             kind = settlement.status
             outcome = (
@@ -704,7 +704,7 @@ class Worker:
                 else settlement.status
             )
         elapsed = time.monotonic() - running.started
-        self.busy_us_last_minute.add(round(elapsed * 1_000_000))
+        self._tallies[running.source].add(kind == "complete", elapsed)
         if self.metrics is not None:
             # Only registered task names become label values: a job written into Redis
             # with a made-up name must not create a new time series.
@@ -826,25 +826,27 @@ class Worker:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), pause)
 
-    async def _heartbeat_loop(self, broker: Broker, queue: Queue) -> None:
-        """Say this worker is alive; now and then remove the consumers of workers that are
+    async def _heartbeat_loop(self, broker: Broker, source: int) -> None:
+        """Say this worker is alive, with what it did for this queue (its concurrency is
+        shared by all its queues); now and then remove the consumers of workers that are
         gone (their heartbeat expired and they hold nothing)."""
         interval = min(self.settings.lease / 3, 5.0)
         beats = 0
+        tally = self._tallies[source]
         while True:
             info: dict[str, str | int | float] = {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "concurrency": self.settings.concurrency,
-                "in_flight": len(self._in_flight),
+                "in_flight": sum(1 for r in self._in_flight.values() if r.source == source),
                 "started": self.started_at or 0.0,
                 "beat": time.time(),
-                "completed": self.completed,
-                "failed": self.failed,
-                "completed_1m": self.completed_last_minute.total(),
-                "failed_1m": self.failed_last_minute.total(),
-                "busy_1m": self.busy_us_last_minute.total() / 1_000_000,
-                "queue": queue.name,
+                "completed": tally.completed,
+                "failed": tally.failed,
+                "completed_1m": tally.completed_last_minute.total(),
+                "failed_1m": tally.failed_last_minute.total(),
+                "busy_1m": tally.busy_us_last_minute.total() / 1_000_000,
+                "queue": self.queues[source].name,
             }
             try:
                 await broker.heartbeat(self.id, info, ttl=interval * 2)
@@ -950,6 +952,26 @@ class Worker:
                 await task
             raise TimeoutError
         return task.result()
+
+
+class _Tally:
+    """What a worker did for one of its queues: outcomes, and run time, in the last minute."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.completed_last_minute = RateWindow(60)
+        self.failed_last_minute = RateWindow(60)
+        self.busy_us_last_minute = RateWindow(60)
+
+    def add(self, completed: bool, seconds: float) -> None:
+        if completed:
+            self.completed += 1
+            self.completed_last_minute.add()
+        else:
+            self.failed += 1
+            self.failed_last_minute.add()
+        self.busy_us_last_minute.add(round(seconds * 1_000_000))
 
 
 def _check_queues(queues: Sequence[Queue], weights: Sequence[int] | None) -> list[int] | None:

@@ -30,7 +30,7 @@ def test_rates_parse_to_intervals_never_shorter_than_the_rate() -> None:
     assert parse_rate("3/10m") == 200_000_000
     assert parse_rate("3/s") == 333_334
     assert parse_rate("100000/s") == 10
-    for bad in ("", "5000", "0/s", "5/week", "-1/s", "1.5/s"):
+    for bad in ("", "5000", "0/s", "5/week", "-1/s", "1.5/s", "20/0s", "1/00m"):
         with pytest.raises(ConfigurationError, match="rate_limit"):
             parse_rate(bad)
 
@@ -45,6 +45,7 @@ def test_bad_limit_options_are_refused() -> None:
         {"concurrency_limit": True},
         {"rate_limit": "1/s", "rate_burst": 0},
         {"rate_limit": "1/s", "rate_limit_key": "not callable"},
+        {"rate_burst": 5},
     ]
     for options in cases:
         with pytest.raises(ConfigurationError):
@@ -81,7 +82,12 @@ async def test_a_rate_limited_job_waits_without_using_an_attempt(storage_url: st
         jobs = await tick.map([(n,) for n in range(12)])
         async with running(queue.worker(concurrency=20)):
             attempts = [await job.result(timeout=20) for job in jobs]
+        events = [event async for event in jobs[-1].events()]
     assert attempts == [1] * 12
+    deferred = [event for event in events if event.kind == "deferred"]
+    assert deferred
+    assert deferred[0].reason == "rate"
+    assert deferred[0].run_at is not None
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # One start per 100 ms: 12 starts take at least 1.1 s (a little scheduling slack).
     assert starts[-1] - starts[0] >= 1.0

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
-from helpers import eventually, running
+from helpers import eventually, run_cli, running
 
 from aioqueue import ConfigurationError, Context, Queue
 
@@ -149,7 +151,52 @@ def test_queues_of_one_worker_must_share_a_redis_and_differ() -> None:
         a.worker(also=[b])
     with pytest.raises(ConfigurationError, match="each queue once"):
         a.worker(also=[Queue("redis://localhost:1/0", name="a")])
+    with pytest.raises(ConfigurationError, match="list of queues"):
+        a.worker(also=b)  # type: ignore[arg-type]
     c = Queue("redis://localhost:1/0", name="c")
     for bad in ([1], [1, 0], [1, True], [2.5, 1]):
         with pytest.raises(ConfigurationError, match="weights"):
             a.worker(also=[c], weights=bad)  # type: ignore[arg-type]
+
+
+async def test_the_cli_pauses_and_shows_every_queue_of_a_worker(redis_server: Any) -> None:
+    url = redis_server.url
+    out = await asyncio.to_thread(run_cli, "pause", "multi_app:worker", url=url)
+    assert out.returncode == 0, out.stderr
+    for level in ("high", "default", "low"):
+        assert f"queue 'multi-{level}' paused" in out.stdout
+    queues = [Queue(url, name=f"multi-{level}") for level in ("high", "default", "low")]
+    try:
+        assert all([await q.paused_since() is not None for q in queues])
+        info = await asyncio.to_thread(run_cli, "info", "multi_app:worker", "--json", url=url)
+        assert info.returncode == 0, info.stderr
+        stats = json.loads(info.stdout)
+        assert [s["queue"] for s in stats] == [q.name for q in queues]
+        assert all(s["paused_at"] is not None for s in stats)
+        out = await asyncio.to_thread(run_cli, "resume", "multi_app:worker", url=url)
+        assert out.returncode == 0, out.stderr
+        assert all([await q.paused_since() is None for q in queues])
+    finally:
+        for q in queues:
+            await q.close()
+
+
+async def test_each_queue_s_heartbeat_counts_only_its_own_jobs(redis_server: Any) -> None:
+    app = Three(redis_server.url)
+    q = app.queues
+    try:
+        await app.fill({"low": 30})
+        worker = q["high"].worker(concurrency=4, also=[q["default"], q["low"]], lease=1.5)
+        async with running(worker):
+            await eventually(lambda: len(app.started) == 30, timeout=30)
+
+            async def beat_counts() -> bool:
+                low = await q["low"].stats()
+                return sum(w.completed for w in low.workers) == 30
+
+            await eventually(beat_counts, timeout=10)
+            high = await q["high"].stats()
+            assert [w.completed for w in high.workers] == [0]
+            assert high.settled_per_second == 0
+    finally:
+        await app.close()
