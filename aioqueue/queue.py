@@ -416,10 +416,13 @@ class Queue:
             job_id = options.job_id or new_job_id()
             task = tasks.get(request.task)
             envelope = self._envelope(request, task, job_id, now_ms, trace)
-            window = options.keyed_window()
+            # The bulk path: most jobs have no window, priority or limit keys of their own.
+            window = None if options.plain else options.keyed_window()
             if window is not None:
                 key = Keyed(window[0], request.task, options.key or "", window[1])
                 keyed.append((len(jobs), NewJob(job_id, envelope), key))
+            elif options.plain and (task is None or task.plain):
+                new_jobs.append(NewJob(job_id, envelope, flow=flow))
             else:
                 at_ms, delay_ms = options.schedule_ms()
                 priority = job_priority(options, task)

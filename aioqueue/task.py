@@ -74,8 +74,19 @@ class JobOptions:
     debounce: float | timedelta | None = None
     throttle: float | timedelta | None = None
     key: str | None = None
+    plain: bool = field(init=False, repr=False, compare=False)
+    """No schedule, priority or window of its own (the bulk enqueue path)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "plain",
+            self.delay is None
+            and self.at is None
+            and self.priority is None
+            and self.debounce is None
+            and self.throttle is None,
+        )
         if self.on_dependency_failure not in ("fail", "run"):
             raise ConfigurationError('on_dependency_failure must be "fail" or "run"')
         for dependency in self.depends_on:
@@ -334,6 +345,10 @@ class Task(Generic[P, R]):
         self.priority = priority
         self.limits = limits
         """Its rate and concurrency limits (docs/flow-control.md), None without."""
+        self.plain = priority == 0 and (
+            limits is None or (limits.rate_key is None and limits.concurrency_key is None)
+        )
+        """Its jobs need no priority or limit keys of their own (the bulk enqueue path)."""
         self.signature = Signature(func, name)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func

@@ -159,10 +159,19 @@ class Lifecycle(RedisConnection):
         # them in specs, like a workflow.
         single = max_size > 0 or flow
         skip = len(self.keys.job_prefix.encode())  # Lua counts bytes
-        for chunk in [list(jobs)] if single else _chunks(jobs):
+        first = jobs[0].priority if jobs else 0
+        uniform = all(job.priority == first and job.limit_keys is None for job in jobs)
+        if single:
+            chunks = [list(jobs)]
+        elif uniform:
+            chunks = [list(jobs[start : start + CHUNK]) for start in range(0, len(jobs), CHUNK)]
+        else:
+            chunks = _chunks(jobs)
+        for chunk in chunks:
             priority = chunk[0].priority
-            specs = flow or any(
-                job.priority != priority or job.limit_keys is not None for job in chunk
+            specs = flow or (
+                not uniform
+                and any(job.priority != priority or job.limit_keys is not None for job in chunk)
             )
             timed = any(job.run_at_ms or job.delay_ms for job in chunk)
             keys = [self.keys.stream, self.keys.delayed, self.keys.events]

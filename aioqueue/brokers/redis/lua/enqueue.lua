@@ -158,10 +158,11 @@ for i = 1, n do
   local env = ARGV[at + 1]
   if fresh[i] and not specs[i] and not member_of[i] and mode ~= '1' then
     -- A plain job to run now: the bulk enqueue path, kept lean.
-    local entry = push(KEYS[1], id, prio)
     if prio == '0' then
+      local entry = redis.call('XADD', KEYS[1], '*', 'j', id)
       redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry)
     else
+      local entry = push(KEYS[1], id, prio)
       redis.call('HSET', key, 'env', env, 'status', 'queued', 'enqueued', now, 'entry', entry,
         'prio', prio)
     end
