@@ -327,11 +327,15 @@ def job(
     console.print(
         Text(f"attempt {record.attempt}  deliveries {record.deliveries}  {plain(record.reason)}")
     )
+    final = record.status in ("complete", "failed", "dead", "aborted")
+    run_at = "" if final else f"  run at {when_ms(record.run_at_ms)}"
     console.print(
         f"enqueued {when_ms(record.enqueued_ms)}  started {when_ms(record.started_ms)}  "
-        f"finished {when_ms(record.finished_ms)}  run at {when_ms(record.run_at_ms)}",
+        f"finished {when_ms(record.finished_ms)}{run_at}",
         markup=False,
     )
+    if record.replaced_by:
+        console.print(Text(f"replaced by {plain(record.replaced_by)} (debounce)"))
     if record.worker:
         console.print(Text(f"worker {plain(record.worker)}"))
     if record.progress is not None:
@@ -447,6 +451,7 @@ class JobView:
             }
         )
         shape["reason"] = record.reason
+        shape["replaced_by"] = record.replaced_by
         shape["worker"] = record.worker
         shape["progress"] = (
             None

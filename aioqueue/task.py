@@ -419,11 +419,7 @@ class Task(Generic[P, R]):
 
     async def map(self, arguments: Iterable[Sequence[Any]]) -> list[Job[R]]:
         """Fan out: enqueue one job per argument tuple in pipelined round trips."""
-        requests: list[JobRequest[R]] = [
-            JobRequest(self.name, tuple(args), {}) for args in arguments
-        ]
-        jobs = await self.queue.enqueue_many(requests)
-        return [self.queue.job(job.id, self) for job in jobs]
+        return await TaskOptions(self, DEFAULT_OPTIONS).map(arguments)
 
 
 class TaskOptions(Generic[P, R]):
@@ -453,6 +449,18 @@ class TaskOptions(Generic[P, R]):
 
         request: JobRequest[R] = self._request(self.task.signature.bind_fed(args, kwargs))
         return Partial(request)
+
+    async def map(self, arguments: Iterable[Sequence[Any]]) -> list[Job[R]]:
+        """Enqueue one job per argument tuple, each with these options (``job_id`` excluded:
+        it names one job)."""
+        if self.options.job_id is not None:
+            raise ConfigurationError("map enqueues many jobs: give no job_id")
+        task = self.task
+        requests: list[JobRequest[R]] = [
+            JobRequest(task.name, tuple(args), {}, self.options) for args in arguments
+        ]
+        jobs = await task.queue.enqueue_many(requests)
+        return [task.queue.job(job.id, task) for job in jobs]
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Enqueue one run with these options."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -18,7 +20,7 @@ import pytest
 import redis
 from conftest import RedisServer
 from faultproxy import FaultProxy
-from helpers import eventually, running
+from helpers import eventually, run_cli, running
 
 from aioqueue import (
     ConfigurationError,
@@ -437,3 +439,28 @@ async def test_a_workflow_refuses_debounced_and_throttled_steps(queue: Queue) ->
         await throttled.then(digest.partial()).enqueue()
     counts = await queue.counts()
     assert (counts.ready, counts.delayed) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+async def test_aioqueue_job_shows_which_job_replaced_a_debounced_one(
+    redis_server: RedisServer,
+) -> None:
+    url, name = redis_server.url, f"deb-cli-{uuid.uuid4().hex[:8]}"
+    queue = Queue(url, name=name)
+    try:
+        first = await queue.options(debounce=30, key="k").enqueue("sleep_then_return", 0, 1)
+        second = await queue.options(debounce=30, key="k").enqueue("sleep_then_return", 0, 2)
+        assert first.id != second.id
+        text = await asyncio.to_thread(
+            run_cli, "job", "basic_app:queue", first.id, url=url, queue=name
+        )
+        assert text.returncode == 0, text.stderr
+        assert f"replaced by {second.id}" in text.stdout
+        assert "run at" not in text.stdout  # it is aborted: it will not run
+        shown = await asyncio.to_thread(
+            run_cli, "job", "basic_app:queue", first.id, "--json", url=url, queue=name
+        )
+        assert json.loads(shown.stdout)["replaced_by"] == second.id
+    finally:
+        await queue.purge()
+        await queue.close()

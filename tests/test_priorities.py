@@ -52,6 +52,19 @@ async def test_higher_priorities_start_first_and_each_lane_stays_fifo(storage_ur
         assert [n for lab, n in started if lab == label] == list(range(20))
 
 
+async def test_map_with_options_gives_every_job_the_priority(storage_url: str) -> None:
+    queue, started = make_queue(storage_url)
+    record = queue.tasks["record"]
+    async with queue:
+        await record.map([("normal", n) for n in range(3)])
+        await record.options(priority=4).map([("high", n) for n in range(3)])
+        with pytest.raises(ConfigurationError, match="job_id"):
+            await record.options(job_id="one").map([("x", 1), ("y", 2)])
+        async with running(queue.worker(concurrency=1)):
+            await eventually(lambda: len(started) == 6, timeout=20)
+    assert [label for label, _ in started] == ["high"] * 3 + ["normal"] * 3
+
+
 async def test_a_task_priority_is_the_default_of_its_jobs(storage_url: str) -> None:
     queue, started = make_queue(storage_url)
     async with queue:
