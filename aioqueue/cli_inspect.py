@@ -525,6 +525,9 @@ def enqueue(
     kwargs: Annotated[str, typer.Option("--kwargs", help="JSON object of arguments")] = "{}",
     delay: Annotated[float | None, typer.Option(help="Seconds before it may run")] = None,
     job_id: Annotated[str | None, typer.Option(help="Job id (idempotent)")] = None,
+    priority: Annotated[
+        int | None, typer.Option(help="-9 to 9, higher first (default: the task's)")
+    ] = None,
     wait: Annotated[
         float | None, typer.Option(help="Wait this many seconds for the result and print it")
     ] = None,
@@ -537,7 +540,8 @@ def enqueue(
         raise fail(InvalidArguments(f"--args/--kwargs must be JSON: {exc}")) from None
 
     async def go(queue: Queue) -> tuple[str, Any]:
-        handle = await queue.options(job_id=job_id, delay=delay).enqueue(task, *positional, **named)
+        options = queue.options(job_id=job_id, delay=delay, priority=priority)
+        handle = await options.enqueue(task, *positional, **named)
         return handle.id, (await handle.result(timeout=wait) if wait is not None else None)
 
     new_id, result = with_queue(target, go)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pytest
 from helpers import eventually, run_cli, running
@@ -250,3 +251,17 @@ async def test_the_cli_pauses_and_resumes(redis_server: object) -> None:
         assert await broker.paused_since() is None
     finally:
         await broker.close()
+
+
+async def test_the_cli_enqueues_with_a_priority(redis_server: object, redis_client: Any) -> None:
+    url = redis_server.url  # type: ignore[attr-defined]
+    name = f"prio-{uuid.uuid4().hex[:10]}"
+    args = ("enqueue", "basic_app:queue", "sleep_then_return", "--args", "[0, 1]")
+    out = await asyncio.to_thread(run_cli, *args, "--priority", "5", url=url, queue=name)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    assert redis_client.hget(Keys(name).job(job_id), "prio") == b"5"
+    assert redis_client.xlen(Keys(name).lane(5)) == 1
+    bad = await asyncio.to_thread(run_cli, *args, "--priority", "42", url=url, queue=name)
+    assert bad.returncode == 2
+    assert "priority" in bad.stderr
