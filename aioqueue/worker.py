@@ -123,8 +123,6 @@ class Worker:
         # The brokers the running worker serves with, one per queue (progress reports go
         # through them).
         self._serving: list[Broker] = []
-        self.completed = 0
-        self.failed = 0
         # Outcomes and run time per queue, for each queue's heartbeat (aioqueue info).
         self._tallies = [_Tally() for _ in self.queues]
         self.metrics: PrometheusMetrics | None = None
@@ -163,6 +161,16 @@ class Worker:
         self.signer = Signer(self.settings.signing_key)
         for scheduler in self._schedulers:
             scheduler.signer = self.signer
+
+    @property
+    def completed(self) -> int:
+        """Jobs this worker completed (every queue)."""
+        return sum(tally.completed for tally in self._tallies)
+
+    @property
+    def failed(self) -> int:
+        """Attempts that failed on this worker (every queue)."""
+        return sum(tally.failed for tally in self._tallies)
 
     @property
     def in_flight(self) -> int:
@@ -688,14 +696,11 @@ class Worker:
 
     def _log(self, running: Running, settlement: Settlement) -> None:
         if isinstance(settlement, Done):
-            self.completed += 1
             level, kind, outcome = logging.INFO, "complete", "complete"
         elif isinstance(settlement, Again):
-            self.failed += 1
             level, kind = logging.WARNING, "retrying"
             outcome = f"retrying in {settlement.delay_ms / 1000:.2f}s ({settlement.reason})"
         else:
-            self.failed += 1
             level = logging.INFO if settlement.status == "aborted" else logging.ERROR
             kind = settlement.status
             outcome = (

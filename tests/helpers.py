@@ -32,6 +32,16 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def blocked_readers(url: str) -> int:
+    """How many clients of the Redis at ``url`` are blocked in XREADGROUP now."""
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        return sum(
+            1 for c in client.client_list() if c.get("cmd") == "xreadgroup" and "b" in c["flags"]
+        )
+
+
 @contextlib.asynccontextmanager
 async def running(worker: Worker, stop_timeout: float = 30.0) -> AsyncIterator[Worker]:
     """Run a worker in this event loop for the duration of the block."""

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from helpers import eventually, run_cli, running
+from helpers import blocked_readers, eventually, run_cli, running
 
 from aioqueue import ConfigurationError, Context, JobStatus, Queue
 from aioqueue.brokers.base import NewJob
@@ -189,8 +189,10 @@ async def test_pause_holds_entries_a_blocked_read_was_handed(redis_server: objec
         await broker.connect()
         try:
             await broker.ensure_group()
+            before = blocked_readers(url)
             read = asyncio.create_task(broker.fetch("c1", 10, 5.0, 5))
-            await asyncio.sleep(0.3)  # the read is blocked now (fetch.lua found nothing)
+            # fetch.lua found nothing: wait until the read blocks.
+            await eventually(lambda: blocked_readers(url) > before)
             await queue.pause()
             job = await record.enqueue("x", 1)
             assert await read == []

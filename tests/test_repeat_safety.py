@@ -8,7 +8,7 @@ import pytest
 import redis
 from faultproxy import FaultProxy
 
-from aioqueue.brokers.base import Again, Delivery, Done, Finished, NewJob, Recorded
+from aioqueue.brokers.base import Again, Delivery, Done, Finished, Limits, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker
 from aioqueue.brokers.redis.keys import GROUP, Keys
 from aioqueue.errors import RedisUnavailable
@@ -56,6 +56,34 @@ async def test_enqueue_repeated_writes_one_job_and_answers_created(
     assert redis_client.xlen(broker.keys.stream) == 2
     # A different job under an existing id is still refused.
     assert await broker.enqueue([NewJob("j1", envelope(3))], 0) == [False]
+
+
+async def test_enqueue_to_a_new_lane_repeated_writes_one_entry_and_one_wake(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    match = await lose_reply(fault_proxy, broker, "enqueue")
+    assert await broker.enqueue([NewJob("j1", envelope(), priority=3)], 0) == [True]
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.xlen(broker.keys.lane(3)) == 1
+    assert redis_client.xlen(broker.keys.wake) == 1
+    assert redis_client.smembers(broker.keys.lanes) == {b"3"}
+
+
+async def test_settle_repeated_frees_a_concurrency_slot_once(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    broker.configure({"task": Limits(concurrency=1)}, 30_000, lambda: None)
+    await broker.enqueue([NewJob("j1", envelope(1)), NewJob("j2", envelope(2))], 0)
+    (first,) = await broker.fetch(CONSUMER, 2, 0.1, 5)
+    assert job(redis_client, broker.keys, "j2")["status"] == "scheduled"
+    match = await lose_reply(fault_proxy, broker, "settle")
+    assert await broker.settle(CONSUMER, [Done(first, encode(1))]) == [Recorded.YES]
+    assert fault_proxy.fired(match) == 1
+    # The slot was freed once and the waiter sent back once: one entry, queued.
+    slots = f"{broker.keys.prefix}:conc:task"
+    assert redis_client.zcard(slots) == 0
+    assert job(redis_client, broker.keys, "j2")["status"] == "queued"
+    assert redis_client.xlen(broker.keys.stream) == 1
 
 
 async def test_a_lost_fetch_reply_is_raised_and_adopting_counts_one_delivery(

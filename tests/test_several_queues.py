@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from helpers import eventually, run_cli, running
+from helpers import blocked_readers, eventually, run_cli, running
 
 from aioqueue import ConfigurationError, Context, Queue
 
@@ -118,8 +118,11 @@ async def test_an_empty_first_queue_adds_no_latency_to_the_next(storage_url: str
     try:
         # A long block: a worker that polled its queues one by one would take seconds.
         worker = q["high"].worker(concurrency=4, also=[q["default"], q["low"]], block=5.0)
+        before = blocked_readers(storage_url) if storage_url.startswith("redis") else 0
         async with running(worker):
-            await asyncio.sleep(0.3)  # the worker is idle, blocked on all three queues
+            if storage_url.startswith("redis"):
+                # The worker is idle, blocked in one read on all three queues.
+                await eventually(lambda: blocked_readers(storage_url) > before)
             sent = time.monotonic()
             job = await q["low"].tasks["work"].enqueue(1)
             assert await job.result(timeout=10) == 1
