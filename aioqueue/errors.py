@@ -75,6 +75,17 @@ class RedisUnavailable(AioqueueError, ConnectionError):
     """Redis could not be reached or dropped the connection mid-command."""
 
 
+class NotReplicated(RedisUnavailable):
+    """The primary stored the change, but fewer replicas than ``wait_replicas`` confirmed it
+    within ``wait_replicas_timeout``: a failover now could lose it. Repeating the call is
+    safe (an enqueue with the same ``job_id`` is not written twice; a worker settles again)."""
+
+    def __init__(self, message: str, wanted: int, confirmed: int) -> None:
+        self.wanted = wanted
+        self.confirmed = confirmed
+        super().__init__(message)
+
+
 class UnsupportedRedis(RedisUnavailable):
     """The Redis server is older than the 7.0 aioqueue needs."""
 

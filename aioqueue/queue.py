@@ -111,6 +111,7 @@ class Queue:
         max_payload_bytes: int | None = None,
         result_ttl: float | None = None,
         signing_key: str | None = None,
+        wait_replicas: int | None = None,
         broker: Broker | None = None,
         trace_context: Callable[[], Mapping[str, str] | None] | None = None,
         **unknown: NoReturn,
@@ -126,6 +127,7 @@ class Queue:
             "max_payload_bytes": max_payload_bytes,
             "result_ttl": result_ttl,
             "signing_key": signing_key,
+            "wait_replicas": wait_replicas,
         }
         self.settings: Settings = resolve_settings(self._code)
         self.name = self.settings.queue
@@ -177,6 +179,8 @@ class Queue:
             max_connections=settings.max_connections,
             max_payload_bytes=settings.max_payload_bytes,
             events_max_len=settings.events_max_len,
+            wait_replicas=settings.wait_replicas,
+            wait_replicas_timeout=settings.wait_replicas_timeout,
         )
 
     async def close(self) -> None:

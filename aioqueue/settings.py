@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import msgspec
 
 from aioqueue.errors import ConfigurationError
+from aioqueue.topology import CLUSTER_SCHEMES, SENTINEL_SCHEMES, parse_topology
 
 __all__ = ["ENV_PREFIX", "Settings", "mask_credentials", "mask_url", "resolve_settings"]
 
@@ -29,7 +30,7 @@ ENV_PREFIX = "AIOQUEUE_"
 _Positive = msgspec.Meta(gt=0)
 QUEUE_NAME = r"^[\w.:-]{1,100}$"
 LOG_LEVEL = r"(?i)^(debug|info|warning|error|critical)$"
-SCHEMES = ("redis", "rediss", "unix", "memory")
+SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES, *CLUSTER_SCHEMES, "memory")
 """The schemes ``redis_url`` accepts (``memory`` is the in-process store for tests)."""
 MAX_DB = 2**31 - 1
 """Redis refuses larger database indexes (a smaller one above the server's ``databases``
@@ -81,10 +82,16 @@ def redis_url_problem(url: str) -> str | None:
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in SCHEMES:
         return (
-            "it must start with redis://, rediss:// (TLS) or unix:// "
-            "(memory:// selects the in-process store)"
+            "it must start with redis://, rediss:// (TLS), unix://, redis+sentinel:// or "
+            "redis+cluster:// (memory:// selects the in-process store)"
         )
     if scheme.lower() == "memory":
+        return None
+    if "+" in scheme:
+        try:
+            parse_topology(url)
+        except ValueError as exc:
+            return str(exc)
         return None
     parts = urllib.parse.urlsplit(url)
     try:
@@ -122,7 +129,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """The complete configuration of a queue and the workers that consume it."""
 
     redis_url: str = "redis://localhost:6379/0"
-    """Where Redis is: ``redis://``, ``rediss://`` (TLS) or ``unix://``; ACL user in the URL."""
+    """Where Redis is: ``redis://``, ``rediss://`` (TLS) or ``unix://``; through Sentinel,
+    ``redis+sentinel://host1:26379,host2:26379/mymaster/0``; a Redis Cluster,
+    ``redis+cluster://host1:6379,host2:6379``. ACL user and password in the URL."""
     queue: Annotated[str, msgspec.Meta(pattern=QUEUE_NAME)] = "default"
     """Queue name: 1 to 100 letters (any script), digits, ``_ . : -``. All keys of a queue
     share the hash tag ``{queue}`` and the name is part of every key and channel, so braces
@@ -168,6 +177,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Sign every job with HMAC-SHA256, and have workers dead-letter unsigned or badly signed
     jobs ("bad signature"). Several keys separated by commas: the first signs, each one is
     accepted (key rotation). Producers and workers need the same keys."""
+    wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    """Replicas that must confirm each enqueue and each recorded outcome before the call
+    returns (Redis ``WAIT``); 0 returns as soon as the primary has it. With 1 or more, an
+    acknowledged job or outcome survives the loss of the primary (Sentinel or Cluster
+    failover) as long as a confirming replica is promoted. See docs/deploying.md#durability."""
+    wait_replicas_timeout: Annotated[float, _Positive] = 1.0
+    """Seconds to wait for the replicas of ``wait_replicas``; fewer in that time raises
+    :class:`NotReplicated` (the primary has the change; repeating the call is safe)."""
     allow_eviction: bool = False
     """Start workers even when Redis's ``maxmemory-policy`` evicts keys. Eviction deletes
     jobs at random, so this breaks every guarantee; it exists for throwaway setups."""

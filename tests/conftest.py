@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from deployments import fresh_cluster, redis_cluster, sentinel_group  # noqa: F401
 from faultproxy import FaultProxy
 
 from aioqueue import Queue

@@ -89,6 +89,19 @@ class Brokers:
             await broker.close()
 
 
+@pytest.fixture(params=["redis", "memory", "cluster"])
+def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The suite's redis-server, a fresh memory:// store, and the suite's Redis Cluster
+    (three masters, a replica each): the contract holds on all three."""
+    if request.param == "memory":
+        url = f"memory://{uuid.uuid4().hex}"
+        yield url
+        reset_stores(url)
+    else:
+        server = "redis_server" if request.param == "redis" else "redis_cluster"
+        yield request.getfixturevalue(server).url
+
+
 @pytest.fixture
 async def brokers(storage_url: str, queue_name: str) -> AsyncIterator[Brokers]:
     opened = Brokers(storage_url, queue_name)

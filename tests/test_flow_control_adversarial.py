@@ -115,15 +115,15 @@ def _arrive_before_the_blocking_read(
     Redis >= 7.2 whenever one script writes into several lanes while the worker blocks
     (a served XREADGROUP is re-run over every stream it names)."""
     state = {"armed": False, "fired": False}
-    original = Lifecycle._block
+    original = Lifecycle._read_blocking
 
-    async def _block(self: Lifecycle, *args: Any, **kwargs: Any) -> Any:
+    async def _read_blocking(self: Lifecycle, *args: Any, **kwargs: Any) -> Any:
         if state["armed"] and not state["fired"]:
             state["fired"] = True
             await arrive()
         return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Lifecycle, "_block", _block)
+    monkeypatch.setattr(Lifecycle, "_read_blocking", _read_blocking)
     return state
 
 

@@ -56,6 +56,7 @@ def test_public_names_are_pinned() -> None:
         "TLSError",
         "Task",
         "UnknownTask",
+        "NotReplicated",
         "UnsupportedRedis",
         "Worker",
         "WorkflowConflict",

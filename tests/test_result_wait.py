@@ -87,9 +87,9 @@ def subscribed(port: int, *, user: str | None = None, channel: str | None = None
     if given). A fresh connection each time: the server may just have restarted."""
     with redis.Redis(port=port) as client:
         if channel is not None:
-            return any(count for _, count in client.pubsub_numsub(channel))
+            return any(count for _, count in client.pubsub_shardnumsub(channel))
         return any(
-            int(entry.get("sub", 0)) > 0 and user in (None, entry.get("user"))
+            int(entry.get("ssub", 0)) > 0 and user in (None, entry.get("user"))
             for entry in client.client_list()
         )
 
@@ -183,7 +183,7 @@ async def test_a_subscribe_that_cannot_reach_redis_fails_and_the_next_wait_subsc
         await asyncio.to_thread(server.start)
         wait = asyncio.create_task(done_waiter.wait("job-1", not_final, None))
         await eventually(lambda: subscribed(server.port, channel=done_waiter.channel))
-        await client.publish(done_waiter.channel, "job-1")
+        await client.spublish(done_waiter.channel, "job-1")
         await asyncio.wait_for(wait, 5)
     finally:
         await done_waiter.close()

@@ -34,6 +34,14 @@ def _calls(source: str) -> set[str]:
 
 
 @cache
+def _preamble_commands() -> frozenset[str]:
+    """The commands ``_prelude.lua`` runs before its first helper: every script runs them."""
+    source = _code(scripts._read(scripts.PRELUDE))
+    first = _FUNCTION.search(source)
+    return frozenset(_calls(source[: first.start() if first else len(source)]))
+
+
+@cache
 def _prelude_commands() -> dict[str, frozenset[str]]:
     """The commands each helper of ``_prelude.lua`` runs, helpers it calls included."""
     source = _code(scripts._read(scripts.PRELUDE))
@@ -61,14 +69,14 @@ def script_commands(name: str) -> frozenset[str]:
     """Every command script ``name`` may run (ACL names: ``hset``, ``xgroup|create``),
     the prelude helpers it calls included."""
     body = _code(scripts._read(name))
-    commands = _calls(body)
+    commands = _calls(body) | _preamble_commands()
     for helper, used in _prelude_commands().items():
         if re.search(rf"\b{helper}\(", body):
             commands |= used
     return frozenset(commands)
 
 
-OPTIONAL = frozenset({"publish"})
+OPTIONAL = frozenset({"spublish"})
 """Commands scripts only run with ``redis.pcall``, whose refusal does not stop the script (a
 waiter re-checks its job on its own): a user without channel rights still enqueues and
 settles, so the rights check before a script's first run leaves them out."""
@@ -83,6 +91,7 @@ operator also requeues and purges dead letters, pauses and resumes and purges th
 # Commands each role sends itself (its scripts' commands are added from their source).
 # Every role connects with TIME (the shared clock), EXISTS (the key check) and PING (redis-py's
 # health checks); INFO tells the server version and configuration, which producers skip.
+# WAIT confirms writes on replicas (the wait_replicas setting).
 _DIRECT = {
     "producer": (
         "time",
@@ -90,17 +99,19 @@ _DIRECT = {
         "exists",
         "hget",
         "hgetall",
-        "subscribe",
+        "ssubscribe",
         "xrange",
         "xrevrange",
         "xread",
+        "wait",
     ),
     "worker": (
         "info",
         "time",
+        "wait",
         "ping",
         "exists",
-        "subscribe",
+        "ssubscribe",
         "xreadgroup",
         "xautoclaim",
         "xpending",
@@ -181,14 +192,20 @@ def role_commands(role: str) -> list[str]:
     return sorted(commands)
 
 
-def acl_rules(role: str, queues: Iterable[str]) -> str:
+CLUSTER = ("cluster|slots", "command", "asking")
+"""What every role needs besides on a Redis Cluster: redis-py reads the slot map and the
+commands' key positions when it connects, and ASKING follows a slot being moved."""
+
+
+def acl_rules(role: str, queues: Iterable[str], *, cluster: bool = False) -> str:
     """The ACL rules that let ``role`` use ``queues``: their keys (read-only for a monitor),
-    their channels if it needs any, and exactly its commands. For a user that has no other
-    rights: ``ACL SETUSER <name> reset on ><password> <rules>``."""
-    commands = role_commands(role)
+    their channels if it needs any, and exactly its commands (with ``cluster``, those a
+    Redis Cluster client needs too). For a user that has no other rights:
+    ``ACL SETUSER <name> reset on ><password> <rules>``."""
+    commands = sorted({*role_commands(role), *(CLUSTER if cluster else ())})
     key_rule = "%R~" if role == "monitor" else "~"
     rules = [f"{key_rule}aioqueue:{{{queue}}}:*" for queue in queues]
-    if {"publish", "subscribe"} & set(commands):
+    if {"spublish", "ssubscribe"} & set(commands):
         rules += [f"&aioqueue:{{{queue}}}:*" for queue in queues]
     return " ".join([*rules, *(f"+{c}" for c in commands)])
 
@@ -241,10 +258,14 @@ _PROBES: dict[str, tuple[str, ...]] = {
     "zremrangebyscore": ("K", "0", "0"),
     "zrevrange": ("K", "0", "0"),
     "zscore": ("K", "m"),
-    "publish": ("C", "probe"),
-    "subscribe": ("C",),
+    "spublish": ("C", "probe"),
+    "ssubscribe": ("C",),
     "info": ("server",),
     "time": (),
+    "wait": ("0", "0"),
+    "cluster|slots": ("SLOTS",),
+    "command": ("COUNT",),
+    "asking": (),
     "ping": (),
     "scan": ("0",),
     "script|load": ("LOAD", "return 1"),
@@ -257,6 +278,9 @@ OUTSIDE = ("evalsha", "exec")
 # is checked with them.
 READS = frozenset(
     {
+        "asking",
+        "cluster|slots",
+        "command",
         "exists",
         "get",
         "hexists",

@@ -9,17 +9,21 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 
 from aioqueue.brokers.base import ServerFacts
 from aioqueue.brokers.redis import scripts
 from aioqueue.brokers.redis.access import (
+    CLUSTER,
     OPTIONAL,
     OUTSIDE,
     READS,
@@ -33,8 +37,14 @@ from aioqueue.brokers.redis.keys import Keys
 from aioqueue.brokers.redis.refusals import is_refusal, permission_denied, refusal, was_reset
 from aioqueue.brokers.redis.urls import check_url, url_user
 from aioqueue.brokers.redis.waiter import DoneWaiter
-from aioqueue.errors import ConfigurationError, RedisUnavailable, UnsupportedRedis
+from aioqueue.errors import (
+    ConfigurationError,
+    NotReplicated,
+    RedisUnavailable,
+    UnsupportedRedis,
+)
 from aioqueue.settings import mask_url
+from aioqueue.topology import parse_topology
 
 MIN_REDIS = (7, 0)
 # Jobs per script call: large enough to amortise the round trip, small enough that one
@@ -106,6 +116,14 @@ class redis_errors:
             ) from exc
         if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
             raise RedisUnavailable(f"Redis unavailable while {self.what}: {exc}") from exc
+        if slot_moving(exc) or isinstance(
+            exc, (rexc.ReadOnlyError, rexc.SlotNotCoveredError, rexc.RedisClusterException)
+        ):
+            # A failover or a slot migration under way: redis-py followed the redirections
+            # it could; the call fails like an outage, and callers retry it.
+            raise RedisUnavailable(
+                f"Redis is failing over or moving the queue's slot while {self.what}: {exc}"
+            ) from exc
 
 
 class queue_errors(redis_errors):
@@ -123,6 +141,18 @@ def is_nogroup(exc: BaseException) -> bool:
     """True for the errors Redis returns when the stream or consumer group is missing (a
     blocked XREADGROUP whose stream was flushed gets UNBLOCKED)."""
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
+MOVING_PATIENCE = 30.0
+"""Seconds a script refused while its queue's cluster slot is being moved is sent again."""
+
+
+def slot_moving(exc: BaseException) -> bool:
+    """True for the errors of a cluster slot on the move: a script stopped by the guard in
+    ``_prelude.lua`` ('non local key'), TRYAGAIN, or redis-py's redirections exhausted."""
+    return isinstance(exc, (rexc.TryAgainError, rexc.ClusterError, rexc.AskError)) or (
+        isinstance(exc, rexc.ResponseError) and "non local key" in str(exc)
+    )
 
 
 Call = tuple[str, list[str], list[Any]]
@@ -143,8 +173,13 @@ class RedisConnection:
         max_connections: int = 64,
         max_payload_bytes: int = 1_048_576,
         events_max_len: int = 10_000,
+        wait_replicas: int = 0,
+        wait_replicas_timeout: float = 1.0,
     ) -> None:
         self.url = url
+        # Replicas that must confirm an enqueue or a settle (WAIT) before it returns.
+        self.wait_replicas = wait_replicas
+        self._wait_ms = max(int(wait_replicas_timeout * 1000), 1)
         self.keys = Keys(queue)
         self.result_ttl_ms = int(result_ttl * 1000)
         # Entries the events stream keeps (XADD MAXLEN ~); 0: the scripts record no events.
@@ -160,6 +195,10 @@ class RedisConnection:
         self._slots = asyncio.Semaphore(max_connections)
         self._client: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
+        # A Redis Cluster: each script call goes to the node of its queue's slot, and
+        # keys of several queues never meet in one command.
+        self.cluster = False
+        self._sentinel: Sentinel | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
         self._connect_lock = asyncio.Lock()
@@ -217,26 +256,18 @@ class RedisConnection:
                 "health_check_interval": 30,
             }
             parts = urllib.parse.urlsplit(self.url)
-            if parts.scheme.lower() == "rediss" and "none" not in urllib.parse.parse_qs(
+            if parts.scheme.lower().startswith("rediss") and "none" not in urllib.parse.parse_qs(
                 parts.query
             ).get("ssl_cert_reqs", []):
                 # Whatever redis-py's default: the server's certificate must name the host
                 # (ssl_check_hostname=false in the URL turns that off; ssl_cert_reqs=none
                 # verifies nothing at all).
                 options["ssl_check_hostname"] = True
-            pool = aioredis.ConnectionPool.from_url(
-                self.url,
-                # A pooled connection that went stale (Redis restarted), or one that dropped
-                # after Redis ran a command, is replaced and the command re-sent: every script
-                # is safe to repeat (each recognises the event it records).
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-                retry_on_error=[rexc.ConnectionError],
-                **options,
-            )
-            client = aioredis.Redis.from_pool(pool)
-            reader_pool = aioredis.ConnectionPool.from_url(
-                self.url, retry=Retry(ExponentialWithJitterBackoff(), 0), **options
-            )
+            # A pooled connection that went stale (Redis restarted, the primary failed
+            # over), or one that dropped after Redis ran a command, is replaced and the
+            # command re-sent: every script is safe to repeat (each recognises the event it
+            # records). The reader never re-sends (see ``reader``).
+            client, reader = self._clients(options)
             try:
                 info = await self._first_contact(client)
                 if info and _version(info) < MIN_REDIS:
@@ -246,7 +277,8 @@ class RedisConnection:
                     )
             except BaseException:
                 await client.aclose()
-                await reader_pool.aclose()
+                await reader.aclose()
+                await self._close_sentinels()
                 raise
             self._scripts = {
                 name: client.register_script(scripts.source(name)) for name in scripts.NAMES
@@ -255,7 +287,61 @@ class RedisConnection:
                 client, self.keys.done_channel(uuid.uuid4().hex), self._listener_error
             )
             self._client = client
-            self._reader = aioredis.Redis.from_pool(reader_pool)
+            self._reader = reader
+
+    def _clients(self, options: dict[str, Any]) -> tuple[aioredis.Redis, aioredis.Redis]:
+        """The client (re-sends a command whose reply was lost) and the reader (never does)
+        for the URL's deployment: one server, the primary Sentinel names (followed through
+        failovers), or a Redis Cluster (followed through MOVED and ASK)."""
+        resend = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3)
+        once = Retry(ExponentialWithJitterBackoff(), 0)
+        if "+" not in urllib.parse.urlsplit(self.url).scheme:
+            pool = aioredis.ConnectionPool.from_url(
+                self.url, retry=resend, retry_on_error=[rexc.ConnectionError], **options
+            )
+            reader_pool = aioredis.ConnectionPool.from_url(self.url, retry=once, **options)
+            return aioredis.Redis.from_pool(pool), aioredis.Redis.from_pool(reader_pool)
+        where = parse_topology(self.url)
+        kwargs: dict[str, Any] = dict(parse_url(where.single_url))
+        for name in ("host", "port", "connection_class"):
+            kwargs.pop(name, None)
+        kwargs.update(options, ssl=where.tls)
+        if where.kind == "cluster":
+            kwargs.pop("db", None)
+            self.cluster = True
+            nodes = [ClusterNode(host, port) for host, port in where.hosts]
+            # redis-py types RedisCluster apart from Redis; it answers every command the
+            # broker sends a queue's keys (all in one slot) the same way.
+            return (
+                cast(aioredis.Redis, RedisCluster(startup_nodes=nodes, retry=resend, **kwargs)),
+                cast(aioredis.Redis, RedisCluster(startup_nodes=nodes, retry=once, **kwargs)),
+            )
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.url).query)
+        sentinel_options: dict[str, Any] = {
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "socket_timeout": 5.0,
+            "ssl": where.tls,
+        }
+        for name in ("username", "password"):
+            if f"sentinel_{name}" in query:
+                sentinel_options[name] = query[f"sentinel_{name}"][0]
+        if where.tls:
+            sentinel_options.update({k: v for k, v in kwargs.items() if k.startswith("ssl_")})
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(where.hosts), sentinel_kwargs=sentinel_options, **kwargs
+        )
+        return (
+            self._sentinel.master_for(
+                where.service, retry=resend, retry_on_error=[rexc.ConnectionError]
+            ),
+            self._sentinel.master_for(where.service, retry=once),
+        )
+
+    async def _close_sentinels(self) -> None:
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
+            self._sentinel = None
 
     async def _first_contact(self, client: aioredis.Redis) -> dict[str, Any]:
         """One round trip: the server's version (``INFO``; {} if the user may not run it, as
@@ -287,11 +373,22 @@ class RedisConnection:
     async def _first_replies(self, client: aioredis.Redis) -> dict[str, Any]:
         try:
             with self._errors("connecting"):
-                pipe = client.pipeline(transaction=False)
-                pipe.info("server")
-                pipe.time()
-                pipe.exists(self.keys.stream)
-                info, now, exists = await pipe.execute(raise_on_error=False)
+                if self.cluster:
+                    # redis-py's cluster pipeline refuses INFO and TIME: three calls, once.
+                    await cast(RedisCluster, client).initialize()
+                    here = self._node_of_queue(client)
+                    info, now, exists = await asyncio.gather(
+                        client.info("server", **here),
+                        client.time(**here),
+                        client.exists(self.keys.stream),
+                        return_exceptions=True,
+                    )
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.info("server")
+                    pipe.time()
+                    pipe.exists(self.keys.stream)
+                    info, now, exists = await pipe.execute(raise_on_error=False)
                 for reply in (now, exists):
                     if isinstance(reply, Exception):
                         raise reply
@@ -314,6 +411,14 @@ class RedisConnection:
         self._set_offset(now)
         return dict(info)
 
+    def _node_of_queue(self, client: aioredis.Redis | None = None) -> dict[str, Any]:
+        """For a command that names no key, in a cluster: the node holding the queue's slot
+        (its clock, its configuration), as redis-py's ``target_nodes``; else nothing."""
+        if not self.cluster:
+            return {}
+        cluster = cast(RedisCluster, client or self.client)
+        return {"target_nodes": cluster.get_node_from_key(self.keys.stream)}
+
     def _listener_error(self, exc: Exception) -> Exception:
         """The error waiters get when the result listener's subscription fails."""
         return refusal(exc, "subscribing to job notifications", self.keys, self.user) or exc
@@ -327,7 +432,10 @@ class RedisConnection:
         if self._client is None:
             await self.connect()
         with self._errors(f"checking the rights of a {role}"):
-            await self._probe(role_commands(role), f", which a {role} needs")
+            needed = role_commands(role)
+            if self.cluster:
+                needed = sorted({*needed, *CLUSTER})
+            await self._probe(needed, f", which a {role} needs")
         self._checked.update(ROLE_SCRIPTS[role])
 
     async def _check_scripts(self, names: Collection[str]) -> None:
@@ -377,7 +485,13 @@ class RedisConnection:
                         refused_commands.append(command)
             return replies
 
-        connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if self.cluster:
+            node = cast(RedisCluster, self.client).get_node_from_key(key)
+            if node is None:
+                raise RedisUnavailable(f"no node of the cluster serves the slot of {key}")
+            connection: Any = node.connection_class(**node.connection_kwargs)
+        else:
+            connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.connect()
             replies = await send([*outside, *(["multi"] if transaction else [])])
@@ -402,6 +516,7 @@ class RedisConnection:
         if self._reader is not None:
             await self._reader.aclose()
             self._reader = None
+        await self._close_sentinels()
 
     def _set_offset(self, reply: tuple[int, int]) -> None:
         seconds, micros = reply
@@ -429,15 +544,16 @@ class RedisConnection:
     async def now_ms(self) -> int:
         """Redis's clock (``TIME``): the one clock every worker agrees on."""
         with self._errors("reading the Redis clock"):
-            self._set_offset(await self.client.time())
+            self._set_offset(await self.client.time(**self._node_of_queue()))
         return self.server_now_ms()
 
     async def server_facts(self) -> ServerFacts:
         """``maxmemory-policy`` and append-only persistence, from ``INFO`` (which needs no
         CONFIG permission)."""
         with self._errors("reading the Redis configuration"):
-            memory = await self.client.info("memory")
-            persistence = await self.client.info("persistence")
+            here = self._node_of_queue()
+            memory = await self.client.info("memory", **here)
+            persistence = await self.client.info("persistence", **here)
         policy = str(memory.get("maxmemory_policy", "noeviction"))
         return ServerFacts(
             evicting_policy=None if policy == "noeviction" else policy,
@@ -450,7 +566,28 @@ class RedisConnection:
         """EVALSHA one script; on NOSCRIPT (Redis restarted and lost its cache) load it and
         run it again. ``once``: on the connection that never re-sends a command after a
         lost reply (for a script whose repeat would not answer the same: the caller learns
-        the reply was lost and looks for what the first run did)."""
+        the reply was lost and looks for what the first run did).
+
+        In a cluster, a script refused because its queue's slot is being moved (it stops
+        before writing: see ``_prelude.lua``) is sent again with backoff until the move is
+        over, for up to MOVING_PATIENCE seconds."""
+        if not self.cluster:
+            return await self._eval_once(name, keys, args, once=once)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pause = 0.02
+        while True:
+            try:
+                return await self._eval_once(name, keys, args, once=once)
+            except (rexc.ResponseError, rexc.ClusterError) as exc:
+                if not slot_moving(exc) or loop.time() - started > MOVING_PATIENCE:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    async def _eval_once(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, once: bool
+    ) -> Any:
         if self._client is None:
             await self.connect()
         if name not in self._checked:
@@ -473,21 +610,55 @@ class RedisConnection:
         await self._check_scripts((name,))
         raise refused
 
-    async def _eval_many(self, calls: Sequence[Call], *, errors: bool = False) -> list[Any]:
+    async def _eval_many(
+        self, calls: Sequence[Call], *, errors: bool = False, durable: bool = False
+    ) -> list[Any]:
         """Run several scripts in one round trip (a pipeline of EVALSHA). With ``errors``,
-        a call that failed has its exception in its place instead of raising it."""
-        if len(calls) == 1 and not errors:
+        a call that failed has its exception in its place instead of raising it. With
+        ``durable`` and ``wait_replicas`` set, the same round trip ends with ``WAIT`` on the
+        same connection, and too few confirmations raise :class:`NotReplicated`."""
+        wait = durable and self.wait_replicas > 0
+        if len(calls) == 1 and not errors and not wait:
             name, keys, args = calls[0]
             return [await self._eval(name, keys, args)]
+        if self._client is None:
+            await self.connect()
         if any(name not in self._checked for name, _, _ in calls):
             await self._check_scripts({name for name, _, _ in calls})
         pipe = self.client.pipeline(transaction=False)
         for name, keys, args in calls:
-            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+            # execute_command, not evalsha: redis-py's cluster pipeline refuses the latter
+            # by name, yet routes EVALSHA by its keys like any keyed command.
+            pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        if wait:
+            pipe.wait(self.wait_replicas, self._wait_ms, **self._node_of_queue())
+        async with self._slots:
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if wait:
+            confirmed = results.pop()
+            if isinstance(confirmed, Exception):
+                # WAIT went to a node that is no longer the primary (a failover redis-py
+                # learnt of from this very call): nothing confirmed, the repeat goes right.
+                raise NotReplicated(
+                    f"Redis stored it, but confirming it on replicas failed ({confirmed}): a "
+                    "failover now could lose it (repeating the call is safe)",
+                    self.wait_replicas,
+                    0,
+                ) from confirmed
+            if int(confirmed) < self.wait_replicas:
+                raise NotReplicated(
+                    f"Redis stored it, but {confirmed} of the {self.wait_replicas} replicas "
+                    f"wait_replicas asks for confirmed it within {self._wait_ms} ms: a failover "
+                    "now could lose it (repeating the call is safe)",
+                    self.wait_replicas,
+                    int(confirmed),
+                )
         for i, result in enumerate(results):
-            if isinstance(result, rexc.NoScriptError):
-                # Redis restarted and lost its script cache: load and run just that call.
+            if isinstance(result, rexc.NoScriptError) or (
+                self.cluster and isinstance(result, Exception) and slot_moving(result)
+            ):
+                # Redis restarted and lost its script cache, or the queue's slot is being
+                # moved: run just that call again, on its own (see _eval).
                 name, keys, args = calls[i]
                 results[i] = await self._eval(name, keys, args)
             elif isinstance(result, Exception) and not errors:

@@ -74,6 +74,7 @@ class CronClaims(RedisConnection):
                     self.events_cap,
                     job.priority,
                 ]
-                answer = text(await self._eval("cron_claim", script_keys, args))
+                [reply] = await self._eval_many([("cron_claim", script_keys, args)], durable=True)
+                answer = text(reply)
                 if answer != "stale":
                     return CronClaim(answer)

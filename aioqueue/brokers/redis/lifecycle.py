@@ -13,7 +13,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis.exceptions as rexc
 
@@ -40,7 +40,7 @@ from aioqueue.brokers.redis.connection import (
 )
 from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.refusals import is_refusal
-from aioqueue.brokers.redis.waiter import pubsub_messages
+from aioqueue.brokers.redis.waiter import shard_messages
 from aioqueue.errors import EnqueueIncomplete, QueueFull, WorkflowConflict
 from aioqueue.serialization import TASK_NAME, ErrorInfo, encode
 
@@ -144,8 +144,21 @@ def _runs(slots: Sequence[tuple[int, int]]) -> str:
     return ",".join(f"{s}:{i}:{c}" for s, i, c in runs)
 
 
+class Read(NamedTuple):
+    """What one blocking XREADGROUP got: entries by stream name; the lane streams it read,
+    each with its queue's index and the suffix its entry tokens take; the wake streams."""
+
+    entries: dict[str, list[Any]]
+    owner: dict[str, tuple[int, str]]
+    wakes: set[str]
+
+
 class Lifecycle(RedisConnection):
     """What producers and workers do to jobs."""
+
+    # In a cluster, this queue's blocking read still waiting from an earlier fetch (see
+    # _fetch_apart).
+    _reading: asyncio.Task[Read] | None = None
 
     # -- producing -------------------------------------------------------------------------
 
@@ -192,7 +205,7 @@ class Lifecycle(RedisConnection):
                 args += [job.envelope for job in chunk]
             calls.append(("enqueue", keys, args))
         with redis_errors("enqueuing"):
-            results = await self._eval_many(calls, errors=len(calls) > 1)
+            results = await self._eval_many(calls, errors=len(calls) > 1, durable=True)
         created: list[bool] = []
         failed: list[str] = []
         cause = ""
@@ -235,7 +248,7 @@ class Lifecycle(RedisConnection):
             self.events_cap,
         ]
         with redis_errors("enqueuing"):
-            answer = await self._eval("keyed", keys, args)
+            [answer] = await self._eval_many([("keyed", keys, args)], durable=True)
         if answer == -1:
             raise QueueFull(self.keys.queue, max_size, 1)
         return text(answer)
@@ -284,7 +297,40 @@ class Lifecycle(RedisConnection):
     ) -> list[tuple[int, Delivery]]:
         """Fetch from several queues of this Redis in one step: in their order (strict),
         or each up to its share of ``count`` first (weighted, ``shares`` given). Returns
-        (index of the queue, delivery) pairs. See ``fetch``."""
+        (index of the queue, delivery) pairs. See ``fetch``.
+
+        In a Redis Cluster the queues' keys lie in different slots, which no single script
+        call or read may span: each queue is fetched on its own, and when none has work
+        each gets a blocking read of its own (see ``_fetch_apart``)."""
+        if self.cluster and len(queues) > 1:
+            return await self._fetch_apart(queues, consumer, count, shares, block, max_deliveries)
+        with redis_errors("reading the stream"):
+            fetched, lanes, count, foreign = await self._fetch_ready(
+                queues, consumer, count, shares, max_deliveries
+            )
+            if fetched or count <= 0 or foreign:
+                return fetched  # foreign entries were found: go round again, not block
+            if not lanes:
+                # Every queue is paused (or its group was just made again).
+                await asyncio.sleep(min(block, PAUSE_POLL))
+                return []
+            # A paused queue is left out of the read; wake up to look again soon.
+            paused = len({index for index, _ in lanes}) < len(queues)
+            wait = min(block, PAUSE_POLL) if paused else block
+            read = await self._read_blocking(queues, consumer, lanes, count, wait)
+            return await self._take(queues, consumer, read, count, max_deliveries)
+
+    async def _fetch_ready(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        count: int,
+        shares: Sequence[int] | None,
+        max_deliveries: int,
+    ) -> tuple[list[tuple[int, Delivery]], list[tuple[int, str]], int, bool]:
+        """One fetch.lua call over ``queues``: what it began, the lanes of the queues not
+        paused (index, priority), how many of ``count`` are still wanted, and whether it
+        found foreign entries (the caller goes round again rather than block)."""
         fetched: list[tuple[int, Delivery]] = []
         keys: list[str] = []
         args: list[Any] = [
@@ -303,49 +349,123 @@ class Lifecycle(RedisConnection):
             keys += [k.stream, k.dead, k.delayed, k.events, k.paused]
             args += [k.job_prefix, queue._limits, 0 if shares is None else shares[index]]
         lanes: list[tuple[int, str]] = []
-        with redis_errors("reading the stream"):
-            # A lost reply must not be re-sent: the entries the first run began would sit
-            # in this consumer's pending list, unknown to the worker, for a whole lease.
-            # Raised instead, it makes the worker adopt them at once.
-            replies = await self._eval("fetch", keys, args, once=True)
-            for index, (queue, reply) in enumerate(zip(queues, replies, strict=True)):
-                verdict = text(reply[0])
-                if verdict == "nogroup":
-                    logger.warning(
-                        "consumer group of %s is missing; recreating it", queue.keys.stream
-                    )
-                    await queue.ensure_group()
-                    continue
-                if verdict != "ok":
-                    continue
-                lanes += [(index, text(level)) for level in reply[1]]
-                taken = [(text(job_id), text(token)) for job_id, token in reply[2]]
-                fetched += [(index, d) for d in queue._deliveries(taken, reply[3])]
-                for token, fields in reply[4]:
-                    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-                    await queue._dead_letter_foreign(text(token), pairs)
-                    count = 0  # something was read: go round again rather than block
-                count -= len(taken)
-            if fetched or count <= 0:
-                return fetched
-            if not lanes:
-                # Every queue is paused (or its group was just made again).
-                await asyncio.sleep(min(block, PAUSE_POLL))
-                return []
-            return await self._block(queues, consumer, lanes, count, block, max_deliveries)
+        foreign = False
+        # A lost reply must not be re-sent: the entries the first run began would sit in
+        # this consumer's pending list, unknown to the worker, for a whole lease. Raised
+        # instead, it makes the worker adopt them at once.
+        replies = await self._eval("fetch", keys, args, once=True)
+        for index, (queue, reply) in enumerate(zip(queues, replies, strict=True)):
+            verdict = text(reply[0])
+            if verdict == "nogroup":
+                logger.warning("consumer group of %s is missing; recreating it", queue.keys.stream)
+                await queue.ensure_group()
+                continue
+            if verdict != "ok":
+                continue
+            lanes += [(index, text(level)) for level in reply[1]]
+            taken = [(text(job_id), text(token)) for job_id, token in reply[2]]
+            fetched += [(index, d) for d in queue._deliveries(taken, reply[3])]
+            for token, fields in reply[4]:
+                pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+                await queue._dead_letter_foreign(text(token), pairs)
+                foreign = True
+            count -= len(taken)
+        return fetched, lanes, count, foreign
 
-    async def _block(
+    async def _fetch_apart(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        count: int,
+        shares: Sequence[int] | None,
+        block: float,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """``fetch_many`` for queues in different cluster slots: first what blocking reads
+        left from earlier calls brought, then fetch.lua on each queue (up to its share,
+        then in order for what is left); with nothing ready, one blocking read per queue,
+        returning when the first answers.
+
+        A read that has not answered is left running for the next call, never cancelled:
+        cancelling it could lose the reply after Redis handed it entries (they would sit in
+        this consumer's pending list for a lease). Each queue keeps one read at most
+        (``_reading``), and ``release`` at shutdown stops it before handing back."""
+        fetched: list[tuple[int, Delivery]] = []
+        with redis_errors("reading the stream"):
+            for index, queue in enumerate(queues):
+                got = await queue._answered(index, consumer, count, max_deliveries)
+                fetched += got
+                count -= len(got)
+            lanes: dict[int, list[str]] = {}
+            drained: set[int] = set()
+            foreign = False
+            asks = [min(share, count) for share in shares] if shares is not None else []
+            for rounds in (asks, [count] * len(queues)):
+                for index, ask in enumerate(rounds):
+                    want = min(ask, count)
+                    if want <= 0 or index in drained:
+                        continue
+                    queue = queues[index]
+                    ready, live, _, found = await queue._fetch_ready(
+                        [queue], consumer, want, None, max_deliveries
+                    )
+                    lanes[index] = [level for _, level in live]
+                    fetched += [(index, delivery) for _, delivery in ready]
+                    count -= len(ready)
+                    foreign = foreign or found
+                    if len(ready) < want:
+                        drained.add(index)
+            if fetched or count <= 0 or foreign:
+                return fetched
+            readers = []
+            for index, levels in lanes.items():
+                queue = queues[index]
+                if levels and queue._reading is None:
+                    queue._reading = asyncio.create_task(
+                        queue._read_blocking(
+                            [queue], consumer, [(0, level) for level in levels], count, block
+                        ),
+                        name=f"aioqueue-read-{queue.keys.queue}",
+                    )
+                if queue._reading is not None:
+                    readers.append(queue._reading)
+            if not readers:
+                await asyncio.sleep(min(block, PAUSE_POLL))  # every queue is paused
+                return []
+            paused = len(readers) < len(queues)
+            await asyncio.wait(
+                readers,
+                timeout=min(block, PAUSE_POLL) if paused else block,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for index, queue in enumerate(queues):
+                got = await queue._answered(index, consumer, count, max_deliveries)
+                fetched += got
+                count -= len(got)
+        return fetched
+
+    async def _answered(
+        self, index: int, consumer: str, count: int, max_deliveries: int
+    ) -> list[tuple[int, Delivery]]:
+        """Begin what this queue's blocking read (if it has answered) brought, as the
+        deliveries of queue ``index``; up to ``count``, handing the rest back."""
+        reading = self._reading
+        if reading is None or not reading.done():
+            return []
+        self._reading = None
+        got = await self._take([self], consumer, reading.result(), max(count, 0), max_deliveries)
+        return [(index, delivery) for _, delivery in got]
+
+    async def _read_blocking(
         self,
         queues: Sequence[Lifecycle],
         consumer: str,
         lanes: Sequence[tuple[int, str]],
         count: int,
-        block: float,
-        max_deliveries: int,
-    ) -> list[tuple[int, Delivery]]:
-        """One blocking XREADGROUP on every lane of every queue (in order); begins at most
-        ``count`` of what it read and hands the rest straight back (several lanes can answer
-        at once: COUNT is per stream)."""
+        wait: float,
+    ) -> Read:
+        """One blocking XREADGROUP on every lane of every queue (in order) and on their
+        wake streams. Returns what it read, by stream, and the queues' wake streams."""
         streams: dict[Any, Any] = {}
         owner: dict[str, tuple[int, str]] = {}
         for index, level in lanes:
@@ -355,9 +475,6 @@ class Lifecycle(RedisConnection):
         wakes = {queues[index].keys.wake for index, _ in lanes}
         for name in wakes:
             streams[name] = ">"
-        # A paused queue is left out of the read; wake up to look again soon.
-        paused = len({index for index, _ in lanes}) < len(queues)
-        wait = min(block, PAUSE_POLL) if paused else block
         try:
             response = await self.reader.xreadgroup(
                 GROUP,
@@ -373,21 +490,31 @@ class Lifecycle(RedisConnection):
             logger.warning("a consumer group is missing; recreating it")
             for queue in queues:
                 await queue.ensure_group()
-            return []
-        if not response:
-            return []
-        read: dict[str, list[Any]] = {text(row[0]): row[1] for row in cast(Any, response)}
-        for name in wakes & set(read):
+            return Read({}, owner, wakes)
+        rows = cast(Any, response) or []
+        return Read({text(row[0]): row[1] for row in rows}, owner, wakes)
+
+    async def _take(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        read: Read,
+        count: int,
+        max_deliveries: int,
+    ) -> list[tuple[int, Delivery]]:
+        """Begin at most ``count`` of what a blocking read got (several lanes can answer
+        at once: COUNT is per stream) and hand the rest straight back."""
+        for name in read.wakes & set(read.entries):
             # A job went to a lane new to its queue: fetch.lua reads it next time round.
-            woken = [text(entry_id) for entry_id, _ in read[name]]
+            woken = [text(entry_id) for entry_id, _ in read.entries[name]]
             pipe = self.client.pipeline(transaction=False)
             pipe.xack(name, GROUP, *woken)
             pipe.xdel(name, *woken)
             await pipe.execute()
         entries = [
-            (owner[name][0], (text(entry_id) + owner[name][1], fields))
-            for name in owner
-            for entry_id, fields in read.get(name, ())
+            (read.owner[name][0], (text(entry_id) + read.owner[name][1], fields))
+            for name in read.owner
+            for entry_id, fields in read.entries.get(name, ())
         ]
         for index, queue in enumerate(queues):
             extra = [entry for i, entry in entries[count:] if i == index]
@@ -677,7 +804,7 @@ class Lifecycle(RedisConnection):
             return []
         with redis_errors("settling jobs"):
             try:
-                results = await self._eval_many(calls)
+                results = await self._eval_many(calls, durable=True)
             except rexc.ResponseError as exc:
                 if not is_nogroup(exc):
                     raise
@@ -741,20 +868,18 @@ class Lifecycle(RedisConnection):
         Runs until cancelled. Messages sent while disconnected are lost; the lease renewal
         notices aborted jobs as a backstop.
         """
-        pubsub = self.client.pubsub()
+        messages = shard_messages(self.client, self.keys.abort_channel, "abort listener")
         try:
-            with redis_errors("subscribing to abort requests"):
-                await pubsub.subscribe(self.keys.abort_channel)
             ready = False
-            async for message in pubsub_messages(pubsub, "abort listener"):
-                if message["type"] == "subscribe" and not ready:
-                    ready = True
-                    on_ready()
-                elif message["type"] == "message":
-                    on_abort(text(message["data"]))
+            with redis_errors("subscribing to abort requests"):
+                async for message in messages:
+                    if message["type"] == "ssubscribe" and not ready:
+                        ready = True
+                        on_ready()
+                    elif message["type"] == "smessage":
+                        on_abort(text(message["data"]))
         finally:
-            with contextlib.suppress(rexc.RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await messages.aclose()
 
     async def release(self, consumer: str, keep: Collection[str] = ()) -> int:
         """Give back every entry this consumer still holds, as fresh stream entries, except
@@ -765,11 +890,26 @@ class Lifecycle(RedisConnection):
         short at shutdown are handed back too (see ``release.lua``).
         """
         released = 0
+        await self._stop_reading()
         with redis_errors("releasing jobs"):
             async for page in self._own_pending(consumer):
                 entries = [(e, {b"j": j.encode()}) for e, j in page if j and e not in keep]
                 released += await self._hand_back(consumer, entries)
         return released
+
+    async def _stop_reading(self) -> None:
+        """Stop a blocking read left waiting (``_fetch_apart``), so that what it got is in
+        this consumer's pending list before that is swept."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+
+    async def close(self) -> None:
+        """Stop a waiting blocking read, then close the connections."""
+        await self._stop_reading()
+        await super().close()
 
     async def heartbeat(
         self, worker_id: str, info: dict[str, str | int | float], ttl: float
@@ -790,16 +930,21 @@ class Lifecycle(RedisConnection):
             pipe.pexpire(key, int(ttl * 1000))
             pipe.zadd(self.keys.workers, {worker_id: now})
             pipe.zremrangebyscore(self.keys.workers, "-inf", now - int(ttl * 3000))
-            pipe.time()
+            if not self.cluster:  # redis-py's cluster pipeline refuses TIME
+                pipe.time()
             for level in lanes:
                 pipe.xinfo_stream(self.keys.lane(level))
             answers = await pipe.execute(raise_on_error=False)
-            for reply in answers[:5]:
+            head = 4 if self.cluster else 5
+            for reply in answers[:head]:
                 if isinstance(reply, Exception):
                     raise reply
-            self._set_offset(answers[4])
+            if self.cluster:
+                await self.now_ms()
+            else:
+                self._set_offset(answers[4])
             added = 0
-            for level, stream in zip(lanes, answers[5:], strict=True):
+            for level, stream in zip(lanes, answers[head:], strict=True):
                 if isinstance(stream, Exception):
                     if not isinstance(stream, rexc.ResponseError) or is_refusal(stream):
                         raise stream
@@ -864,9 +1009,13 @@ class Lifecycle(RedisConnection):
             pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
             # Refresh the estimate of Redis's clock on every call: this machine's clock may
             # step (NTP) at any time, and a stale estimate would never find a job due.
-            pipe.time()
-            due, head, clock = await pipe.execute()
-            self._set_offset(clock)
+            if self.cluster:  # redis-py's cluster pipeline refuses TIME
+                due, head = await pipe.execute()
+                await self.now_ms()
+            else:
+                pipe.time()
+                due, head, clock = await pipe.execute()
+                self._set_offset(clock)
             if not due:
                 return self._until(float(head[0][1])) if head else None
             ids = [text(job_id) for job_id in due]

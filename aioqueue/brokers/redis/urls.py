@@ -12,12 +12,15 @@ import urllib.parse
 from aioqueue.errors import (
     ConfigurationError,
 )
+from aioqueue.topology import SENTINEL_SCHEMES
 
 _BOOLEANS = {"1", "0", "true", "false", "yes", "no"}
 # Query parameters aioqueue passes on to redis-py, by scheme.
 _OPTIONS = frozenset(
     {"db", "username", "password", "client_name", "socket_connect_timeout", "socket_keepalive"}
 )
+# Only for redis+sentinel:// URLs: the credentials of the sentinels themselves.
+_SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
 _TLS_OPTIONS = frozenset(
     {
         "ssl_certfile",
@@ -46,19 +49,25 @@ _MANAGED = {
 
 
 def url_options_problem(url: str) -> str | None:
-    """What is wrong with the query parameters of a ``redis://``, ``rediss://`` or
-    ``unix://`` URL, without connecting or reading files (None if nothing)."""
+    """What is wrong with the query parameters of a Redis URL, without connecting or
+    reading files (None if nothing)."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
-    accepted = _OPTIONS | _TLS_OPTIONS if scheme == "rediss" else _OPTIONS
+    tls = scheme.startswith("rediss")
+    accepted = _OPTIONS | _TLS_OPTIONS if tls else _OPTIONS
+    if scheme in SENTINEL_SCHEMES:
+        accepted |= _SENTINEL_OPTIONS
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     for name, values in query.items():
         if name in _MANAGED:
             return f"the option {name}= may not be given in the Redis URL: {_MANAGED[name]}"
-        if name in _TLS_OPTIONS and scheme != "rediss":
+        if name in _TLS_OPTIONS and not tls:
             return f"the option {name}= is a TLS option: it needs a rediss:// URL"
+        if name in _SENTINEL_OPTIONS and name not in accepted:
+            return f"the option {name}= is for redis+sentinel:// URLs"
         if name not in accepted:
-            close = difflib.get_close_matches(name, sorted(_OPTIONS | _TLS_OPTIONS), n=1)
+            known = _OPTIONS | _TLS_OPTIONS | (accepted & _SENTINEL_OPTIONS)
+            close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}=?)" if close else ""
             if close and close[0] not in accepted:
                 hint = f" (did you mean {close[0]}=, with a rediss:// URL?)"
@@ -118,7 +127,7 @@ def check_url(url: str) -> None:
     """Raise :class:`ConfigurationError` for a Redis URL whose options redis-py would
     ignore or choke on, or whose TLS files are missing: before connecting, in one line."""
     problem = url_options_problem(url)
-    if problem is None and urllib.parse.urlsplit(url).scheme.lower() == "rediss":
+    if problem is None and urllib.parse.urlsplit(url).scheme.lower().startswith("rediss"):
         problem = tls_files_problem(url)
     if problem is not None:
         raise ConfigurationError(problem)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +33,70 @@ logger = logging.getLogger(__name__)
 RECHECK = 5.0
 
 
-async def pubsub_messages(pubsub: PubSub, what: str) -> AsyncIterator[dict[str, Any]]:
-    """Every message a pub/sub connection receives, forever, surviving reconnects (redis-py
-    subscribes the channels again when it reconnects). An outage is logged once, when it
-    starts, and once more when the connection is back."""
+async def shard_messages(
+    client: aioredis.Redis, channel: str, what: str
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Subscribe to the sharded channel ``channel`` (``SSUBSCRIBE``: in a cluster only the
+    node of its slot carries it) and yield every message, the confirmation first, forever.
+
+    The first subscription's errors are raised. After that it survives reconnects (redis-py
+    subscribes again), a failover and the channel's slot moving to another node (a MOVED
+    reply, or the node dropping the subscription): it subscribes afresh where the slot is
+    now. An outage is logged once, when it starts, and once more when it is over."""
+    first = client.pubsub()
+    try:
+        await first.ssubscribe(channel)
+    except BaseException:
+        await _close(first)
+        raise
+    pubsub: PubSub | None = first
     failures = 0
-    while True:
-        try:
-            message = await pubsub.get_message(timeout=RECHECK)
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            failures += 1
-            if failures == 1:
-                logger.warning("%s lost Redis (%s); reconnecting", what, exc)
-            await asyncio.sleep(0.5)
-            continue
-        if failures:
-            logger.info("%s reconnected after %d attempts", what, failures)
-            failures = 0
-        if message is not None:
+    try:
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = client.pubsub()
+                    await pubsub.ssubscribe(channel)
+                if isinstance(pubsub, ClusterPubSub):
+                    message = await pubsub.get_sharded_message(timeout=RECHECK)
+                else:
+                    message = await pubsub.get_message(timeout=RECHECK)
+            except (
+                rexc.ConnectionError,
+                rexc.TimeoutError,
+                OSError,
+                rexc.AskError,
+                rexc.ClusterError,
+                rexc.RedisClusterException,
+            ) as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("%s lost Redis (%s); reconnecting", what, exc)
+                if not isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+                    # The slot moved: subscribe again on the node that has it now.
+                    await _close(pubsub)
+                    pubsub = None
+                await asyncio.sleep(0.5)
+                continue
+            if failures:
+                logger.info("%s reconnected after %d attempts", what, failures)
+                failures = 0
+            if message is None:
+                continue
+            if message["type"] == "sunsubscribe":
+                # Never asked for: the node gave the channel's slot away.
+                await _close(pubsub)
+                pubsub = None
+                continue
             yield message
+    finally:
+        await _close(pubsub)
+
+
+async def _close(pubsub: PubSub | None) -> None:
+    if pubsub is not None:
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class DoneWaiter:
@@ -118,10 +164,9 @@ class DoneWaiter:
         confirmed = self._confirmed
         if confirmed is None:
             confirmed = loop.create_future()
-            pubsub = self._client.pubsub()
             self._confirmed = confirmed
             self._reader = asyncio.create_task(
-                self._read(pubsub, confirmed), name="aioqueue-result-listener"
+                self._read(confirmed), name="aioqueue-result-listener"
             )
         if confirmed.done():
             return
@@ -131,20 +176,20 @@ class DoneWaiter:
         except asyncio.TimeoutError:
             raise TimeoutError from None
 
-    async def _read(self, pubsub: PubSub, confirmed: asyncio.Future[None]) -> None:
+    async def _read(self, confirmed: asyncio.Future[None]) -> None:
         """The single reader of one pub/sub connection: subscribe, confirm, route messages.
 
-        Connection drops are survived inside ``pubsub_messages`` (waiters re-check their
-        jobs meanwhile). Anything else ends this subscription and wakes every waiter.
+        Connection drops and moves are survived inside ``shard_messages`` (waiters re-check
+        their jobs meanwhile). Anything else ends this subscription and wakes every waiter.
         """
         error: BaseException = RuntimeError("the result listener stopped")
+        messages = shard_messages(self._client, self.channel, "result listener")
         try:
-            await pubsub.subscribe(self.channel)
-            async for message in pubsub_messages(pubsub, "result listener"):
-                if message["type"] == "subscribe":
+            async for message in messages:
+                if message["type"] == "ssubscribe":
                     if not confirmed.done():
                         confirmed.set_result(None)
-                elif message["type"] == "message":
+                elif message["type"] == "smessage":
                     data = message["data"]
                     job_id = data.decode() if isinstance(data, bytes) else str(data)
                     for done in self._waiting.get(job_id, []):
@@ -164,8 +209,7 @@ class DoneWaiter:
             # Wake the waiters before the await below, so that no new wait joins a
             # subscription that is already over.
             self._stopped(confirmed, error)
-            with contextlib.suppress(rexc.RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await messages.aclose()
 
     def _stopped(self, confirmed: asyncio.Future[None], error: BaseException) -> None:
         """Forget the subscription ``confirmed`` belongs to and wake its waiters with

@@ -1,6 +1,14 @@
 -- _prelude.lua: helpers every script shares; scripts.py puts this in front of each script
 -- when it loads it, so every script stays one self-contained EVALSHA.
 
+-- Redis Cluster: while the queue's slot moves to another node (a reshard), its keys lie
+-- partly on each, and a script reaching a key already moved would stop half-way with its
+-- first writes kept. Two keys that never exist make every script stop before it writes
+-- instead: on the node the slot leaves (the keys would be asked for elsewhere) and on the
+-- one it goes to (TRYAGAIN); the client sends the script again once the move is over.
+-- Otherwise, and without Cluster, this is one cheap EXISTS.
+redis.call('EXISTS', KEYS[1] .. ':moving:1', KEYS[1] .. ':moving:2')
+
 -- Redis's clock in ms: the one clock every worker agrees on. Anything compared across
 -- machines (due times, cron ticks) is decided on it, never on a caller's clock.
 local function redis_now()
@@ -88,7 +96,7 @@ local function notify(key, id, watchers)
   if (tonumber(watchers) or 0) > 0 then
     for _, field in ipairs(redis.call('HKEYS', key)) do
       if string.sub(field, 1, 2) == 'w:' then
-        redis.pcall('PUBLISH', string.sub(field, 3), id)
+        redis.pcall('SPUBLISH', string.sub(field, 3), id)
       end
     end
   end

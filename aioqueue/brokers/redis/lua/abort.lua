@@ -38,7 +38,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if status == 'running' then
   -- pcall: without the right to publish, the worker's lease renewal still finds the job
   -- aborted and cancels it.
-  redis.pcall('PUBLISH', ARGV[4], ARGV[1])
+  redis.pcall('SPUBLISH', ARGV[4], ARGV[1])
 end
 notify(KEYS[3], ARGV[1], redis.call('HGET', KEYS[3], 'watchers'))
 local events = {}
