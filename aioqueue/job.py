@@ -76,9 +76,11 @@ _CURSOR = re.compile(r"(\d{1,20})-(\d{1,20})/(\*|\d{1,9})")
 
 def check_cursor(cursor: str) -> str:
     """An event cursor as given, or :class:`ConfigurationError` if it is none (a stream id
-    ``<ms>-<seq>`` below 2**64 each, ``/``, an index or ``*``)."""
-    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
-    if match is None or max(int(match[1]), int(match[2])) >= 2**64:
+    ``<ms>-<seq>`` below 2**64 each, ``/``, an index or ``*``; a partitioned queue's is one
+    such per partition, separated by spaces)."""
+    parts = cursor.split(" ") if isinstance(cursor, str) else [None]
+    matches = [_CURSOR.fullmatch(part) if part is not None else None for part in parts]
+    if any(m is None or max(int(m[1]), int(m[2])) >= 2**64 for m in matches):
         raise ConfigurationError(
             f"not an event cursor: {cursor!r} (take one from an event's cursor, "
             "queue.events_cursor(), or '0-0/*' for the oldest event kept)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -26,6 +27,7 @@ from aioqueue.cron import cron as cron_spec
 from aioqueue.errors import ConfigurationError, PayloadTooLarge, UnknownTask
 from aioqueue.job import EVENT_WAIT, Job, JobEvent, JobInfo, check_cursor
 from aioqueue.limits import KeyFunction, TaskLimits
+from aioqueue.partitions import partition_tags
 from aioqueue.retry import Backoff
 from aioqueue.serialization import Envelope, Signer, encode
 from aioqueue.settings import Settings, resolve_settings, unknown_keywords
@@ -112,6 +114,7 @@ class Queue:
         result_ttl: float | None = None,
         signing_key: str | None = None,
         wait_replicas: int | None = None,
+        partitions: int | None = None,
         broker: Broker | None = None,
         trace_context: Callable[[], Mapping[str, str] | None] | None = None,
         **unknown: NoReturn,
@@ -128,6 +131,7 @@ class Queue:
             "result_ttl": result_ttl,
             "signing_key": signing_key,
             "wait_replicas": wait_replicas,
+            "partitions": partitions,
         }
         self.settings: Settings = resolve_settings(self._code)
         self.name = self.settings.queue
@@ -135,6 +139,8 @@ class Queue:
         self.cron_jobs: list[CronJob] = []
         self._broker = broker
         self._connected = False
+        # The hash tag of the partition this queue object stands for (see sources()).
+        self._tag: str | None = None
         self.trace_context = trace_context
         self.signer = Signer(self.settings.signing_key)
 
@@ -149,8 +155,38 @@ class Queue:
             self._broker = self.new_broker()
         if not self._connected:
             await self._broker.connect()
+            await self.check_partitions(self._broker)
             self._connected = True
         return self._broker
+
+    async def check_partitions(self, broker: Broker) -> None:
+        """Refuse to use a queue made with another number of partitions than this one's
+        (``partitions``): jobs would go where no worker reads, or be read twice."""
+        wanted = self.settings.partitions
+        stored = await broker.claim_partitions(self.name, wanted)
+        if stored != wanted:
+            raise ConfigurationError(
+                f"queue {self.name!r} has {stored} partition{'s' if stored > 1 else ''} in "
+                f"Redis, and this process gives it {wanted}: give every producer and worker "
+                f"partitions={stored}, or use a new queue name for {wanted} (changing the "
+                "number of an existing queue is not supported)"
+            )
+
+    def sources(self) -> list[Queue]:
+        """What a worker consumes for this queue: the queue itself, or, partitioned, one
+        queue per partition (same name, tasks and settings; the first runs the cron jobs)."""
+        partitions = self.settings.partitions
+        if partitions == 1 or self._tag is not None:
+            return [self]
+        views = []
+        for number, tag in enumerate(partition_tags(self.name, partitions)):
+            view = copy.copy(self)
+            view._tag = tag
+            view._broker = None
+            view._connected = False
+            view.cron_jobs = self.cron_jobs if number == 0 else []
+            views.append(view)
+        return views
 
     def new_broker(self, settings: Settings | None = None) -> Broker:
         """A broker with its own connections to this queue's storage.
@@ -160,12 +196,21 @@ class Queue:
         of producer calls (enqueues, result waits) in the same process.
         """
         settings = settings or self.settings
+        if settings.partitions > 1 and self._tag is None:
+            from aioqueue.brokers.partitioned import PartitionedBroker
+
+            tags = partition_tags(self.name, settings.partitions)
+            return PartitionedBroker(self.name, [self._broker_of(tag, settings) for tag in tags])
+        return self._broker_of(self._tag or self.name, settings)
+
+    def _broker_of(self, tag: str, settings: Settings) -> Broker:
+        """A broker of the keys under hash tag ``tag`` (the queue's name, or a partition's)."""
         if settings.redis_url.startswith("memory://"):
             from aioqueue.brokers.memory import MemoryBroker
 
             return MemoryBroker(
                 settings.redis_url,
-                self.name,
+                tag,
                 result_ttl=settings.result_ttl,
                 events_max_len=settings.events_max_len,
             )
@@ -173,7 +218,7 @@ class Queue:
 
         return RedisBroker(
             settings.redis_url,
-            self.name,
+            tag,
             result_ttl=settings.result_ttl,
             block=settings.block,
             max_connections=settings.max_connections,

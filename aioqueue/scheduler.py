@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aioqueue.brokers.base import Broker, CronClaim, NewJob
 from aioqueue.cron import CronJob, due_tick
 from aioqueue.errors import ConfigurationError, InvalidArguments, RedisUnavailable
+from aioqueue.partitions import fitted
 from aioqueue.serialization import Envelope, Signer, encode
 
 if TYPE_CHECKING:
@@ -156,7 +157,8 @@ class CronScheduler:
         self, broker: Broker, job: CronJob, fire: datetime, now: datetime, lease_ms: int
     ) -> CronClaim:
         """Claim the tick of ``job`` at ``fire``; RedisUnavailable propagates."""
-        tick_id = job.tick_id(fire)
+        # A partitioned queue claims ticks in its first partition: the job goes there too.
+        tick_id = fitted(job.tick_id(fire), self.queue.settings.partitions)
         new_job = self._runs.get(job.name)
         if new_job is None or new_job.job_id != tick_id:
             task = self.tasks[job.name]

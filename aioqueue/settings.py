@@ -136,8 +136,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Queue name: 1 to 100 letters (any script), digits, ``_ . : -``. All keys of a queue
     share the hash tag ``{queue}`` and the name is part of every key and channel, so braces
     and spaces, which would break both, are refused."""
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    """Hash tags the queue is spread over (docs/deploying.md#partitioned-queues): in a Redis
+    Cluster, partitions land on different masters. Every producer and worker of a queue
+    must say the same number; a queue made with another number is refused."""
     max_size: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """Most unfinished jobs (ready + running + delayed) the queue accepts; 0 means no limit."""
+    """Most unfinished jobs (ready + running + delayed) the queue accepts; 0 means no limit.
+    A partitioned queue gives each partition an even share (rounded up)."""
     max_payload_bytes: Annotated[int, _Positive] = 1_048_576
     """Largest encoded job accepted at enqueue."""
     result_ttl: Annotated[float, _Positive] = 86_400.0
@@ -181,7 +186,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Replicas that must confirm each enqueue and each recorded outcome before the call
     returns (Redis ``WAIT``); 0 returns as soon as the primary has it. With 1 or more, an
     acknowledged job or outcome survives the loss of the primary (Sentinel or Cluster
-    failover) as long as a confirming replica is promoted. See docs/deploying.md#durability."""
+    failover) as long as a confirming replica is promoted. See
+    docs/deploying.md#durability-wait_replicas."""
     wait_replicas_timeout: Annotated[float, _Positive] = 1.0
     """Seconds to wait for the replicas of ``wait_replicas``; fewer in that time raises
     :class:`NotReplicated` (the primary has the change; repeating the call is safe)."""

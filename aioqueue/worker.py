@@ -31,10 +31,12 @@ from aioqueue.brokers.base import (
     Delivery,
     Done,
     Finished,
+    Limits,
     Recorded,
     ServerFacts,
     Settlement,
 )
+from aioqueue.brokers.partitioned import PartitionedBroker
 from aioqueue.cron import CronJob, validate_unique_names
 from aioqueue.errors import (
     AccessDenied,
@@ -98,10 +100,23 @@ class Worker:
         self.queue = queue
         if not isinstance(also, (list, tuple)) or not all(hasattr(q, "tasks") for q in also):
             raise ConfigurationError(f"also takes a list of queues, not {also!r}")
-        self.queues = [queue, *also]
-        """The queues this worker consumes, in order."""
-        self.weights = _check_queues(self.queues, weights)
-        # Weighted order: each queue's credit of jobs to fetch, carried between fetches.
+        logical = [queue, *also]
+        self.weights = _check_queues(logical, weights)
+        sources = [q.sources() for q in logical]
+        self.queues = [source for each in sources for source in each]
+        """What this worker consumes, in order: its queues, a partitioned queue as one
+        source per partition (docs/deploying.md#partitioned-queues)."""
+        self._logical = logical
+        # The index in _logical of each source's queue.
+        self._group = [i for i, each in enumerate(sources) for _ in each]
+        parts = [self._group.count(i) for i in range(len(logical))]
+        # Each source's weight: its queue's, shared by the queue's partitions.
+        self._source_weights = (
+            None if self.weights is None else [self.weights[g] / parts[g] for g in self._group]
+        )
+        # Fetches start at a partition that takes turns, so that each gets served first.
+        self._turn = 0
+        # Weighted order: each source's credit of jobs to fetch, carried between fetches.
         self._credits = [0.0] * len(self.queues)
         self._code = code
         self.settings: Settings = resolve_settings(code)
@@ -112,10 +127,11 @@ class Worker:
         self.middleware = list(middleware)
         validate_unique_names(cron_jobs)
         self.cron_jobs = list(cron_jobs)
-        self.scheduler = CronScheduler(queue, self.cron_jobs, signer=self.signer)
-        # Cron jobs registered on the other queues run on their queue.
+        self.scheduler = CronScheduler(self.queues[0], self.cron_jobs, signer=self.signer)
+        # Cron jobs registered on the other queues run on their queue (in its first
+        # partition: the other partitions' sources have none).
         self._schedulers = [self.scheduler] + [
-            CronScheduler(q, list(q.cron_jobs), signer=self.signer) for q in also
+            CronScheduler(q, list(q.cron_jobs), signer=self.signer) for q in self.queues[1:]
         ]
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state: dict[str, Any] = {}
@@ -123,8 +139,10 @@ class Worker:
         # The brokers the running worker serves with, one per queue (progress reports go
         # through them).
         self._serving: list[Broker] = []
-        # Outcomes and run time per queue, for each queue's heartbeat (aioqueue info).
-        self._tallies = [_Tally() for _ in self.queues]
+        # Outcomes and run time per queue, for each queue's heartbeat (aioqueue info): the
+        # partitions of a queue share one.
+        tallies = [_Tally() for _ in logical]
+        self._tallies = [tallies[g] for g in self._group]
         self.metrics: PrometheusMetrics | None = None
         # Keyed by (queue index, stream entry), not job id: a delivery is (consumer, entry),
         # and an old entry's lost lease must never cancel a newer run of the same job.
@@ -152,7 +170,7 @@ class Worker:
         self._signals = 0
 
     def __repr__(self) -> str:
-        names = ", ".join(repr(q.name) for q in self.queues)
+        names = ", ".join(repr(q.name) for q in self._logical)
         return f"Worker(queue={names}, id={self.id!r})"
 
     def configure(self, **overrides: Any) -> None:
@@ -165,12 +183,12 @@ class Worker:
     @property
     def completed(self) -> int:
         """Jobs this worker completed (every queue)."""
-        return sum(tally.completed for tally in self._tallies)
+        return sum(tally.completed for tally in set(self._tallies))
 
     @property
     def failed(self) -> int:
         """Attempts that failed on this worker (every queue)."""
-        return sum(tally.failed for tally in self._tallies)
+        return sum(tally.failed for tally in set(self._tallies))
 
     @property
     def in_flight(self) -> int:
@@ -250,8 +268,15 @@ class Worker:
         self._reset()
         brokers = [queue.new_broker(self.settings) for queue in self.queues]
         for queue, broker, wake in zip(self.queues, brokers, self._promote_wakes, strict=True):
-            # A job a limit defers lands in the delayed set: promote it when it is due.
-            limits = {name: t.limits.limits for name, t in queue.tasks.items() if t.limits}
+            # A job a limit defers lands in the delayed set: promote it when it is due. The
+            # partitions of a queue share its limits out evenly (job ids spread a task's
+            # jobs evenly over them).
+            parts = queue.settings.partitions
+            limits = {
+                name: _share_limits(t.limits.limits, parts)
+                for name, t in queue.tasks.items()
+                if t.limits
+            }
             broker.configure(limits, int(self.settings.lease * 1000), wake.set)
         try:
             for broker in brokers:
@@ -262,6 +287,12 @@ class Worker:
                 # Rights are per queue (its keys); the server is one for all of them.
                 await self._check_server(broker, server=broker is brokers[0])
                 await self._retrying("creating the consumer group", broker.ensure_group)
+            for group, queue in enumerate(self._logical):
+                first = brokers[self._group.index(group)]
+                await self._retrying(
+                    "checking the queue's partitions",
+                    functools.partial(queue.check_partitions, first),
+                )
             await self._serve(brokers, loop, handle_signals, consuming)
         except Exception as exc:
             # One aioqueue error that stopped the task group (rights revoked while running)
@@ -297,17 +328,22 @@ class Worker:
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self.started_at = time.time()
         self._serving = brokers
-        broker = brokers[0]
+        # The gauges show the first queue, all its partitions.
+        first = [each for each, group in zip(brokers, self._group, strict=True) if group == 0]
+        broker = first[0] if len(first) == 1 else PartitionedBroker(self.queue.name, first)
         self._threads = ThreadPoolExecutor(
             self.settings.sync_threads, thread_name_prefix=f"aioqueue-{self.id}"
         )
         order = ""
-        if len(self.queues) > 1:
+        if len(self._logical) > 1:
             order = " (strict order)" if self.weights is None else f" (weights {self.weights})"
         logger.info(
             "worker %s consuming queue %s%s (concurrency %d, lease %gs)",
             self.id,
-            ", ".join(repr(q.name) for q in self.queues),
+            ", ".join(
+                repr(q.name) + (f" ({q.settings.partitions} partitions)" if len(each) > 1 else "")
+                for q, each in zip(self._logical, self._sources_of(), strict=True)
+            ),
             order,
             self.settings.concurrency,
             self.settings.lease,
@@ -508,10 +544,19 @@ class Worker:
         if len(brokers) == 1:
             fetched = await brokers[0].fetch(self.id, count, wait, settings.max_deliveries)
             return [(0, delivery) for delivery in fetched]
-        shares = None if self.weights is None else self._shares(count)
-        fetched_many = await brokers[0].fetch_many(
-            brokers, self.id, count, shares, wait, settings.max_deliveries
-        )
+        shares = None if self._source_weights is None else self._shares(count)
+        order = self._order()
+        fetched_many = [
+            (order[index], delivery)
+            for index, delivery in await brokers[order[0]].fetch_many(
+                [brokers[i] for i in order],
+                self.id,
+                count,
+                None if shares is None else [shares[i] for i in order],
+                wait,
+                settings.max_deliveries,
+            )
+        ]
         if shares is not None:
             taken = [0] * len(brokers)
             for source, _ in fetched_many:
@@ -523,13 +568,31 @@ class Worker:
                     self._credits[source] = min(self._credits[source], 0.0)
         return fetched_many
 
+    def _sources_of(self) -> list[list[Queue]]:
+        """The sources of each of the worker's queues."""
+        return [
+            [q for q, g in zip(self.queues, self._group, strict=True) if g == group]
+            for group in range(len(self._logical))
+        ]
+
+    def _order(self) -> list[int]:
+        """The sources in the order of this fetch: the queues in their order, the
+        partitions of each starting at the next one each time (none is always first)."""
+        self._turn += 1
+        order: list[int] = []
+        for group in range(len(self._logical)):
+            members = [source for source, g in enumerate(self._group) if g == group]
+            start = self._turn % len(members)
+            order += members[start:] + members[:start]
+        return order
+
     def _shares(self, count: int) -> list[int]:
-        """Each queue's share of the next ``count`` jobs by its weight, credit carried over
+        """Each source's share of the next ``count`` jobs by its weight, credit carried over
         between fetches so that small batches follow the weights too."""
-        assert self.weights is not None
-        total = sum(self.weights)
+        assert self._source_weights is not None
+        total = sum(self._source_weights)
         shares = []
-        for source, weight in enumerate(self.weights):
+        for source, weight in enumerate(self._source_weights):
             self._credits[source] += count * weight / total
             shares.append(max(int(self._credits[source]), 0))
         return shares
@@ -838,12 +901,15 @@ class Worker:
         interval = min(self.settings.lease / 3, 5.0)
         beats = 0
         tally = self._tallies[source]
+        group = self._group[source]
         while True:
             info: dict[str, str | int | float] = {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "concurrency": self.settings.concurrency,
-                "in_flight": sum(1 for r in self._in_flight.values() if r.source == source),
+                "in_flight": sum(
+                    1 for r in self._in_flight.values() if self._group[r.source] == group
+                ),
                 "started": self.started_at or 0.0,
                 "beat": time.time(),
                 "completed": tally.completed,
@@ -977,6 +1043,18 @@ class _Tally:
             self.failed += 1
             self.failed_last_minute.add()
         self.busy_us_last_minute.add(round(seconds * 1_000_000))
+
+
+def _share_limits(limits: Limits, partitions: int) -> Limits:
+    """One partition's part of a task's limits: 1/N of the rate and of the concurrency
+    (rounded up, at least 1)."""
+    if partitions == 1:
+        return limits
+    return Limits(
+        None if limits.interval_us is None else limits.interval_us * partitions,
+        limits.burst_us * partitions,
+        None if limits.concurrency is None else -(-limits.concurrency // partitions),
+    )
 
 
 def _check_queues(queues: Sequence[Queue], weights: Sequence[int] | None) -> list[int] | None:

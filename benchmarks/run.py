@@ -46,6 +46,7 @@ from common import (
     package_digest,
     resolve_rev,
     snapshot_package,
+    venv_python,
     versions,
 )
 
@@ -92,10 +93,17 @@ WORKLOADS: dict[str, Workload] = {
             "flow control: W1 for a task with a rate limit far above the rate reached",
             ("aioqueue",),
         ),
+        Workload(
+            "W11",
+            30_000,
+            "cluster: one queue, partitions 1,2,3 on a 3-master local cluster",
+            ("aioqueue",),
+        ),
     )
 }
 WORKFLOWS = ("W7", "W8")  # aioqueue only, and not measured on a --baseline without them
 FLOW_CONTROL = ("W9", "W10")  # aioqueue only, likewise
+CLUSTER = ("W11",)  # aioqueue only, likewise; on a Redis Cluster of its own (cluster.py)
 DEFAULT_LIBS = ("aioqueue", *PEERS)
 DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
@@ -235,6 +243,14 @@ def run_soak(srv: RedisServer, t: Target, n: int, settle: float, result_ttl: int
     return run
 
 
+def run_cluster(t: Target, n: int) -> dict[str, Any]:
+    """W11: a 3-master Redis Cluster of its own (benchmarks/cluster.py), then one queue of
+    1, 2 and 3 partitions, n jobs each, drained by as many worker processes."""
+    import cluster  # only for W11: the other workloads never import it
+
+    return cluster.run_w11(str(venv_python(t.lib)), t.env, n, CONCURRENCY)
+
+
 # --------------------------------------------------------------------------- aggregation
 
 METRICS = {
@@ -248,6 +264,10 @@ METRICS = {
     "W8": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
     "W9": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
     "W10": ("rate", "enqueue_rate", "cpu_us_per_job", "redis_cpu_us_per_job"),
+    # cluster.W11_METRICS: per number of partitions p
+    "W11": tuple(
+        f"{key}_p{p}" for p in (1, 2, 3) for key in ("rate", "redis_us_per_job", "max_dev")
+    ),
 }
 
 
@@ -376,6 +396,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(_render_soak(lib, soak))
     lines += _render_workflows(res.get("aioqueue", {}))
     lines += _render_flow_control(res.get("aioqueue", {}))
+    lines += _render_cluster(res.get("aioqueue", {}))
     lines += _render_baseline(report)
     notes = []
     for lib, r in res.items():
@@ -460,6 +481,16 @@ def _render_flow_control(aioqueue: dict[str, Any]) -> list[str]:
             f"| {_cell(r, lambda m: _num(m.get('redis_cpu_us_per_job')))} |"
         )
     return lines
+
+
+def _render_cluster(aioqueue: dict[str, Any]) -> list[str]:
+    """W11, when measured: cluster.py's table over every repeat's runs."""
+    w11 = aioqueue.get("W11")
+    if w11 is None or not w11.get("runs"):
+        return []
+    import cluster
+
+    return cluster.render_w11(w11)
 
 
 def _render_soak(label: str, soak: dict[str, Any]) -> str:
@@ -565,8 +596,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default=",".join(DEFAULT_WORKLOADS),
-        help="comma list of W1..W10 (default W1-W5; W6 soak, W7/W8 workflows and W9/W10 flow\n"
-        "control only when named)",
+        help="comma list of W1..W11 (default W1-W5; W6 soak, W7/W8 workflows, W9/W10 flow\n"
+        "control and W11 cluster only when named)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; median reported")
     p.add_argument("--jobs", type=float, default=1.0, help="scale factor for every job count")
@@ -694,7 +725,7 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
             n = report["config"]["job_counts"][wl]
             print(f"\n== {wl} ({n:,} jobs): {WORKLOADS[wl].title}", flush=True)
             labels = labels_for(libs_for(wl, args.libs), aq)
-            if wl in (*WORKFLOWS, *FLOW_CONTROL) and baseline is not None:
+            if wl in (*WORKFLOWS, *FLOW_CONTROL, *CLUSTER) and baseline is not None:
                 labels = [label for label in labels if label != baseline.label]
             for label in labels:
                 if label not in available:
@@ -713,6 +744,8 @@ def bench(args: argparse.Namespace, aq: Aioqueue) -> int:
                         run = run_latency(srv, t, n, args.settle)
                     elif wl == "W4":
                         run = run_enqueue(srv, t, n)
+                    elif wl in CLUSTER:
+                        run = run_cluster(t, n)
                     else:
                         run = run_soak(srv, t, n, args.settle, args.soak_result_ttl)
                     run["wall_s"] = round(time.monotonic() - t0, 2)
@@ -765,6 +798,10 @@ def describe_tree(tree: dict[str, Any]) -> str:
 
 
 def describe(wl: str, run: dict[str, Any]) -> str:
+    if wl in CLUSTER:
+        import cluster
+
+        return cluster.describe_w11(run)
     if run.get("status") != "ok":
         return f"{run.get('status')}: {run.get('error')}"
     parts = []

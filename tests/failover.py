@@ -42,12 +42,13 @@ async def run_through_failover(
     wait_replicas: int = 0,
     deadline: float = 60.0,
     settle_within: float = 30.0,
+    partitions: int = 1,
 ) -> FailoverOutcome:
     """Enqueue ``jobs`` jobs while a worker runs them; ``fault()`` runs a third of the way
     in. Returns what was acknowledged, lost (not complete ``settle_within`` seconds after
     the last was acknowledged) and run more than once."""
     outcome = FailoverOutcome()
-    queue = Queue(url, name=name, wait_replicas=wait_replicas)
+    queue = Queue(url, name=name, wait_replicas=wait_replicas, partitions=partitions)
 
     @queue.task(retries=10)
     async def record(ctx: Context, n: int) -> int:

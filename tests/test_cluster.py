@@ -17,6 +17,7 @@ from helpers import eventually, running
 from aioqueue import Context, JobAborted, Queue, RedisUnavailable
 from aioqueue.brokers.base import Done, Finished, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker, connection
+from aioqueue.partitions import partition_tags
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -169,11 +170,14 @@ async def test_producer_and_worker_go_on_through_a_manual_cluster_failover(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("partitions", [1, 3])
 async def test_moving_the_queue_slot_while_jobs_flow_loses_nothing(
-    redis_cluster: ClusterDeployment,
+    redis_cluster: ClusterDeployment, partitions: int
 ) -> None:
     name = names_on_every_master(redis_cluster, 1)[0]
-    slot = redis_cluster.slot_of(f"aioqueue:{{{name}}}:x")
+    # Partitioned: the second partition's slot moves, the others' stay.
+    tag = partition_tags(name, partitions)[partitions // 2]
+    slot = redis_cluster.slot_of(f"aioqueue:{{{tag}}}:x")
     source = redis_cluster.master_of_slot(slot)
     target = next(port for port in redis_cluster.masters() if port != source)
     moved: list[int] = []
@@ -191,11 +195,18 @@ async def test_moving_the_queue_slot_while_jobs_flow_loses_nothing(
         await asyncio.to_thread(migrate)
 
     outcome = await run_through_failover(
-        redis_cluster.url, name, move_slot, jobs=600, deadline=100, settle_within=20
+        redis_cluster.url,
+        name,
+        move_slot,
+        jobs=600,
+        deadline=100,
+        settle_within=20,
+        partitions=partitions,
     )
     print(
-        f"slot migration: {sum(moved)} keys in {len(moved)} batches, {outcome.acknowledged} "
-        f"acknowledged, {len(outcome.lost)} lost, {outcome.ran_twice} ran twice"
+        f"slot migration ({partitions} partitions): {sum(moved)} keys in {len(moved)} "
+        f"batches, {outcome.acknowledged} acknowledged, {len(outcome.lost)} lost, "
+        f"{outcome.ran_twice} ran twice"
     )
     assert len(moved) > 3
     assert redis_cluster.master_of_slot(slot) == target

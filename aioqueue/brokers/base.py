@@ -396,6 +396,11 @@ class WorkerBroker(Protocol):
 class AdminBroker(Protocol):
     """What job handles, the CLI and the operations API need: looking and administering."""
 
+    async def claim_partitions(self, queue: str, wanted: int) -> int:
+        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none on
+        record yet, record ``wanted``, unless the queue already holds jobs as a queue of one
+        partition (then 1)."""
+
     async def record(self, job_id: str) -> JobRecord | None:
         """One job's stored state, or None."""
 

@@ -704,6 +704,18 @@ class MemoryBroker:
 
     # -- looking at jobs -------------------------------------------------------------------
 
+    async def claim_partitions(self, queue: str, wanted: int) -> int:
+        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none
+        on record yet, record ``wanted`` (unless the queue holds jobs as one partition)."""
+        self._store.bind()
+        store = self._store
+        if queue in store.partitions:
+            return store.partitions[queue]
+        if wanted == 1 or (queue in store.queues and store.queues[queue].jobs):
+            return 1
+        store.partitions[queue] = wanted
+        return wanted
+
     async def record(self, job_id: str) -> JobRecord | None:
         """Everything stored about one job, or None."""
         job = (await self._state()).job(job_id)

@@ -1332,6 +1332,8 @@ class MemoryStore:
     def __init__(self, name: str) -> None:
         self.name = name
         self.queues: dict[str, QueueState] = {}
+        # Queue name -> its partitions, once a process gave it more than one.
+        self.partitions: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:

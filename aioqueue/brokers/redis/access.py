@@ -161,13 +161,14 @@ _DIRECT = {
 }
 _DIRECT["operator"] = (*_DIRECT["monitor"], "scan", "unlink", "set", "del")
 ROLE_SCRIPTS = {
-    "producer": ("abort", "enqueue", "keyed", "watch"),
+    "producer": ("abort", "enqueue", "keyed", "partitions", "watch"),
     "worker": (
         "begin",
         "cron_claim",
         "ensure_group",
         "fetch",
         "forget_consumers",
+        "partitions",
         "progress",
         "promote",
         "release",
@@ -175,7 +176,7 @@ ROLE_SCRIPTS = {
         "settle",
     ),
     "monitor": (),
-    "operator": ("abort", "purge_dead", "requeue"),
+    "operator": ("abort", "partitions", "purge_dead", "requeue"),
 }
 # What a role that runs scripts needs besides their commands: EVALSHA, SCRIPT LOAD (after a
 # restart of Redis) and MULTI, which the rights check below queues its probes in.

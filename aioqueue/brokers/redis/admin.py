@@ -21,7 +21,7 @@ from aioqueue.brokers.redis.connection import (
     redis_errors,
     text,
 )
-from aioqueue.brokers.redis.keys import GROUP
+from aioqueue.brokers.redis.keys import GROUP, Keys
 from aioqueue.brokers.redis.refusals import is_refusal
 from aioqueue.errors import SerializationError
 from aioqueue.serialization import decode
@@ -33,6 +33,18 @@ class Admin(RedisConnection):
     """What the queue's handles, the CLI and the operations API ask of Redis."""
 
     # -- looking at jobs -------------------------------------------------------------------
+
+    async def claim_partitions(self, queue: str, wanted: int) -> int:
+        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none
+        on record yet, record ``wanted`` (unless the queue holds jobs as one partition)."""
+        keys = Keys(queue)
+        with self._errors("reading the queue's partitions"):
+            stored = await self.client.get(keys.partitions)
+            if stored is not None:
+                return int(stored)
+            if wanted == 1:
+                return 1
+            return int(await self._eval("partitions", [keys.partitions, keys.stream], [wanted]))
 
     async def record(self, job_id: str) -> JobRecord | None:
         """Everything stored about one job, or None."""

@@ -269,7 +269,7 @@ class RedisConnection:
             # records). The reader never re-sends (see ``reader``).
             client, reader = self._clients(options)
             try:
-                info = await self._first_contact(client)
+                info = await self._first_contact(client, reader)
                 if info and _version(info) < MIN_REDIS:
                     raise UnsupportedRedis(
                         f"aioqueue needs Redis >= 7.0, the server at {mask_url(self.url)} runs "
@@ -343,14 +343,16 @@ class RedisConnection:
                 await sentinel.aclose()
             self._sentinel = None
 
-    async def _first_contact(self, client: aioredis.Redis) -> dict[str, Any]:
+    async def _first_contact(
+        self, client: aioredis.Redis, reader: aioredis.Redis
+    ) -> dict[str, Any]:
         """One round trip: the server's version (``INFO``; {} if the user may not run it, as
         a producer need not), Redis's clock, and whether the user may use the queue's keys.
 
         A server that answers in a way no Redis >= 7.0 would (no HELLO, not Redis at all, a
         database index it does not have) is one typed error, not redis-py's traceback."""
         try:
-            return await self._first_replies(client)
+            return await self._first_replies(client, reader)
         except rexc.ResponseError as exc:
             text_ = str(exc)
             if "DB index is out of range" in text_:
@@ -370,12 +372,17 @@ class RedisConnection:
                 f"({type(exc).__name__}: {exc}); is it a Redis server?"
             ) from None
 
-    async def _first_replies(self, client: aioredis.Redis) -> dict[str, Any]:
+    async def _first_replies(
+        self, client: aioredis.Redis, reader: aioredis.Redis
+    ) -> dict[str, Any]:
         try:
             with self._errors("connecting"):
                 if self.cluster:
-                    # redis-py's cluster pipeline refuses INFO and TIME: three calls, once.
+                    # Both read the slot map now: a first command sent before it is known
+                    # goes to any node and comes back MOVED. redis-py's cluster pipeline
+                    # refuses INFO and TIME: three calls, once.
                     await cast(RedisCluster, client).initialize()
+                    await cast(RedisCluster, reader).initialize()
                     here = self._node_of_queue(client)
                     info, now, exists = await asyncio.gather(
                         client.info("server", **here),

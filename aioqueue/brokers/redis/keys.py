@@ -83,6 +83,12 @@ class Keys:
         return f"{self.prefix}:cron-claims"
 
     @property
+    def partitions(self) -> str:
+        """How many partitions the queue has, once a process gave it more than one (see
+        ``partitions.lua``)."""
+        return f"{self.prefix}:partitions"
+
+    @property
     def workers(self) -> str:
         """Sorted set: worker id -> last heartbeat in ms."""
         return f"{self.prefix}:workers"

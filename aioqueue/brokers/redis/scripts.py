@@ -23,6 +23,7 @@ NAMES = (
     "fetch",
     "forget_consumers",
     "keyed",
+    "partitions",
     "progress",
     "promote",
     "purge_dead",
