@@ -273,7 +273,7 @@ class Worker:
             # jobs evenly over them).
             parts = queue.settings.partitions
             limits = {
-                name: _share_limits(t.limits.limits, parts)
+                name: _share_limits(name, t.limits.limits, parts)
                 for name, t in queue.tasks.items()
                 if t.limits
             }
@@ -1045,15 +1045,29 @@ class _Tally:
         self.busy_us_last_minute.add(round(seconds * 1_000_000))
 
 
-def _share_limits(limits: Limits, partitions: int) -> Limits:
-    """One partition's part of a task's limits: 1/N of the rate and of the concurrency
-    (rounded up, at least 1)."""
+def _share_limits(task: str, limits: Limits, partitions: int) -> Limits:
+    """One partition's part of a task's limits, so that the partitions together never
+    exceed them: 1/N of the rate, of the burst and of the concurrency (rounded down). A
+    concurrency limit below N cannot be shared out: ConfigurationError."""
     if partitions == 1:
         return limits
+    concurrency = limits.concurrency
+    if concurrency is not None:
+        if concurrency < partitions:
+            raise ConfigurationError(
+                f"task {task!r}: concurrency_limit={concurrency} cannot be shared out over "
+                f"the queue's {partitions} partitions (each enforces its share): give it at "
+                f"least {partitions}, or put the task on a queue of one partition"
+            )
+        concurrency //= partitions
+    interval = limits.interval_us
+    if interval is None:
+        return Limits(None, 0, concurrency)
+    burst = max(limits.burst_us // interval + 1, 1)
     return Limits(
-        None if limits.interval_us is None else limits.interval_us * partitions,
-        limits.burst_us * partitions,
-        None if limits.concurrency is None else -(-limits.concurrency // partitions),
+        interval * partitions,
+        (max(burst // partitions, 1) - 1) * interval * partitions,
+        concurrency,
     )
 
 

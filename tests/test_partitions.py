@@ -16,7 +16,7 @@ from conftest import RedisServer
 from deployments import ClusterDeployment
 from helpers import eventually, run_cli, running
 
-from aioqueue import ConfigurationError, Context, JobAborted, JobFailed, Queue, chain
+from aioqueue import ConfigurationError, Context, JobAborted, JobFailed, Queue, QueueFull, chain
 from aioqueue.brokers.memory import reset_stores
 from aioqueue.partitions import SLOTS, fitted, partition_of, partition_tags
 
@@ -211,3 +211,62 @@ async def test_info_dlq_and_purge_cover_every_partition(redis_server: RedisServe
 
 async def _dead(queue: Queue, count: int) -> bool:
     return (await queue.counts()).dead == count
+
+
+async def test_a_concurrency_limit_holds_across_the_partitions(storage_url: str) -> None:
+    """Each partition enforces its share, rounded down (4 // 3 = 1 here: rounded up, the
+    three partitions would run 6 at once), so the queue never runs more than the task's
+    limit, whichever partitions its jobs landed in."""
+    queue = Queue(storage_url, name=f"p-{uuid.uuid4().hex[:8]}", partitions=3)
+    now = peak = 0
+
+    @queue.task(concurrency_limit=4)
+    async def narrow(ctx: Context, n: int) -> int:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.02)
+        now -= 1
+        return n
+
+    jobs = await queue.enqueue_many([narrow.prepare(n) for n in range(30)])
+    async with running(queue.worker(concurrency=30)):
+        for job in jobs:
+            await job.result(timeout=30)
+    assert 1 <= peak <= 4
+    await queue.close()
+
+
+async def test_a_concurrency_limit_below_the_partitions_is_refused() -> None:
+    queue = Queue(f"memory://{uuid.uuid4().hex}", name="p", partitions=3)
+
+    @queue.task(concurrency_limit=2)
+    async def narrow(ctx: Context) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="concurrency_limit=2 cannot be shared"):
+        await asyncio.wait_for(queue.worker().run(handle_signals=False), 10)
+    await queue.close()
+
+
+async def test_max_size_is_shared_out_and_a_full_partition_refuses_in_the_queues_name(
+    storage_url: str,
+) -> None:
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    queue = Queue(storage_url, name=name, partitions=3, max_size=30)
+
+    @queue.task()
+    async def noop(ctx: Context) -> None:
+        return None
+
+    refusals: list[QueueFull] = []
+    for _ in range(60):
+        try:
+            await noop.enqueue()
+        except QueueFull as exc:
+            refusals.append(exc)
+    # The partitions hold 10 each: the queue never holds more than max_size, and the
+    # enqueues that found their partition full were refused in the queue's name.
+    assert (await queue.counts()).ready == 60 - len(refusals) == 30
+    assert {(r.queue, r.max_size) for r in refusals} == {(name, 30)}
+    await queue.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import math
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TypeVar
 
@@ -41,9 +40,11 @@ __all__ = ["PartitionedBroker"]
 T = TypeVar("T")
 
 
-def _share(max_size: int, partitions: int) -> int:
-    """Each partition's part of a queue's ``max_size`` (0: no limit)."""
-    return math.ceil(max_size / partitions) if max_size else 0
+def _share(max_size: int, partitions: int, index: int) -> int:
+    """Partition ``index``'s part of a queue's ``max_size``: the parts add up to it exactly
+    (0 for a partition left without any when ``max_size`` < N)."""
+    whole, extra = divmod(max_size, partitions)
+    return whole + (index < extra)
 
 
 class PartitionedBroker:
@@ -96,9 +97,9 @@ class PartitionedBroker:
     # -- producing ---------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob], max_size: int) -> list[bool]:
-        """Write each job to its partition; ``max_size`` is shared out evenly. A batch is
-        all or nothing per partition: when one refuses its share after others wrote
-        theirs, :class:`EnqueueIncomplete` says which jobs are stored."""
+        """Write each job to its partition; ``max_size`` is shared out evenly (the shares
+        add up to it). A batch is all or nothing per partition: when one refuses its share
+        after others wrote theirs, :class:`EnqueueIncomplete` says which jobs are stored."""
         if any(job.flow is not None for job in jobs):
             raise ConfigurationError(
                 f"queue {self.name!r} is partitioned: workflows (chains, groups, depends_on) "
@@ -108,8 +109,15 @@ class PartitionedBroker:
         written: list[str] = []
         for index, positions in sorted(self._split(jobs, lambda job: job.job_id).items()):
             batch = [jobs[p] for p in positions]
+            share = _share(max_size, len(self.parts), index)
             try:
-                answers = await self.parts[index].enqueue(batch, _share(max_size, len(self.parts)))
+                if max_size and not share:
+                    raise QueueFull(self.name, max_size, len(jobs))
+                try:
+                    answers = await self.parts[index].enqueue(batch, share)
+                except QueueFull as exc:
+                    # Said of the whole queue, not of one partition's share.
+                    raise QueueFull(self.name, max_size, len(jobs)) from exc
             except (QueueFull, EnqueueIncomplete) as exc:
                 if not written:
                     raise
