@@ -30,6 +30,7 @@ from aioqueue.brokers.base import (
     Broker,
     Delivery,
     Done,
+    FetchIncomplete,
     Finished,
     Limits,
     Recorded,
@@ -150,7 +151,9 @@ class Worker:
         self._executing = 0
         # Set when a read that hands entries over failed: its reply may have been lost
         # after Redis handed entries to this consumer, which the fetch loop then adopts.
-        self._must_adopt = False
+        self._must_adopt: set[int] = set()
+        # Loop time before which adoption is not tried again after a source failed it.
+        self._adopt_after = 0.0
         # Loop time before which this worker takes nothing over (see _note_silence).
         self._takeover_after = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,7 +163,11 @@ class Worker:
 
     def _reset(self) -> None:
         """Fresh synchronisation primitives for one run (they bind to the running loop)."""
-        self._outbox: asyncio.Queue[tuple[Running, Settlement]] = asyncio.Queue()
+        # Finished jobs waiting to be settled, one queue per source: each source settles on
+        # its own, so a source whose Redis is away (a failing master) holds up no other.
+        self._outboxes: list[asyncio.Queue[tuple[Running, Settlement]]] = [
+            asyncio.Queue() for _ in self.queues
+        ]
         self._slot_free = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -356,7 +363,8 @@ class Worker:
                     tg.start_soon(self._promote_loop, each, source)
                     tg.start_soon(self._heartbeat_loop, each, source)
                     tg.start_soon(self._schedulers[source].run, each, lease_ms)
-                tg.start_soon(self._settle_loop)
+                for source, each in enumerate(brokers):
+                    tg.start_soon(self._settle_loop, each, source)
                 tg.start_soon(self._renew_loop)
                 if self.metrics is not None:
                     tg.start_soon(self._gauge_loop, broker, self.metrics)
@@ -488,19 +496,20 @@ class Worker:
             # finishing) in one lock-step batch.
             count = min(free, max(settings.concurrency // 4, 1))
             try:
-                if self._must_adopt:
+                deliveries = []
+                if self._must_adopt and loop.time() >= self._adopt_after:
                     # A read or begin whose reply was lost left entries in this consumer's
                     # pending list; take them up now, not a lease later: as many as fit,
-                    # coming back for more while a full batch was found.
+                    # coming back for more while a full batch was found. A source that
+                    # cannot be reached is tried again later; the others go on.
                     deliveries = await self._adopt(free)
-                    self._must_adopt = len(deliveries) >= free
-                elif loop.time() >= max(next_sweep, self._takeover_after):
+                if not deliveries and loop.time() >= max(next_sweep, self._takeover_after):
                     next_sweep = loop.time() + sweep_every
                     deliveries = await self._reclaim(free)
                     for source, delivery in deliveries:
                         if (source, delivery.entry_id) not in self._in_flight:
                             logger.info("took over job %s after its lease expired", delivery.job_id)
-                else:
+                elif not deliveries:
                     wait = min(block, max(next_sweep - loop.time(), 0.001))
                     sent = loop.time()
                     deliveries = await self._fetch(count, wait)
@@ -508,7 +517,7 @@ class Worker:
                         self._note_silence()  # Redis stalled, or this process did
             except RedisUnavailable as exc:
                 failures += 1
-                self._must_adopt = True
+                self._must_adopt = set(range(len(self._serving)))
                 self._note_silence()
                 if failures == 1:
                     logger.warning("fetching jobs: %s; reconnecting with backoff", exc)
@@ -546,9 +555,8 @@ class Worker:
             return [(0, delivery) for delivery in fetched]
         shares = None if self._source_weights is None else self._shares(count)
         order = self._order()
-        fetched_many = [
-            (order[index], delivery)
-            for index, delivery in await brokers[order[0]].fetch_many(
+        try:
+            got = await brokers[order[0]].fetch_many(
                 [brokers[i] for i in order],
                 self.id,
                 count,
@@ -556,7 +564,17 @@ class Worker:
                 wait,
                 settings.max_deliveries,
             )
-        ]
+        except FetchIncomplete as exc:
+            # Some sources could not be reached (in a cluster, a failing master): the others
+            # go on; a lost reply may have begun entries of the failed ones, adopted later.
+            failed = {order[index] for index in exc.failed}
+            if not failed <= self._must_adopt:
+                names = ", ".join(sorted({self.queues[i].name for i in failed}))
+                logger.warning("fetching jobs of %s: %s; the other queues go on", names, exc)
+            self._must_adopt |= failed
+            self._adopt_after = asyncio.get_running_loop().time() + 1.0
+            got = exc.fetched
+        fetched_many = [(order[index], delivery) for index, delivery in got]
         if shares is not None:
             taken = [0] * len(brokers)
             for source, _ in fetched_many:
@@ -598,23 +616,48 @@ class Worker:
         return shares
 
     async def _adopt(self, free: int) -> list[tuple[int, Delivery]]:
+        """Begin what the sources in ``_must_adopt`` hold for this consumer unknown to it.
+        A source done with (it had fewer than asked) leaves the set; one that cannot be
+        reached stays, and adoption waits a moment before it is tried again."""
         adopted: list[tuple[int, Delivery]] = []
-        for source, broker in enumerate(self._serving):
+        for source in sorted(self._must_adopt):
             known = {entry for s, entry in self._in_flight if s == source}
             left = free - len(adopted)
-            if left > 0:
-                got = await broker.adopt(self.id, known, left, self.settings.max_deliveries)
-                adopted += [(source, delivery) for delivery in got]
+            if left <= 0:
+                break
+            try:
+                got = await self._serving[source].adopt(
+                    self.id, known, left, self.settings.max_deliveries
+                )
+            except RedisUnavailable as exc:
+                logger.debug("adopting the jobs of queue %s: %s", self.queues[source].name, exc)
+                self._adopt_after = asyncio.get_running_loop().time() + 1.0
+                continue
+            adopted += [(source, delivery) for delivery in got]
+            if len(got) < left:
+                self._must_adopt.discard(source)
         return adopted
 
     async def _reclaim(self, free: int) -> list[tuple[int, Delivery]]:
+        """Take over expired leases in every source that can be reached (RedisUnavailable
+        only when none can)."""
         taken: list[tuple[int, Delivery]] = []
+        failed: RedisUnavailable | None = None
+        answered = False
         for source, broker in enumerate(self._serving):
             left = free - len(taken)
-            if left > 0:
-                settings = self.settings
+            if left <= 0:
+                break
+            settings = self.settings
+            try:
                 got = await broker.reclaim(self.id, left, settings.lease, settings.max_deliveries)
-                taken += [(source, delivery) for delivery in got]
+            except RedisUnavailable as exc:
+                failed = failed or exc
+                continue
+            answered = True
+            taken += [(source, delivery) for delivery in got]
+        if failed is not None and not answered:
+            raise failed
         return taken
 
     def _note_silence(self) -> None:
@@ -698,7 +741,7 @@ class Worker:
         if settlement is None:
             self._forget(running)
         else:
-            self._outbox.put_nowait((running, settlement))
+            self._outboxes[running.source].put_nowait((running, settlement))
 
     async def _report(self, delivery: Delivery, fraction: float, message: str, seq: int) -> bool:
         """Store a task's progress report (``ctx.progress``)."""
@@ -718,18 +761,15 @@ class Worker:
 
     # -- background coroutines -------------------------------------------------------------
 
-    async def _settle_loop(self) -> None:
-        """Settle finished jobs in batches: everything that finished since the last round trip
-        goes in the next one (one per queue)."""
-        outbox = self._outbox
+    async def _settle_loop(self, broker: Broker, source: int) -> None:
+        """Settle one source's finished jobs in batches: everything that finished since the
+        last round trip goes in the next one."""
+        outbox = self._outboxes[source]
         while True:
-            pending = [await outbox.get()]
+            batch = [await outbox.get()]
             while not outbox.empty():
-                pending.append(outbox.get_nowait())
-            for source, broker in enumerate(self._serving):
-                batch = [item for item in pending if item[0].source == source]
-                if batch:
-                    await self._settle(source, broker, batch)
+                batch.append(outbox.get_nowait())
+            await self._settle(source, broker, batch)
 
     async def _settle(
         self, source: int, broker: Broker, batch: list[tuple[Running, Settlement]]
@@ -796,25 +836,31 @@ class Worker:
         interval = self.settings.lease / 3
         loop = asyncio.get_running_loop()
         failures = 0
+
+        async def renew(source: int, broker: Broker) -> None:
+            nonlocal failures
+            running = [r for r in self._in_flight.values() if r.source == source]
+            if not running:
+                return
+            sent = loop.time()
+            try:
+                lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
+            except RedisUnavailable as exc:
+                self._note_silence()
+                failures += 1
+                if failures == 1:
+                    logger.warning("renewing leases: %s", exc)
+                return
+            failures = 0
+            if loop.time() - sent > interval:
+                self._note_silence()
+            self._renewed(source, lost, aborted)
+
         while True:
             await asyncio.sleep(interval)
-            for source, broker in enumerate(self._serving):
-                running = [r for r in self._in_flight.values() if r.source == source]
-                if not running:
-                    continue
-                sent = loop.time()
-                try:
-                    lost, aborted = await broker.renew(self.id, [r.delivery for r in running])
-                except RedisUnavailable as exc:
-                    self._note_silence()
-                    failures += 1
-                    if failures == 1:
-                        logger.warning("renewing leases: %s", exc)
-                    continue
-                failures = 0
-                if loop.time() - sent > interval:
-                    self._note_silence()
-                self._renewed(source, lost, aborted)
+            # At once, not one after the other: a source whose Redis is slow to answer (a
+            # failing master) must not make the others' leases lapse.
+            await asyncio.gather(*(renew(s, b) for s, b in enumerate(self._serving)))
 
     def _renewed(self, source: int, lost: list[str], aborted: list[str]) -> None:
         """Act on a renewal's answer: cancel jobs aborted meanwhile and jobs whose lease

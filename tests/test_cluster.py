@@ -17,7 +17,7 @@ from helpers import eventually, running
 from aioqueue import Context, JobAborted, Queue, RedisUnavailable
 from aioqueue.brokers.base import Done, Finished, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker, connection
-from aioqueue.partitions import partition_tags
+from aioqueue.partitions import fitted, partition_tags
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -255,3 +255,39 @@ async def test_a_script_stopped_by_a_moving_slot_has_written_nothing(
         assert record.status == "complete"
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_other_partitions_go_on_while_one_partitions_slot_is_down(
+    fresh_cluster: ClusterDeployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker serves each partition as a source of its own: with one partition's master
+    and replica both gone (its slot served by nobody), the jobs of the other partitions
+    still run, including their settles and result notifications, and the worker's fetch
+    loop never backs off as from an outage of all of them."""
+    for port in fresh_cluster.ports:
+        command(port, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    tags = partition_tags(name, 3)
+    queue = Queue(fresh_cluster.url, name=name, partitions=3)
+
+    @queue.task()
+    async def double(ctx: Context, n: int) -> int:
+        return 2 * n
+
+    async with running(queue.worker(concurrency=10, lease=5)):
+        assert await (await double.enqueue(1)).result(timeout=10) == 2
+        master = fresh_cluster.master_of_slot(fresh_cluster.slot_of(f"aioqueue:{{{tags[1]}}}:x"))
+        replica = fresh_cluster.replica_of(master)
+        fresh_cluster.kill(replica)
+        fresh_cluster.kill(master)
+        for n in range(10):
+            partition = (0, 2)[n % 2]
+            job = await double.options(job_id=fitted(f"job-{n}", 3, partition)).enqueue(n)
+            assert await job.result(timeout=20) == 2 * n
+        with pytest.raises(RedisUnavailable):
+            await double.options(job_id=fitted("lost", 3, 1)).enqueue(0)
+    await queue.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("the other queues go on" in m for m in messages)
+    assert not any("reconnecting with backoff" in m for m in messages)

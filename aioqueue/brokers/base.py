@@ -12,6 +12,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from aioqueue.errors import RedisUnavailable
+
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
@@ -268,6 +270,20 @@ class CronRun:
 
 
 B = TypeVar("B", bound="WorkerBroker")
+
+
+class FetchIncomplete(RedisUnavailable):
+    """``fetch_many`` reached some queues and not others (in a cluster, a master of one of
+    them failing): ``fetched`` is what the others gave, ``failed`` the indices of the queues
+    that failed. A failed fetch may have begun entries before its reply was lost: the
+    caller adopts those queues' entries."""
+
+    def __init__(
+        self, message: str, fetched: list[tuple[int, Delivery]], failed: list[int]
+    ) -> None:
+        self.fetched = fetched
+        self.failed = failed
+        super().__init__(message)
 
 
 class WorkerBroker(Protocol):

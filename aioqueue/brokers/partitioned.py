@@ -22,6 +22,7 @@ from aioqueue.brokers.base import (
     CronClaim,
     CronRun,
     Delivery,
+    FetchIncomplete,
     JobRecord,
     Keyed,
     Limits,
@@ -180,9 +181,21 @@ class PartitionedBroker:
                 if shares is not None:
                     whole, extra = divmod(shares[index], len(queue.parts))
                     part_shares.append(whole + (number < extra))
-        fetched = await parts[0].fetch_many(
-            parts, consumer, count, None if shares is None else part_shares, block, max_deliveries
-        )
+        try:
+            fetched = await parts[0].fetch_many(
+                parts,
+                consumer,
+                count,
+                None if shares is None else part_shares,
+                block,
+                max_deliveries,
+            )
+        except FetchIncomplete as exc:
+            raise FetchIncomplete(
+                str(exc),
+                [(owner[index], delivery) for index, delivery in exc.fetched],
+                sorted({owner[index] for index in exc.failed}),
+            ) from exc
         return [(owner[index], delivery) for index, delivery in fetched]
 
     async def reclaim(

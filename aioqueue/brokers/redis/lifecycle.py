@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import redis.exceptions as rexc
@@ -22,6 +22,7 @@ from aioqueue.brokers.base import (
     Again,
     Delivery,
     Done,
+    FetchIncomplete,
     FlowNode,
     Keyed,
     Limits,
@@ -41,7 +42,7 @@ from aioqueue.brokers.redis.connection import (
 from aioqueue.brokers.redis.keys import GROUP
 from aioqueue.brokers.redis.refusals import is_refusal
 from aioqueue.brokers.redis.waiter import shard_messages
-from aioqueue.errors import EnqueueIncomplete, QueueFull, WorkflowConflict
+from aioqueue.errors import EnqueueIncomplete, QueueFull, RedisUnavailable, WorkflowConflict
 from aioqueue.serialization import TASK_NAME, ErrorInfo, encode
 
 __all__ = ["Lifecycle"]
@@ -389,60 +390,105 @@ class Lifecycle(RedisConnection):
         A read that has not answered is left running for the next call, never cancelled:
         cancelling it could lose the reply after Redis handed it entries (they would sit in
         this consumer's pending list for a lease). Each queue keeps one read at most
-        (``_reading``), and ``release`` at shutdown stops it before handing back."""
+        (``_reading``), and ``release`` at shutdown stops it before handing back.
+
+        A queue that cannot be reached (its master failing) does not hold up the others:
+        what they gave is raised in :class:`FetchIncomplete`, naming the failed ones."""
         fetched: list[tuple[int, Delivery]] = []
-        with redis_errors("reading the stream"):
-            for index, queue in enumerate(queues):
-                got = await queue._answered(index, consumer, count, max_deliveries)
-                fetched += got
-                count -= len(got)
-            lanes: dict[int, list[str]] = {}
-            drained: set[int] = set()
-            foreign = False
-            asks = [min(share, count) for share in shares] if shares is not None else []
-            for rounds in (asks, [count] * len(queues)):
-                for index, ask in enumerate(rounds):
-                    want = min(ask, count)
-                    if want <= 0 or index in drained:
-                        continue
-                    queue = queues[index]
-                    ready, live, _, found = await queue._fetch_ready(
-                        [queue], consumer, want, None, max_deliveries
-                    )
-                    lanes[index] = [level for _, level in live]
-                    fetched += [(index, delivery) for _, delivery in ready]
-                    count -= len(ready)
-                    foreign = foreign or found
-                    if len(ready) < want:
-                        drained.add(index)
-            if fetched or count <= 0 or foreign:
-                return fetched
-            readers = []
-            for index, levels in lanes.items():
+        failed: dict[int, RedisUnavailable] = {}
+
+        async def attempt(index: int, step: Awaitable[Any]) -> Any:
+            try:
+                with redis_errors("reading the stream"):
+                    return await step
+            except RedisUnavailable as exc:
+                failed.setdefault(index, exc)
+                return None
+
+        for index, queue in enumerate(queues):
+            got = await attempt(index, queue._answered(index, consumer, count, max_deliveries))
+            fetched += got or []
+            count -= len(got or [])
+        lanes: dict[int, list[str]] = {}
+        drained: set[int] = set()
+        foreign = False
+        asks = [min(share, count) for share in shares] if shares is not None else []
+        for rounds in (asks, [count] * len(queues)):
+            for index, ask in enumerate(rounds):
+                want = min(ask, count)
+                if want <= 0 or index in drained or index in failed:
+                    continue
                 queue = queues[index]
-                if levels and queue._reading is None:
-                    queue._reading = asyncio.create_task(
-                        queue._read_blocking(
-                            [queue], consumer, [(0, level) for level in levels], count, block
-                        ),
-                        name=f"aioqueue-read-{queue.keys.queue}",
-                    )
-                if queue._reading is not None:
-                    readers.append(queue._reading)
-            if not readers:
-                await asyncio.sleep(min(block, PAUSE_POLL))  # every queue is paused
-                return []
-            paused = len(readers) < len(queues)
-            await asyncio.wait(
-                readers,
-                timeout=min(block, PAUSE_POLL) if paused else block,
-                return_when=asyncio.FIRST_COMPLETED,
+                answer = await attempt(
+                    index, queue._fetch_ready([queue], consumer, want, None, max_deliveries)
+                )
+                if answer is None:
+                    continue
+                ready, live, _, found = answer
+                lanes[index] = [level for _, level in live]
+                fetched += [(index, delivery) for _, delivery in ready]
+                count -= len(ready)
+                foreign = foreign or found
+                if len(ready) < want:
+                    drained.add(index)
+        if not (fetched or count <= 0 or foreign):
+            fetched += await self._wait_apart(
+                queues, consumer, lanes, count, block, max_deliveries, attempt
             )
-            for index, queue in enumerate(queues):
-                got = await queue._answered(index, consumer, count, max_deliveries)
-                fetched += got
-                count -= len(got)
+        return self._apart(fetched, failed, len(queues))
+
+    async def _wait_apart(
+        self,
+        queues: Sequence[Lifecycle],
+        consumer: str,
+        lanes: dict[int, list[str]],
+        count: int,
+        block: float,
+        max_deliveries: int,
+        attempt: Callable[[int, Awaitable[list[tuple[int, Delivery]]]], Awaitable[Any]],
+    ) -> list[tuple[int, Delivery]]:
+        """Block until one of the queues' reads answers (see ``_fetch_apart``); begin what
+        the answered reads brought."""
+        readers = []
+        for index, levels in lanes.items():
+            queue = queues[index]
+            if levels and queue._reading is None:
+                queue._reading = asyncio.create_task(
+                    queue._read_blocking(
+                        [queue], consumer, [(0, level) for level in levels], count, block
+                    ),
+                    name=f"aioqueue-read-{queue.keys.queue}",
+                )
+            if queue._reading is not None:
+                readers.append(queue._reading)
+        if not readers:
+            await asyncio.sleep(min(block, PAUSE_POLL))  # every queue is paused or failed
+            return []
+        paused = len(readers) < len(queues)
+        await asyncio.wait(
+            readers,
+            timeout=min(block, PAUSE_POLL) if paused else block,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        fetched: list[tuple[int, Delivery]] = []
+        for index, queue in enumerate(queues):
+            got = await attempt(index, queue._answered(index, consumer, count, max_deliveries))
+            fetched += got or []
+            count -= len(got or [])
         return fetched
+
+    @staticmethod
+    def _apart(
+        fetched: list[tuple[int, Delivery]], failed: dict[int, RedisUnavailable], queues: int
+    ) -> list[tuple[int, Delivery]]:
+        """What ``_fetch_apart`` returns: the deliveries, or the error of every queue
+        failing, or FetchIncomplete when some did."""
+        if not failed:
+            return fetched
+        first = next(iter(failed.values()))
+        if len(failed) == queues:
+            raise first
+        raise FetchIncomplete(str(first), fetched, sorted(failed))
 
     async def _answered(
         self, index: int, consumer: str, count: int, max_deliveries: int
