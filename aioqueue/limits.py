@@ -28,6 +28,12 @@ _RATE = re.compile(
 def parse_rate(text: str) -> int:
     """The interval between starts, in microseconds, of a rate such as ``"5000/h"``,
     ``"20/s"`` or ``"3/10m"`` (rounded up: the limit is never exceeded)."""
+    count, period_us = rate_parts(text)
+    return max(math.ceil(period_us / count), 1)
+
+
+def rate_parts(text: str) -> tuple[int, int]:
+    """A rate such as ``"3/10m"`` as (count, period in microseconds)."""
     match = _RATE.match(text) if isinstance(text, str) else None
     if match is None or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
         raise ConfigurationError(
@@ -35,7 +41,7 @@ def parse_rate(text: str) -> int:
             "'3/10m' (units s, m, h, d, or sec, min, hour, day; count and period at least 1)"
         )
     seconds = int(match[2] or 1) * _UNITS[match[3][0].lower()]
-    return max(math.ceil(seconds * 1_000_000 / int(match[1])), 1)
+    return int(match[1]), seconds * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,12 @@ class TaskLimits:
             return None
         interval = None if rate_limit is None else parse_rate(rate_limit)
         burst = 0 if interval is None else interval * (rate_burst - 1)
-        return cls(Limits(interval, burst, concurrency_limit), rate_limit_key, concurrency_key)
+        count, period = (0, 0) if rate_limit is None else rate_parts(rate_limit)
+        return cls(
+            Limits(interval, burst, concurrency_limit, count, period),
+            rate_limit_key,
+            concurrency_key,
+        )
 
     def keys(
         self, task: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]

@@ -723,7 +723,9 @@ class Worker:
         try:
             settlement = await execute(
                 running,
-                self.queues[running.source],
+                # The queue itself, not one partition's view of it: what the job enqueues
+                # through ctx.queue lands in the partitions of its own ids.
+                self._logical[self._group[running.source]],
                 self.state,
                 self.middleware,
                 self.signer,
@@ -1093,28 +1095,36 @@ class _Tally:
 
 def _share_limits(task: str, limits: Limits, partitions: int) -> Limits:
     """One partition's part of a task's limits, so that the partitions together never
-    exceed them: 1/N of the rate, of the burst and of the concurrency (rounded down). A
-    concurrency limit below N cannot be shared out: ConfigurationError."""
+    exceed them: of a rate of C starts per period, C // N per period (its burst shared out
+    too), and of a concurrency limit, limit // N. A rate or concurrency limit below N cannot
+    be shared out: ConfigurationError."""
     if partitions == 1:
         return limits
+
+    def refuse(what: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"task {task!r}: {what} cannot be shared out over the queue's {partitions} "
+            f"partitions (each enforces its share, rounded down): give it at least "
+            f"{partitions}, or put the task on a queue of one partition"
+        )
+
     concurrency = limits.concurrency
     if concurrency is not None:
         if concurrency < partitions:
-            raise ConfigurationError(
-                f"task {task!r}: concurrency_limit={concurrency} cannot be shared out over "
-                f"the queue's {partitions} partitions (each enforces its share): give it at "
-                f"least {partitions}, or put the task on a queue of one partition"
-            )
+            raise refuse(f"concurrency_limit={concurrency}")
         concurrency //= partitions
     interval = limits.interval_us
     if interval is None:
         return Limits(None, 0, concurrency)
+    count, period = limits.rate_count, limits.rate_period_us
+    if not count:
+        count, period = 1, interval
+    share = count // partitions
+    if share == 0:
+        raise refuse(f"a rate_limit of {count} per period")
+    spaced = -(-period // share)
     burst = max(limits.burst_us // interval + 1, 1)
-    return Limits(
-        interval * partitions,
-        (max(burst // partitions, 1) - 1) * interval * partitions,
-        concurrency,
-    )
+    return Limits(spaced, (max(burst // partitions, 1) - 1) * spaced, concurrency, share, period)
 
 
 def _check_queues(queues: Sequence[Queue], weights: Sequence[int] | None) -> list[int] | None:

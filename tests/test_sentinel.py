@@ -56,3 +56,14 @@ async def test_producer_and_worker_follow_a_sentinel_failover(
     assert all(outcome.runs[f"job-{n}"] >= 1 for n in range(300) if f"job-{n}" not in outcome.lost)
     if wait_replicas:
         assert outcome.lost == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_master_name_no_sentinel_watches_is_a_configuration_error(
+    sentinel_group: SentinelGroup,
+) -> None:
+    url = sentinel_group.url.replace("/mymaster/", "/nosuchmaster/")
+    queue = Queue(url, name="q")
+    with pytest.raises(ConfigurationError, match=r"no sentinel .* watches a master named"):
+        await asyncio.wait_for(queue.counts(), 10)
+    await queue.close()

@@ -46,6 +46,10 @@ class Limits:
     (burst - 1) intervals."""
     concurrency: int | None = None
     """At most this many running at once; None: no concurrency limit."""
+    rate_count: int = 0
+    rate_period_us: int = 0
+    """The rate as given (``count`` starts per ``period``), which a partitioned queue shares
+    out among its partitions; 0 when unknown (the interval alone is then the rate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,9 +417,9 @@ class AdminBroker(Protocol):
     """What job handles, the CLI and the operations API need: looking and administering."""
 
     async def claim_partitions(self, queue: str, wanted: int) -> int:
-        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none on
-        record yet, record ``wanted``, unless the queue already holds jobs as a queue of one
-        partition (then 1)."""
+        """How many partitions queue ``queue`` has on record; with none on record yet,
+        record ``wanted``, unless it is more than 1 and the queue already holds jobs as a
+        queue of one partition (then 1)."""
 
     async def record(self, job_id: str) -> JobRecord | None:
         """One job's stored state, or None."""

@@ -705,13 +705,14 @@ class MemoryBroker:
     # -- looking at jobs -------------------------------------------------------------------
 
     async def claim_partitions(self, queue: str, wanted: int) -> int:
-        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none
-        on record yet, record ``wanted`` (unless the queue holds jobs as one partition)."""
+        """How many partitions queue ``queue`` has on record; with none on record yet,
+        record ``wanted`` (unless it is more than 1 and the queue holds jobs as one
+        partition): a process that gives another number later is refused."""
         self._store.bind()
         store = self._store
         if queue in store.partitions:
             return store.partitions[queue]
-        if wanted == 1 or (queue in store.queues and store.queues[queue].jobs):
+        if wanted > 1 and queue in store.queues and store.queues[queue].jobs:
             return 1
         store.partitions[queue] = wanted
         return wanted

@@ -33,7 +33,13 @@ from aioqueue.brokers.base import (
     Settlement,
     StoredEvent,
 )
-from aioqueue.errors import ConfigurationError, EnqueueIncomplete, QueueFull
+from aioqueue.errors import (
+    ConfigurationError,
+    EnqueueIncomplete,
+    NotReplicated,
+    QueueFull,
+    RedisUnavailable,
+)
 from aioqueue.partitions import partition_of
 
 __all__ = ["PartitionedBroker"]
@@ -106,8 +112,9 @@ class PartitionedBroker:
                 f"queue {self.name!r} is partitioned: workflows (chains, groups, depends_on) "
                 "need a queue of one partition"
             )
-        created: list[bool] = [False] * len(jobs)
+        created: list[bool] = [True] * len(jobs)
         written: list[str] = []
+        unconfirmed: NotReplicated | None = None
         for index, positions in sorted(self._split(jobs, lambda job: job.job_id).items()):
             batch = [jobs[p] for p in positions]
             share = _share(max_size, len(self.parts), index)
@@ -119,7 +126,13 @@ class PartitionedBroker:
                 except QueueFull as exc:
                     # Said of the whole queue, not of one partition's share.
                     raise QueueFull(self.name, max_size, len(jobs)) from exc
-            except (QueueFull, EnqueueIncomplete) as exc:
+            except NotReplicated as exc:
+                # Stored, not yet confirmed: the other partitions' jobs are written too,
+                # and the caller hears of it at the end.
+                unconfirmed = unconfirmed or exc
+                written += [job.job_id for job in batch]
+                continue
+            except (QueueFull, RedisUnavailable) as exc:
                 if not written:
                     raise
                 stored = set(written) | set(getattr(exc, "written", ()))
@@ -128,6 +141,8 @@ class PartitionedBroker:
             for position, answer in zip(positions, answers, strict=True):
                 created[position] = answer
             written += [job.job_id for job in batch]
+        if unconfirmed is not None:
+            raise unconfirmed
         return created
 
     async def enqueue_keyed(self, job: NewJob, keyed: Keyed, max_size: int) -> str:

@@ -23,7 +23,7 @@ from aioqueue.brokers.redis.connection import (
 )
 from aioqueue.brokers.redis.keys import GROUP, Keys
 from aioqueue.brokers.redis.refusals import is_refusal
-from aioqueue.errors import SerializationError
+from aioqueue.errors import PermissionDenied, SerializationError
 from aioqueue.serialization import decode
 
 __all__ = ["Admin"]
@@ -35,16 +35,21 @@ class Admin(RedisConnection):
     # -- looking at jobs -------------------------------------------------------------------
 
     async def claim_partitions(self, queue: str, wanted: int) -> int:
-        """How many partitions queue ``queue`` has on record; with ``wanted`` > 1 and none
-        on record yet, record ``wanted`` (unless the queue holds jobs as one partition)."""
+        """How many partitions queue ``queue`` has on record; with none on record yet,
+        record ``wanted`` (unless it is more than 1 and the queue holds jobs as one
+        partition): a process that gives another number later is refused."""
         keys = Keys(queue)
         with self._errors("reading the queue's partitions"):
             stored = await self.client.get(keys.partitions)
             if stored is not None:
                 return int(stored)
-            if wanted == 1:
-                return 1
-            return int(await self._eval("partitions", [keys.partitions, keys.stream], [wanted]))
+            held = [keys.stream, keys.lanes, keys.delayed, keys.dead]
+            try:
+                return int(await self._eval("partitions", [keys.partitions, *held], [wanted]))
+            except PermissionDenied:
+                if wanted > 1:
+                    raise
+                return 1  # a monitor (no scripts) of a queue of one partition records nothing
 
     async def record(self, job_id: str) -> JobRecord | None:
         """Everything stored about one job, or None."""

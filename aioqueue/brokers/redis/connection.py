@@ -38,6 +38,8 @@ from aioqueue.brokers.redis.refusals import is_refusal, permission_denied, refus
 from aioqueue.brokers.redis.urls import check_url, url_user
 from aioqueue.brokers.redis.waiter import DoneWaiter
 from aioqueue.errors import (
+    AioqueueError,
+    AuthenticationFailed,
     ConfigurationError,
     NotReplicated,
     RedisUnavailable,
@@ -98,6 +100,8 @@ class redis_errors:
         if exc is None or (isinstance(exc, TimeoutError) and not isinstance(exc, rexc.RedisError)):
             # A builtin TimeoutError (an OSError) is a caller's deadline, not an outage.
             return
+        if isinstance(exc, AioqueueError):
+            return  # already said (NotReplicated is a ConnectionError, hence an OSError)
         if isinstance(exc, rexc.RedisError):
             denied = refusal(exc, self.what, self.keys, self.user)
             if denied is not None:
@@ -199,6 +203,7 @@ class RedisConnection:
         # keys of several queues never meet in one command.
         self.cluster = False
         self._sentinel: Sentinel | None = None
+        self._sentinel_options: dict[str, Any] = {}
         self._scripts: dict[str, AsyncScript] = {}
         self._waiter: DoneWaiter | None = None
         self._connect_lock = asyncio.Lock()
@@ -269,6 +274,8 @@ class RedisConnection:
             # records). The reader never re-sends (see ``reader``).
             client, reader = self._clients(options)
             try:
+                if self._sentinel is not None:
+                    await self._ask_sentinels()
                 info = await self._first_contact(client, reader)
                 if info and _version(info) < MIN_REDIS:
                     raise UnsupportedRedis(
@@ -330,12 +337,54 @@ class RedisConnection:
         self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(where.hosts), sentinel_kwargs=sentinel_options, **kwargs
         )
+        self._sentinel_options = sentinel_options
         return (
             self._sentinel.master_for(
                 where.service, retry=resend, retry_on_error=[rexc.ConnectionError]
             ),
             self._sentinel.master_for(where.service, retry=once),
         )
+
+    async def _ask_sentinels(self) -> None:
+        """Ask each sentinel for the master once, without retries: refused credentials and
+        a master name no sentinel knows are errors of their own (redis-py's lookup would
+        take them for an outage, and retry it for ever). None answering is left to the
+        connection, which reports the outage."""
+        where = parse_topology(self.url)
+        refused: Exception | None = None
+        answered = known = False
+        for host, port in where.hosts:
+            probe = aioredis.Redis(
+                host=host,
+                port=port,
+                retry=Retry(ExponentialWithJitterBackoff(), 0),
+                **{**self._sentinel_options, "socket_connect_timeout": 2.0, "socket_timeout": 2.0},
+            )
+            try:
+                address = await probe.sentinel_get_master_addr_by_name(where.service)
+            except rexc.AuthenticationError as exc:
+                refused = exc
+                continue
+            except rexc.ResponseError as exc:
+                if "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+                    refused = exc
+                continue
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
+                continue
+            finally:
+                await probe.aclose()
+            answered = True
+            known = known or address is not None
+        if refused is not None and not answered:
+            raise AuthenticationFailed(
+                f"the sentinels of {mask_url(self.url)} refused the login ({refused}): check "
+                "sentinel_username= and sentinel_password= in the URL"
+            ) from None
+        if answered and not known:
+            raise ConfigurationError(
+                f"no sentinel of {mask_url(self.url)} watches a master named "
+                f"{where.service!r}: check the name after the hosts in the URL"
+            )
 
     async def _close_sentinels(self) -> None:
         if self._sentinel is not None:
@@ -618,12 +667,19 @@ class RedisConnection:
         raise refused
 
     async def _eval_many(
-        self, calls: Sequence[Call], *, errors: bool = False, durable: bool = False
+        self,
+        calls: Sequence[Call],
+        *,
+        errors: bool = False,
+        durable: bool = False,
+        moving_since: float | None = None,
     ) -> list[Any]:
         """Run several scripts in one round trip (a pipeline of EVALSHA). With ``errors``,
         a call that failed has its exception in its place instead of raising it. With
         ``durable`` and ``wait_replicas`` set, the same round trip ends with ``WAIT`` on the
-        same connection, and too few confirmations raise :class:`NotReplicated`."""
+        same connection, and too few confirmations raise :class:`NotReplicated`, once every
+        call is written: a call refused for a lost script cache or a moving slot is sent
+        again first (with a WAIT of its own when durable)."""
         wait = durable and self.wait_replicas > 0
         if len(calls) == 1 and not errors and not wait:
             name, keys, args = calls[0]
@@ -637,37 +693,85 @@ class RedisConnection:
             # execute_command, not evalsha: redis-py's cluster pipeline refuses the latter
             # by name, yet routes EVALSHA by its keys like any keyed command.
             pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        here = self._node_of_queue()
         if wait:
-            pipe.wait(self.wait_replicas, self._wait_ms, **self._node_of_queue())
+            pipe.wait(self.wait_replicas, self._wait_ms, **here)
         async with self._slots:
             results: list[Any] = await pipe.execute(raise_on_error=False)
+        confirmed = results.pop() if wait else None
+        if wait and here != self._node_of_queue():
+            # The slot moved (MOVED) during the round trip: the scripts were written on
+            # another node than the one the WAIT asked, so nothing is confirmed.
+            confirmed = RedisUnavailable("the queue's slot moved to another node meanwhile")
+        again = [
+            i
+            for i, result in enumerate(results)
+            if isinstance(result, rexc.NoScriptError)
+            or (self.cluster and isinstance(result, Exception) and slot_moving(result))
+        ]
+        if again:
+            redo = await self._again(
+                [calls[i] for i in again], [results[i] for i in again], wait, moving_since
+            )
+            for i, result in zip(again, redo, strict=True):
+                results[i] = result
         if wait:
-            confirmed = results.pop()
-            if isinstance(confirmed, Exception):
-                # WAIT went to a node that is no longer the primary (a failover redis-py
-                # learnt of from this very call): nothing confirmed, the repeat goes right.
-                raise NotReplicated(
-                    f"Redis stored it, but confirming it on replicas failed ({confirmed}): a "
-                    "failover now could lose it (repeating the call is safe)",
-                    self.wait_replicas,
-                    0,
-                ) from confirmed
-            if int(confirmed) < self.wait_replicas:
-                raise NotReplicated(
-                    f"Redis stored it, but {confirmed} of the {self.wait_replicas} replicas "
-                    f"wait_replicas asks for confirmed it within {self._wait_ms} ms: a failover "
-                    "now could lose it (repeating the call is safe)",
-                    self.wait_replicas,
-                    int(confirmed),
-                )
-        for i, result in enumerate(results):
-            if isinstance(result, rexc.NoScriptError) or (
-                self.cluster and isinstance(result, Exception) and slot_moving(result)
-            ):
-                # Redis restarted and lost its script cache, or the queue's slot is being
-                # moved: run just that call again, on its own (see _eval).
-                name, keys, args = calls[i]
-                results[i] = await self._eval(name, keys, args)
-            elif isinstance(result, Exception) and not errors:
-                raise result
+            self._confirmed(confirmed)
+        if not errors:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
         return results
+
+    async def _again(
+        self,
+        calls: Sequence[Call],
+        failures: Sequence[Exception],
+        wait: bool,
+        moving_since: float | None,
+    ) -> list[Any]:
+        """Send again the calls Redis refused for a lost script cache (Redis restarted) or
+        a moving slot (see ``_eval``), their failures in their places: each on its own
+        without ``wait``, else all in one round trip that ends with a WAIT of its own."""
+        if not wait:
+            answers: list[Any] = []
+            for name, keys, args in calls:
+                try:
+                    answers.append(await self._eval(name, keys, args))
+                except rexc.RedisError as exc:
+                    answers.append(exc)
+            return answers
+        for name in {
+            name
+            for (name, _, _), failure in zip(calls, failures, strict=True)
+            if isinstance(failure, rexc.NoScriptError)
+        }:
+            script = self._scripts[name]
+            script.sha = await self.client.script_load(script.script)
+        loop = asyncio.get_running_loop()
+        if any(not isinstance(failure, rexc.NoScriptError) for failure in failures):
+            moving_since = loop.time() if moving_since is None else moving_since
+            if loop.time() - moving_since > MOVING_PATIENCE:
+                return list(failures)
+            await asyncio.sleep(0.05)
+        return await self._eval_many(calls, errors=True, durable=True, moving_since=moving_since)
+
+    def _confirmed(self, confirmed: Any) -> None:
+        """Raise NotReplicated unless WAIT's answer counts ``wait_replicas`` replicas."""
+        if isinstance(confirmed, Exception):
+            # WAIT went to a node that is no longer the primary (a failover redis-py learnt
+            # of from this very call): nothing confirmed, the repeat goes right.
+            raise NotReplicated(
+                f"Redis stored it, but confirming it on replicas failed ({confirmed}): a "
+                "failover now could lose it (repeating the call is safe)",
+                self.wait_replicas,
+                0,
+            ) from confirmed
+        if int(confirmed) < self.wait_replicas:
+            raise NotReplicated(
+                f"Redis stored it, but {confirmed} of the {self.wait_replicas} replicas "
+                f"wait_replicas asks for confirmed it within {self._wait_ms} ms: a failover "
+                "now could lose it (repeating the call is safe)",
+                self.wait_replicas,
+                int(confirmed),
+            )

@@ -499,7 +499,11 @@ class Lifecycle(RedisConnection):
         if reading is None or not reading.done():
             return []
         self._reading = None
-        got = await self._take([self], consumer, reading.result(), max(count, 0), max_deliveries)
+        # The read may have answered long ago (this worker was full): begin only what it
+        # still holds, never an entry another worker took over meanwhile.
+        got = await self._take(
+            [self], consumer, reading.result(), max(count, 0), max_deliveries, check=True
+        )
         return [(index, delivery) for _, delivery in got]
 
     async def _read_blocking(
@@ -547,9 +551,13 @@ class Lifecycle(RedisConnection):
         read: Read,
         count: int,
         max_deliveries: int,
+        *,
+        check: bool = False,
     ) -> list[tuple[int, Delivery]]:
         """Begin at most ``count`` of what a blocking read got (several lanes can answer
-        at once: COUNT is per stream) and hand the rest straight back."""
+        at once: COUNT is per stream) and hand the rest straight back. ``check``: begin
+        only entries this consumer still holds (a read that answered a while ago: another
+        worker may have taken its entries over since)."""
         for name in read.wakes & set(read.entries):
             # A job went to a lane new to its queue: fetch.lua reads it next time round.
             woken = [text(entry_id) for entry_id, _ in read.entries[name]]
@@ -570,7 +578,7 @@ class Lifecycle(RedisConnection):
         for index, queue in enumerate(queues):
             mine = [entry for i, entry in entries[:count] if i == index]
             if mine:
-                got = await queue._begin(consumer, mine, max_deliveries, check=False)
+                got = await queue._begin(consumer, mine, max_deliveries, check=check)
                 fetched += [(index, delivery) for delivery in got]
         return fetched
 
