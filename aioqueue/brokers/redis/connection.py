@@ -361,7 +361,8 @@ class RedisConnection:
                 **{**self._sentinel_options, "socket_connect_timeout": 2.0, "socket_timeout": 2.0},
             )
             try:
-                address = await probe.sentinel_get_master_addr_by_name(where.service)
+                # SENTINEL MASTERS, as redis-py's own lookup: no other right is needed.
+                masters = await probe.sentinel_masters()
             except rexc.AuthenticationError as exc:
                 refused = exc
                 continue
@@ -374,7 +375,7 @@ class RedisConnection:
             finally:
                 await probe.aclose()
             answered = True
-            known = known or address is not None
+            known = known or where.service in masters
         if refused is not None and not answered:
             raise AuthenticationFailed(
                 f"the sentinels of {mask_url(self.url)} refused the login ({refused}): check "
