@@ -293,13 +293,15 @@ class Worker:
                 await self._retrying("connecting to Redis", broker.connect)
                 # Rights are per queue (its keys); the server is one for all of them.
                 await self._check_server(broker, server=broker is brokers[0])
-                await self._retrying("creating the consumer group", broker.ensure_group)
+            # Before anything is written: a refused number of partitions leaves no streams.
             for group, queue in enumerate(self._logical):
                 first = brokers[self._group.index(group)]
                 await self._retrying(
                     "checking the queue's partitions",
                     functools.partial(queue.check_partitions, first),
                 )
+            for broker in brokers:
+                await self._retrying("creating the consumer group", broker.ensure_group)
             await self._serve(brokers, loop, handle_signals, consuming)
         except Exception as exc:
             # One aioqueue error that stopped the task group (rights revoked while running)

@@ -10,11 +10,19 @@ import uuid
 from collections import Counter
 
 import pytest
+from conftest import RedisServer
 from deployments import ClusterDeployment, command
 from failover import run_through_failover
 from helpers import eventually, running
 
-from aioqueue import Context, JobAborted, Queue, RedisUnavailable
+from aioqueue import (
+    AuthenticationFailed,
+    ConfigurationError,
+    Context,
+    JobAborted,
+    Queue,
+    RedisUnavailable,
+)
 from aioqueue.brokers.base import Done, Finished, NewJob, Recorded
 from aioqueue.brokers.redis import RedisBroker, connection
 from aioqueue.partitions import fitted, partition_tags
@@ -291,3 +299,49 @@ async def test_the_other_partitions_go_on_while_one_partitions_slot_is_down(
     messages = [record.getMessage() for record in caplog.records]
     assert any("the other queues go on" in m for m in messages)
     assert not any("reconnecting with backoff" in m for m in messages)
+
+
+@pytest.mark.timeout(60)
+async def test_a_wrong_url_or_password_for_a_cluster_is_one_clear_error(
+    redis_cluster: ClusterDeployment, redis_server: RedisServer
+) -> None:
+    """Mistakes that never pass by themselves are final errors, not outages retried for
+    ever: a plain URL to a cluster node, a wrong password, a cluster URL to a plain Redis."""
+    master = redis_cluster.masters()[0]
+    name = names_on_every_master(redis_cluster, 3)
+    plain = Queue(
+        f"redis://127.0.0.1:{master}/0",
+        name=next(
+            n
+            for n in name
+            if redis_cluster.master_of_slot(redis_cluster.slot_of(f"aioqueue:{{{n}}}:x")) != master
+        ),
+    )
+    with pytest.raises(ConfigurationError, match="node of a Redis Cluster"):
+        await asyncio.wait_for(plain.counts(), 20)
+    await plain.close()
+    wrong = Queue(redis_cluster.url.replace("://", "://nobody:wrong@"), name="c")
+    with pytest.raises(AuthenticationFailed):
+        await asyncio.wait_for(wrong.counts(), 20)
+    await wrong.close()
+    single = Queue(redis_server.url.replace("redis://", "redis+cluster://"), name="c")
+    with pytest.raises(ConfigurationError, match="CLUSTER SLOTS"):
+        await asyncio.wait_for(single.counts(), 20)
+    await single.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_refused_for_its_partitions_writes_nothing(
+    redis_cluster: ClusterDeployment,
+) -> None:
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    three = Queue(redis_cluster.url, name=name, partitions=3)
+    await three.counts()  # records 3
+    four = Queue(redis_cluster.url, name=name, partitions=4)
+    with pytest.raises(ConfigurationError, match="has 3 partitions"):
+        await asyncio.wait_for(four.worker().run(handle_signals=False), 20)
+    for tag in partition_tags(name, 4):
+        port = redis_cluster.master_of_slot(redis_cluster.slot_of(f"aioqueue:{{{tag}}}:x"))
+        assert command(port, "EXISTS", f"aioqueue:{{{tag}}}:stream") == 0
+    await three.close()
+    await four.close()

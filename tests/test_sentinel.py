@@ -67,3 +67,14 @@ async def test_a_master_name_no_sentinel_watches_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match=r"no sentinel .* watches a master named"):
         await asyncio.wait_for(queue.counts(), 10)
     await queue.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_sentinel_url_naming_a_data_server_is_a_configuration_error(
+    sentinel_group: SentinelGroup,
+) -> None:
+    url = f"redis+sentinel://127.0.0.1:{sentinel_group.primary_port()}/mymaster/0"
+    queue = Queue(url, name="q")
+    with pytest.raises(ConfigurationError, match="is no sentinel"):
+        await asyncio.wait_for(queue.counts(), 10)
+    await queue.close()

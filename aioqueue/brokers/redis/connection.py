@@ -36,7 +36,7 @@ from aioqueue.brokers.redis.access import (
 from aioqueue.brokers.redis.keys import Keys
 from aioqueue.brokers.redis.refusals import is_refusal, permission_denied, refusal, was_reset
 from aioqueue.brokers.redis.urls import check_url, url_user
-from aioqueue.brokers.redis.waiter import DoneWaiter
+from aioqueue.brokers.redis.waiter import DoneWaiter, raised_in_redis_py
 from aioqueue.errors import (
     AioqueueError,
     AuthenticationFailed,
@@ -120,6 +120,23 @@ class redis_errors:
             ) from exc
         if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
             raise RedisUnavailable(f"Redis unavailable while {self.what}: {exc}") from exc
+        if isinstance(exc, rexc.RedisClusterException) and not isinstance(
+            exc, rexc.SlotNotCoveredError
+        ):
+            # redis-py could not read the slot map from any seed node, and says why.
+            said = str(exc)
+            if "username-password" in said or "WRONGPASS" in said or "NOAUTH" in said:
+                raise AuthenticationFailed(
+                    f"the Redis Cluster refused the credentials while {self.what}: check the "
+                    "user name and password in the Redis URL (users exist per node: create "
+                    "them on every node)"
+                ) from exc
+            if "Cluster mode is not enabled" in said:
+                raise ConfigurationError(
+                    f"the seed nodes do not answer CLUSTER SLOTS as Redis Cluster nodes while "
+                    f"{self.what}: use redis+cluster:// for a Redis Cluster only, and grant "
+                    "the ACL user +cluster|slots +command +asking"
+                ) from exc
         if slot_moving(exc) or isinstance(
             exc, (rexc.ReadOnlyError, rexc.SlotNotCoveredError, rexc.RedisClusterException)
         ):
@@ -128,6 +145,10 @@ class redis_errors:
             raise RedisUnavailable(
                 f"Redis is failing over or moving the queue's slot while {self.what}: {exc}"
             ) from exc
+        if isinstance(exc, AttributeError) and raised_in_redis_py(exc):
+            # redis-py tearing a connection down under a command (seen in its cluster
+            # client during a failover: a writer already gone): an outage, not a bug here.
+            raise RedisUnavailable(f"Redis dropped the connection while {self.what}") from exc
 
 
 class queue_errors(redis_errors):
@@ -369,6 +390,11 @@ class RedisConnection:
             except rexc.ResponseError as exc:
                 if "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
                     refused = exc
+                elif "unknown command" in str(exc):
+                    raise ConfigurationError(
+                        f"the server at {host}:{port} is no sentinel (it does not know "
+                        "SENTINEL): a redis+sentinel:// URL names the sentinels, not Redis"
+                    ) from None
                 continue
             except (rexc.ConnectionError, rexc.TimeoutError, OSError):
                 continue
@@ -413,7 +439,8 @@ class RedisConnection:
             if "unknown command" in text_:
                 raise UnsupportedRedis(
                     f"the server at {mask_url(self.url)} answered {text_!r}: "
-                    "aioqueue needs Redis >= 7.0"
+                    "aioqueue needs Redis >= 7.0 (a Sentinel answers like this too: reach "
+                    "the primary it watches with redis+sentinel://host:26379/<master name>)"
                 ) from None
             raise
         except (rexc.InvalidResponse, AttributeError, ValueError) as exc:
@@ -446,6 +473,11 @@ class RedisConnection:
                     pipe.time()
                     pipe.exists(self.keys.stream)
                     info, now, exists = await pipe.execute(raise_on_error=False)
+                    if isinstance(exists, rexc.AskError):  # MOVED: a cluster node
+                        raise ConfigurationError(
+                            f"the server at {mask_url(self.url)} is a node of a Redis Cluster "
+                            "(it answered MOVED): use a redis+cluster:// URL"
+                        )
                 for reply in (now, exists):
                     if isinstance(reply, Exception):
                         raise reply

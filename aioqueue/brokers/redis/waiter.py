@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -68,7 +69,10 @@ async def shard_messages(
                 rexc.AskError,
                 rexc.ClusterError,
                 rexc.RedisClusterException,
+                AttributeError,
             ) as exc:
+                if isinstance(exc, AttributeError) and not raised_in_redis_py(exc):
+                    raise
                 failures += 1
                 if failures == 1:
                     logger.warning("%s lost Redis (%s); reconnecting", what, exc)
@@ -91,6 +95,15 @@ async def shard_messages(
             yield message
     finally:
         await _close(pubsub)
+
+
+def raised_in_redis_py(exc: BaseException) -> bool:
+    """True if ``exc`` was raised inside redis-py (a connection torn down under a read, seen
+    in its cluster pub/sub during a failover)."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}redis{os.sep}" in last.tb_frame.f_code.co_filename
 
 
 async def _close(pubsub: PubSub | None) -> None:
