@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from aioqueue.errors import (
     JobAborted,
     JobFailed,
     JobNotFound,
+    RedisUnavailable,
     ResultTimeout,
     SerializationError,
 )
@@ -92,6 +94,9 @@ _WORKFLOW_FAILURES: dict[str, type[JobFailed]] = {
     "GroupFailed": GroupFailed,
     "DependencyFailed": DependencyFailed,
 }
+OUTAGE_PATIENCE = 30.0
+"""Seconds ``result()`` without a timeout waits out Redis being unreachable (a failover, a
+restart) before it raises RedisUnavailable."""
 EVENT_WAIT = 5.0
 """Longest one blocking read of the event stream waits, in seconds."""
 _FINAL = frozenset(
@@ -310,7 +315,9 @@ class Job(Generic[R]):
 
         Raises :class:`JobFailed` (with the remote error and traceback) if it failed or was
         dead-lettered, :class:`JobAborted`, :class:`JobNotFound`, or :class:`ResultTimeout`
-        after ``timeout`` seconds (``None`` waits as long as it takes). A job a debounce
+        after ``timeout`` seconds (``None`` waits as long as it takes). Redis out of reach
+        (a failover, a restart) is waited out within the timeout; without one, for
+        OUTAGE_PATIENCE seconds before :class:`RedisUnavailable`. A job a debounce
         replaced gives the outcome of the job that replaced it (and so on, to the one that
         ran).
         """
@@ -318,12 +325,24 @@ class Job(Generic[R]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         job_id, seen = self.id, {self.id}
+        outage: float | None = None
         while True:
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
                 record = await broker.wait_final(job_id, remaining)
             except TimeoutError:
                 raise ResultTimeout(self.id, timeout or 0.0) from None
+            except RedisUnavailable:
+                # A failover or a restart of Redis: wait it out, within the timeout (or
+                # OUTAGE_PATIENCE without one), then look again.
+                outage = loop.time() if outage is None else outage
+                if deadline is None and loop.time() - outage > OUTAGE_PATIENCE:
+                    raise
+                if deadline is not None and loop.time() >= deadline:
+                    raise ResultTimeout(self.id, timeout or 0.0) from None
+                await asyncio.sleep(min(0.5, max((deadline or math.inf) - loop.time(), 0)))
+                continue
+            outage = None
             if record is None:
                 raise JobNotFound(job_id)
             replacement = record.replaced_by if record.status == "aborted" else ""

@@ -238,3 +238,34 @@ async def test_close_wakes_current_waiters_and_leaves_no_listener(
 async def not_final() -> bool:
     """A ``watch`` for a job that never finishes by itself."""
     return False
+
+
+async def test_a_result_wait_rides_out_redis_being_away_within_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover or restart makes the waiter's re-check of the job fail for a while:
+    result() waits it out instead of raising RedisUnavailable at the first miss."""
+    monkeypatch.setattr(waiter, "RECHECK", 0.2)
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    queue = Queue(server.url, name="away-wait")
+    try:
+
+        @queue.task()
+        async def echo(ctx: Context, value: int) -> int:
+            return value
+
+        job = await echo.enqueue(7)
+        wait = asyncio.create_task(job.result(timeout=30))
+        await eventually(lambda: subscribed(server.port) or wait.done())
+        await asyncio.to_thread(server.kill)
+        # Several re-checks fail while nothing listens on the port.
+        for _ in range(3):
+            await asyncio.sleep(0.3)
+            assert not wait.done(), wait.exception() if wait.done() else None
+        await asyncio.to_thread(server.start)
+        async with running(queue.worker()):
+            assert await asyncio.wait_for(wait, 15) == 7
+    finally:
+        await queue.close()
+        server.kill()
