@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import free_port
 from deployments import SentinelGroup
 from failover import run_through_failover
 
-from aioqueue import ConfigurationError, Queue
+from aioqueue import ConfigurationError, Queue, RedisUnavailable
 from aioqueue.settings import Settings
 
 
@@ -76,5 +77,15 @@ async def test_a_sentinel_url_naming_a_data_server_is_a_configuration_error(
     url = f"redis+sentinel://127.0.0.1:{sentinel_group.primary_port()}/mymaster/0"
     queue = Queue(url, name="q")
     with pytest.raises(ConfigurationError, match="is no sentinel"):
+        await asyncio.wait_for(queue.counts(), 10)
+    await queue.close()
+
+
+@pytest.mark.timeout(30)
+async def test_sentinels_that_do_not_answer_are_an_outage_said_at_once() -> None:
+    ports = [free_port(), free_port()]
+    url = f"redis+sentinel://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster/0"
+    queue = Queue(url, name="q")
+    with pytest.raises(RedisUnavailable, match=r"no sentinel .* answered"):
         await asyncio.wait_for(queue.counts(), 10)
     await queue.close()

@@ -369,8 +369,8 @@ class RedisConnection:
     async def _ask_sentinels(self) -> None:
         """Ask each sentinel for the master once, without retries: refused credentials and
         a master name no sentinel knows are errors of their own (redis-py's lookup would
-        take them for an outage, and retry it for ever). None answering is left to the
-        connection, which reports the outage."""
+        take them for an outage, and retry it for ever). None answering is an outage,
+        reported at once (redis-py's lookup takes half a minute to say so)."""
         where = parse_topology(self.url)
         refused: Exception | None = None
         answered = known = False
@@ -407,7 +407,12 @@ class RedisConnection:
                 f"the sentinels of {mask_url(self.url)} refused the login ({refused}): check "
                 "sentinel_username= and sentinel_password= in the URL"
             ) from None
-        if answered and not known:
+        if not answered:
+            raise RedisUnavailable(
+                f"no sentinel of {mask_url(self.url)} answered: are they running, and "
+                "reachable from here?"
+            )
+        if not known:
             raise ConfigurationError(
                 f"no sentinel of {mask_url(self.url)} watches a master named "
                 f"{where.service!r}: check the name after the hosts in the URL"
