@@ -122,12 +122,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(params=["redis", "memory"])
 def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The suite's redis-server, then a fresh memory:// store: for tests run on both."""
-    if request.param == "redis":
-        yield request.getfixturevalue("redis_server").url
-    else:
+    yield from _storage(request)
+
+
+@pytest.fixture(params=["redis", "memory", "cluster"])
+def every_storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The suite's redis-server, a fresh memory:// store, and the suite's Redis Cluster
+    (three masters, a replica each)."""
+    yield from _storage(request)
+
+
+def _storage(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "memory":
         url = f"memory://{uuid.uuid4().hex}"
         yield url
         reset_stores(url)
+    else:
+        server = "redis_server" if request.param == "redis" else "redis_cluster"
+        yield request.getfixturevalue(server).url
 
 
 @pytest.fixture(autouse=True)

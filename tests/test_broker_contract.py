@@ -89,17 +89,10 @@ class Brokers:
             await broker.close()
 
 
-@pytest.fixture(params=["redis", "memory", "cluster"])
-def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The suite's redis-server, a fresh memory:// store, and the suite's Redis Cluster
-    (three masters, a replica each): the contract holds on all three."""
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-        yield url
-        reset_stores(url)
-    else:
-        server = "redis_server" if request.param == "redis" else "redis_cluster"
-        yield request.getfixturevalue(server).url
+@pytest.fixture
+def storage_url(every_storage_url: str) -> str:
+    """The contract holds on a single Redis, the memory store and a Redis Cluster."""
+    return every_storage_url
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,21 +16,15 @@ from deployments import ClusterDeployment
 from helpers import eventually, run_cli, running
 
 from aioqueue import ConfigurationError, Context, JobAborted, JobFailed, Queue, QueueFull, chain
-from aioqueue.brokers.memory import reset_stores
 from aioqueue.partitions import SLOTS, fitted, partition_of, partition_tags
 
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(params=["redis", "memory", "cluster"])
-def storage_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-        yield url
-        reset_stores(url)
-    else:
-        server = "redis_server" if request.param == "redis" else "redis_cluster"
-        yield request.getfixturevalue(server).url
+@pytest.fixture
+def storage_url(every_storage_url: str) -> str:
+    """Partitioned queues on a single Redis, the memory store and a Redis Cluster."""
+    return every_storage_url
 
 
 def test_partition_tags_spread_over_the_slot_space_and_never_meet_another_queue() -> None:
