@@ -235,6 +235,13 @@ def _stats_view(stats: QueueStats) -> Group:
         _capacity_view(stats),
         workers if stats.workers else "[yellow]no live workers[/yellow]",
     ]
+    if stats.partitions:
+        parts.append(
+            Text(
+                f"{len(stats.partitions)} partitions, keys under "
+                + ", ".join("{" + plain(tag) + "}" for tag in stats.partitions)
+            )
+        )
     if stats.paused_at is not None:
         since = _age(max(now - stats.paused_at, 0))
         parts.append(

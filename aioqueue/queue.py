@@ -114,6 +114,7 @@ class Queue:
         result_ttl: float | None = None,
         signing_key: str | None = None,
         wait_replicas: int | None = None,
+        wait_replicas_timeout: float | None = None,
         partitions: int | None = None,
         broker: Broker | None = None,
         trace_context: Callable[[], Mapping[str, str] | None] | None = None,
@@ -131,6 +132,7 @@ class Queue:
             "result_ttl": result_ttl,
             "signing_key": signing_key,
             "wait_replicas": wait_replicas,
+            "wait_replicas_timeout": wait_replicas_timeout,
             "partitions": partitions,
         }
         self.settings: Settings = resolve_settings(self._code)
@@ -645,7 +647,9 @@ class Queue:
 
     async def stats(self) -> QueueStats:
         """Counts, lag, throughput over the last minute and live workers of this queue."""
-        return await collect_stats(self.name, await self.connected_broker())
+        partitions = self.settings.partitions
+        tags = partition_tags(self.name, partitions) if partitions > 1 else ()
+        return await collect_stats(self.name, await self.connected_broker(), tags)
 
     async def purge(self) -> int:
         """Delete every job and all state of this queue. Irreversible."""

@@ -92,6 +92,9 @@ class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
     paused_at: float | None = None
     """When the queue was paused (Unix seconds), None while it runs
     (docs/flow-control.md#pause-and-resume)."""
+    partitions: list[str] = msgspec.field(default_factory=list)
+    """The hash tags of a partitioned queue's partitions (docs/deploying.md#partitioned-queues):
+    partition ``p``'s keys are ``aioqueue:{<tag>}:...``; empty for a queue of one."""
 
 
 def _number(row: dict[str, str], name: str) -> float:
@@ -173,8 +176,9 @@ def _window(worker: WorkerInfo) -> float:
     return max(min(worker.last_heartbeat - worker.started_at, full), 1.0)
 
 
-async def collect_stats(queue: str, broker: Broker) -> QueueStats:
-    """Read one snapshot of a queue from its broker."""
+async def collect_stats(queue: str, broker: Broker, partitions: Sequence[str] = ()) -> QueueStats:
+    """Read one snapshot of a queue from its broker (``partitions``: its partitions' hash
+    tags, if it has more than one)."""
     counts = await broker.counts()
     lag = await broker.lag_ms()
     facts = await broker.server_facts()
@@ -222,6 +226,7 @@ async def collect_stats(queue: str, broker: Broker) -> QueueStats:
         lag_growing=paused_ms is None
         and lag_growing(counts.ready, arrived, completed + failed, slots / mean if mean else None),
         paused_at=None if paused_ms is None else paused_ms / 1000,
+        partitions=list(partitions),
     )
 
 

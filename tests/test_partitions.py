@@ -191,7 +191,11 @@ async def test_info_dlq_and_purge_cover_every_partition(redis_server: RedisServe
 
     info = await asyncio.to_thread(cli, "info", "--json")
     assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["dead"] == 9
+    shown = json.loads(info.stdout)
+    assert shown["dead"] == 9
+    assert shown["partitions"] == list(partition_tags(name, 3))
+    text = await asyncio.to_thread(cli, "info")
+    assert "3 partitions, keys under {" in text.stdout
     listing = await asyncio.to_thread(cli, "dlq", "list")
     assert listing.returncode == 0, listing.stderr
     assert all(job.id in listing.stdout for job in jobs)
