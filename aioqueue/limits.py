@@ -13,7 +13,7 @@ from aioqueue.brokers.base import Limits
 from aioqueue.errors import ConfigurationError
 from aioqueue.serialization import TASK_NAME
 
-__all__ = ["KeyFunction", "TaskLimits", "parse_rate"]
+__all__ = ["KeyFunction", "TaskLimits", "parse_rate", "rate_parts", "share_limits"]
 
 KeyFunction = Callable[..., str]
 """Computes a limit key from a job's arguments (called as the task is, without the
@@ -130,3 +130,37 @@ def _key(
             f"characters, not {key!r}"
         )
     return key
+
+
+def share_limits(task: str, limits: Limits, partitions: int) -> Limits:
+    """One partition's part of a task's limits, so that the partitions together never
+    exceed them: of a rate of C starts per period, C // N per period (its burst shared out
+    too), and of a concurrency limit, limit // N. A rate or concurrency limit below N cannot
+    be shared out: ConfigurationError."""
+    if partitions == 1:
+        return limits
+
+    def refuse(what: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"task {task!r}: {what} cannot be shared out over the queue's {partitions} "
+            f"partitions (each enforces its share, rounded down): give it at least "
+            f"{partitions}, or put the task on a queue of one partition"
+        )
+
+    concurrency = limits.concurrency
+    if concurrency is not None:
+        if concurrency < partitions:
+            raise refuse(f"concurrency_limit={concurrency}")
+        concurrency //= partitions
+    interval = limits.interval_us
+    if interval is None:
+        return Limits(None, 0, concurrency)
+    count, period = limits.rate_count, limits.rate_period_us
+    if not count:
+        count, period = 1, interval
+    share = count // partitions
+    if share == 0:
+        raise refuse(f"a rate_limit of {count} per period")
+    spaced = -(-period // share)
+    burst = max(limits.burst_us // interval + 1, 1)
+    return Limits(spaced, (max(burst // partitions, 1) - 1) * spaced, concurrency, share, period)

@@ -32,7 +32,6 @@ from aioqueue.brokers.base import (
     Done,
     FetchIncomplete,
     Finished,
-    Limits,
     Recorded,
     ServerFacts,
     Settlement,
@@ -47,6 +46,7 @@ from aioqueue.errors import (
     UnsupportedRedis,
 )
 from aioqueue.execution import Running, execute
+from aioqueue.limits import share_limits
 from aioqueue.metrics import PrometheusMetrics, RateWindow
 from aioqueue.middleware import Middleware
 from aioqueue.scheduler import CronScheduler
@@ -108,12 +108,17 @@ class Worker:
         """What this worker consumes, in order: its queues, a partitioned queue as one
         source per partition (docs/deploying.md#partitioned-queues)."""
         self._logical = logical
-        # The index in _logical of each source's queue.
+        # The index in _logical of each source's queue, and each queue's sources.
         self._group = [i for i, each in enumerate(sources) for _ in each]
-        parts = [self._group.count(i) for i in range(len(logical))]
+        self._members = [
+            [source for source, g in enumerate(self._group) if g == group]
+            for group in range(len(logical))
+        ]
         # Each source's weight: its queue's, shared by the queue's partitions.
         self._source_weights = (
-            None if self.weights is None else [self.weights[g] / parts[g] for g in self._group]
+            None
+            if self.weights is None
+            else [self.weights[g] / len(self._members[g]) for g in self._group]
         )
         # Fetches start at a partition that takes turns, so that each gets served first.
         self._turn = 0
@@ -280,7 +285,7 @@ class Worker:
             # jobs evenly over them).
             parts = queue.settings.partitions
             limits = {
-                name: _share_limits(name, t.limits.limits, parts)
+                name: share_limits(name, t.limits.limits, parts)
                 for name, t in queue.tasks.items()
                 if t.limits
             }
@@ -295,7 +300,7 @@ class Worker:
                 await self._check_server(broker, server=broker is brokers[0])
             # Before anything is written: a refused number of partitions leaves no streams.
             for group, queue in enumerate(self._logical):
-                first = brokers[self._group.index(group)]
+                first = brokers[self._members[group][0]]
                 await self._retrying(
                     "checking the queue's partitions",
                     functools.partial(queue.check_partitions, first),
@@ -338,7 +343,7 @@ class Worker:
         self.started_at = time.time()
         self._serving = brokers
         # The gauges show the first queue, all its partitions.
-        first = [each for each, group in zip(brokers, self._group, strict=True) if group == 0]
+        first = [brokers[source] for source in self._members[0]]
         broker = first[0] if len(first) == 1 else PartitionedBroker(self.queue.name, first)
         self._threads = ThreadPoolExecutor(
             self.settings.sync_threads, thread_name_prefix=f"aioqueue-{self.id}"
@@ -350,8 +355,8 @@ class Worker:
             "worker %s consuming queue %s%s (concurrency %d, lease %gs)",
             self.id,
             ", ".join(
-                repr(q.name) + (f" ({q.settings.partitions} partitions)" if len(each) > 1 else "")
-                for q, each in zip(self._logical, self._sources_of(), strict=True)
+                repr(q.name) + (f" ({len(each)} partitions)" if len(each) > 1 else "")
+                for q, each in zip(self._logical, self._members, strict=True)
             ),
             order,
             self.settings.concurrency,
@@ -588,20 +593,12 @@ class Worker:
                     self._credits[source] = min(self._credits[source], 0.0)
         return fetched_many
 
-    def _sources_of(self) -> list[list[Queue]]:
-        """The sources of each of the worker's queues."""
-        return [
-            [q for q, g in zip(self.queues, self._group, strict=True) if g == group]
-            for group in range(len(self._logical))
-        ]
-
     def _order(self) -> list[int]:
         """The sources in the order of this fetch: the queues in their order, the
         partitions of each starting at the next one each time (none is always first)."""
         self._turn += 1
         order: list[int] = []
-        for group in range(len(self._logical)):
-            members = [source for source, g in enumerate(self._group) if g == group]
+        for members in self._members:
             start = self._turn % len(members)
             order += members[start:] + members[:start]
         return order
@@ -1093,40 +1090,6 @@ class _Tally:
             self.failed += 1
             self.failed_last_minute.add()
         self.busy_us_last_minute.add(round(seconds * 1_000_000))
-
-
-def _share_limits(task: str, limits: Limits, partitions: int) -> Limits:
-    """One partition's part of a task's limits, so that the partitions together never
-    exceed them: of a rate of C starts per period, C // N per period (its burst shared out
-    too), and of a concurrency limit, limit // N. A rate or concurrency limit below N cannot
-    be shared out: ConfigurationError."""
-    if partitions == 1:
-        return limits
-
-    def refuse(what: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"task {task!r}: {what} cannot be shared out over the queue's {partitions} "
-            f"partitions (each enforces its share, rounded down): give it at least "
-            f"{partitions}, or put the task on a queue of one partition"
-        )
-
-    concurrency = limits.concurrency
-    if concurrency is not None:
-        if concurrency < partitions:
-            raise refuse(f"concurrency_limit={concurrency}")
-        concurrency //= partitions
-    interval = limits.interval_us
-    if interval is None:
-        return Limits(None, 0, concurrency)
-    count, period = limits.rate_count, limits.rate_period_us
-    if not count:
-        count, period = 1, interval
-    share = count // partitions
-    if share == 0:
-        raise refuse(f"a rate_limit of {count} per period")
-    spaced = -(-period // share)
-    burst = max(limits.burst_us // interval + 1, 1)
-    return Limits(spaced, (max(burst // partitions, 1) - 1) * spaced, concurrency, share, period)
 
 
 def _check_queues(queues: Sequence[Queue], weights: Sequence[int] | None) -> list[int] | None:

@@ -117,7 +117,8 @@ def test_every_command_of_every_role_has_a_harmless_probe() -> None:
 _METHODS = {
     "delete": "del",
     "evalsha": "evalsha",
-    # Only EVALSHA goes through it (a pipeline of scripts, see RedisConnection._eval_many).
+    # EVALSHA (a pipeline of scripts, RedisConnection._eval_many) and TIME (_time_in) go
+    # through it: redis-py's cluster pipeline refuses evalsha() and time() by name.
     "execute_command": "evalsha",
     "exists": "exists",
     "hget": "hget",

@@ -45,6 +45,8 @@ from aioqueue.partitions import partition_of
 __all__ = ["PartitionedBroker"]
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def _share(max_size: int, partitions: int, index: int) -> int:
@@ -72,6 +74,31 @@ class PartitionedBroker:
         for position, item in enumerate(items):
             where.setdefault(partition_of(job_id(item), len(self.parts)), []).append(position)
         return where
+
+    async def _grouped(
+        self,
+        items: Sequence[T],
+        job_id: Callable[[T], str],
+        call: Callable[[Broker, list[T]], Awaitable[R]],
+    ) -> list[tuple[list[int], R]]:
+        """``call`` on each partition with its items (by their job ids): the items'
+        positions and the answer, per partition."""
+        return [
+            (positions, await call(self.parts[index], [items[p] for p in positions]))
+            for index, positions in self._split(items, job_id).items()
+        ]
+
+    async def _in_order(
+        self,
+        items: Sequence[T],
+        job_id: Callable[[T], str],
+        call: Callable[[Broker, list[T]], Awaitable[Sequence[A]]],
+    ) -> list[A]:
+        """``call`` on each partition with its items; one answer per item, in their order."""
+        answers: dict[int, A] = {}
+        for positions, got in await self._grouped(items, job_id, call):
+            answers.update(zip(positions, got, strict=True))
+        return [answers[position] for position in range(len(items))]
 
     async def _each(self, call: Callable[[Broker], Awaitable[T]]) -> list[T]:
         return list(await asyncio.gather(*(call(part) for part in self.parts)))
@@ -235,26 +262,21 @@ class PartitionedBroker:
 
     async def settle(self, consumer: str, settlements: Sequence[Settlement]) -> list[Recorded]:
         """Record outcomes, each in its job's partition; answers in the order given."""
-        answers: list[Recorded] = [Recorded.LOST] * len(settlements)
-        where = self._split(settlements, lambda item: item.delivery.job_id)
-        for index, positions in where.items():
-            got = await self.parts[index].settle(consumer, [settlements[p] for p in positions])
-            for position, answer in zip(positions, got, strict=True):
-                answers[position] = answer
-        return answers
+        return await self._in_order(
+            settlements,
+            lambda item: item.delivery.job_id,
+            lambda part, batch: part.settle(consumer, batch),
+        )
 
     async def renew(
         self, consumer: str, deliveries: Sequence[Delivery]
     ) -> tuple[list[str], list[str]]:
         """Renew leases, each in its job's partition."""
-        lost: list[str] = []
-        aborted: list[str] = []
-        for index, positions in self._split(deliveries, lambda d: d.job_id).items():
-            gone, stopped = await self.parts[index].renew(
-                consumer, [deliveries[p] for p in positions]
-            )
-            lost += gone
-            aborted += stopped
+        groups = await self._grouped(
+            deliveries, lambda d: d.job_id, lambda part, batch: part.renew(consumer, batch)
+        )
+        lost = [entry for _, (gone, _) in groups for entry in gone]
+        aborted = [entry for _, (_, stopped) in groups for entry in stopped]
         return lost, aborted
 
     async def progress(
@@ -329,21 +351,11 @@ class PartitionedBroker:
 
     async def abort_many(self, job_ids: Sequence[str]) -> list[str]:
         """Abort jobs, each in its partition; answers in the order given."""
-        answers = [""] * len(job_ids)
-        for index, positions in self._split(job_ids, lambda job_id: job_id).items():
-            got = await self.parts[index].abort_many([job_ids[p] for p in positions])
-            for position, answer in zip(positions, got, strict=True):
-                answers[position] = answer
-        return answers
+        return await self._in_order(job_ids, str, lambda part, ids: part.abort_many(ids))
 
     async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         """Statuses of jobs, each from its partition; in the order given."""
-        answers: list[str | None] = [None] * len(job_ids)
-        for index, positions in self._split(job_ids, lambda job_id: job_id).items():
-            got = await self.parts[index].statuses([job_ids[p] for p in positions])
-            for position, answer in zip(positions, got, strict=True):
-                answers[position] = answer
-        return answers
+        return await self._in_order(job_ids, str, lambda part, ids: part.statuses(ids))
 
     async def dependants(self, job_id: str) -> list[str]:
         """Jobs waiting on ``job_id`` (none: partitioned queues run no workflows)."""
@@ -473,17 +485,13 @@ class PartitionedBroker:
 
     async def requeue_dead(self, job_ids: Sequence[str]) -> int:
         """Requeue dead jobs, each in its partition."""
-        done = 0
-        for index, positions in self._split(job_ids, lambda job_id: job_id).items():
-            done += await self.parts[index].requeue_dead([job_ids[p] for p in positions])
-        return done
+        groups = await self._grouped(job_ids, str, lambda part, ids: part.requeue_dead(ids))
+        return sum(done for _, done in groups)
 
     async def purge_dead(self, job_ids: Sequence[str]) -> int:
         """Delete dead jobs, each in its partition."""
-        done = 0
-        for index, positions in self._split(job_ids, lambda job_id: job_id).items():
-            done += await self.parts[index].purge_dead([job_ids[p] for p in positions])
-        return done
+        groups = await self._grouped(job_ids, str, lambda part, ids: part.purge_dead(ids))
+        return sum(done for _, done in groups)
 
 
 def _at(samples: Sequence[ArrivalSample], at_ms: int) -> int:

@@ -513,6 +513,11 @@ class RedisConnection:
         cluster = cast(RedisCluster, client or self.client)
         return {"target_nodes": cluster.get_node_from_key(self.keys.stream)}
 
+    def _time_in(self, pipe: Any) -> None:
+        """Queue Redis's ``TIME`` in ``pipe``: in a cluster, of the node of the queue's slot,
+        through ``execute_command`` (redis-py's cluster pipeline refuses ``time()`` by name)."""
+        pipe.execute_command("TIME", **self._node_of_queue())
+
     def _listener_error(self, exc: Exception) -> Exception:
         """The error waiters get when the result listener's subscription fails."""
         return refusal(exc, "subscribing to job notifications", self.keys, self.user) or exc
@@ -731,7 +736,7 @@ class RedisConnection:
             # execute_command, not evalsha: redis-py's cluster pipeline refuses the latter
             # by name, yet routes EVALSHA by its keys like any keyed command.
             pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
-        here = self._node_of_queue()
+        here = self._node_of_queue() if wait else {}
         if wait:
             pipe.wait(self.wait_replicas, self._wait_ms, **here)
         async with self._slots:

@@ -984,21 +984,16 @@ class Lifecycle(RedisConnection):
             pipe.pexpire(key, int(ttl * 1000))
             pipe.zadd(self.keys.workers, {worker_id: now})
             pipe.zremrangebyscore(self.keys.workers, "-inf", now - int(ttl * 3000))
-            if not self.cluster:  # redis-py's cluster pipeline refuses TIME
-                pipe.time()
+            self._time_in(pipe)
             for level in lanes:
                 pipe.xinfo_stream(self.keys.lane(level))
             answers = await pipe.execute(raise_on_error=False)
-            head = 4 if self.cluster else 5
-            for reply in answers[:head]:
+            for reply in answers[:5]:
                 if isinstance(reply, Exception):
                     raise reply
-            if self.cluster:
-                await self.now_ms()
-            else:
-                self._set_offset(answers[4])
+            self._set_offset(answers[4])
             added = 0
-            for level, stream in zip(lanes, answers[head:], strict=True):
+            for level, stream in zip(lanes, answers[5:], strict=True):
                 if isinstance(stream, Exception):
                     if not isinstance(stream, rexc.ResponseError) or is_refusal(stream):
                         raise stream
@@ -1063,13 +1058,9 @@ class Lifecycle(RedisConnection):
             pipe.zrange(self.keys.delayed, 0, 0, withscores=True)
             # Refresh the estimate of Redis's clock on every call: this machine's clock may
             # step (NTP) at any time, and a stale estimate would never find a job due.
-            if self.cluster:  # redis-py's cluster pipeline refuses TIME
-                due, head = await pipe.execute()
-                await self.now_ms()
-            else:
-                pipe.time()
-                due, head, clock = await pipe.execute()
-                self._set_offset(clock)
+            self._time_in(pipe)
+            due, head, clock = await pipe.execute()
+            self._set_offset(clock)
             if not due:
                 return self._until(float(head[0][1])) if head else None
             ids = [text(job_id) for job_id in due]
