@@ -277,3 +277,15 @@ async def test_settle_resent_after_its_retry_was_promoted_still_answers_recorded
     assert await broker.settle(CONSUMER, [retry]) == [Recorded.YES]
     record = job(redis_client, broker.keys, "j1")
     assert (record["status"], record["attempt"]) == ("queued", "2")
+
+
+async def test_recording_the_partitions_repeated_answers_the_number_recorded(
+    broker: RedisBroker, fault_proxy: FaultProxy, redis_client: redis.Redis
+) -> None:
+    name = f"{broker.keys.queue}-logical"
+    match = await lose_reply(fault_proxy, broker, "partitions")
+    assert await broker.claim_partitions(name, 3) == 3
+    assert fault_proxy.fired(match) == 1
+    assert redis_client.get(Keys(name).partitions) == b"3"
+    # A process of another number, after the repeat: refused with the number recorded.
+    assert await broker.claim_partitions(name, 4) == 3
